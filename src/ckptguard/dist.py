@@ -1,0 +1,93 @@
+"""Rank roles and collective agreement on every save, with a time bound on every collective.
+
+Checkpoint coordination runs on its own gloo group (CPU, independent of NCCL and of the training's
+own collectives), created with ``timeout_s``: a rank that died or hangs turns into a
+CoordinationError on every other rank after at most that long, never an endless barrier.
+Errors travel between ranks as small JSON-able summaries and are raised as the same type on
+every rank, naming the rank that failed.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from ckptguard.errors import CheckpointError, CoordinationError, from_summary
+
+T = TypeVar("T")
+
+
+class Coordinator:
+    """World of one when torch.distributed is not initialised; otherwise a gloo group of all ranks."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world_size = dist.get_world_size() if self.active else 1
+        self._group = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            if self.active and self.world_size > 1
+            else None
+        )
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    def on_primary(self, fn: Callable[[], T], *, step: int | None = None) -> T:
+        """Run `fn` on rank 0 and give every rank its result, or raise its error on every rank."""
+        result: Any = None
+        error: dict[str, Any] | None = None
+        if self.is_primary:
+            try:
+                result = fn()
+            except Exception as exc:  # any failure on rank 0 must reach the others, not strand them
+                if self._group is None:
+                    raise
+                wrapped = (
+                    exc
+                    if isinstance(exc, CheckpointError)
+                    else CheckpointError(f"{type(exc).__name__}: {exc}")
+                )
+                wrapped.rank = 0
+                error = wrapped.summary()
+        if self._group is None:
+            return result
+        payload = [(result, error)]
+        self._collective(lambda: dist.broadcast_object_list(payload, src=0, group=self._group), step)
+        result, error = payload[0]
+        if error is not None:
+            raise from_summary(error)
+        return result
+
+    def agree(self, local_error: CheckpointError | None, value: T, *, step: int | None = None) -> list[T]:
+        """Every rank contributes (error or value); all get all values, or all raise the first error."""
+        if self._group is None:
+            if local_error is not None:
+                raise local_error
+            return [value]
+        if local_error is not None:
+            local_error.rank = self.rank
+        mine = (value, local_error.summary() if local_error is not None else None)
+        gathered: list[Any] = [None] * self.world_size
+        self._collective(lambda: dist.all_gather_object(gathered, mine, group=self._group), step)
+        for rank, (_, error) in enumerate(gathered):
+            if error is not None:
+                if rank == self.rank and local_error is not None:
+                    raise local_error
+                raise from_summary(error)
+        return [v for v, _ in gathered]
+
+    def _collective(self, op: Callable[[], None], step: int | None) -> None:
+        try:
+            op()
+        except (RuntimeError, ConnectionError) as exc:  # gloo reports timeouts and dead peers as these
+            raise CoordinationError(
+                f"ranks could not agree on the save within {self.timeout_s:g}s ({str(exc).splitlines()[0]})",
+                step=step,
+                rank=self.rank,
+            ) from exc

@@ -1,0 +1,69 @@
+"""fsync helpers: a byte is only saved once the file *and* the directory entry naming it are synced.
+
+Some network filesystems refuse ``fsync`` on a directory (EINVAL/ENOTSUP). That is recorded once per
+process as a warning and then tolerated, because refusing every save there would make the library
+unusable on exactly the clusters that need it most.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("ckptguard")
+
+_DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
+_warned_dirs: set[str] = set()
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> bool:
+    """fsync a directory so renames and new entries in it survive power loss.
+
+    Returns False (after one warning per filesystem path) where the filesystem does not support it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+        return True
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+        key = os.fspath(path)
+        if key not in _warned_dirs:
+            _warned_dirs.add(key)
+            log.warning(
+                "filesystem refuses fsync on directory %s (%s); renames there are not durable", key, exc
+            )
+        return False
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: memoryview | bytes) -> None:
+    """os.write until every byte is written: a short write is not an error, but it is not done either."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a reader sees the old or the new content, never a mix.
+
+    temp file in the same directory, fsync, rename over, fsync the directory.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

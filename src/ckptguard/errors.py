@@ -1,0 +1,190 @@
+"""Typed exceptions: every checkpoint failure says what, where, at which step, why, and what to do.
+
+A user who sees one of these in a log at 3 a.m. must not need the source code: the message
+carries the path, the step, the OS error name where there is one, and a one-line remedy.
+Distributed runs rebuild the same exception on every rank from a small JSON summary
+(:meth:`CheckpointError.summary` / :func:`from_summary`), so nothing is pickled between ranks
+or from disk.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import os
+from typing import Any
+
+
+class CheckpointError(Exception):
+    """Base class: a checkpoint could not be written, read, verified or trusted."""
+
+    default_remedy = "See the message above; earlier checkpoints are untouched."
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+        errno: int | None = None,
+        remedy: str | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        self.step = step
+        self.errno = errno
+        self.remedy = remedy or self.default_remedy
+        self.rank = rank
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        facts = []
+        if self.path is not None:
+            facts.append(f"path={self.path}")
+        if self.step is not None:
+            facts.append(f"step={self.step}")
+        if self.errno is not None:
+            facts.append(f"errno={errno_name(self.errno)}")
+        if self.rank is not None:
+            facts.append(f"rank={self.rank}")
+        where = f" [{', '.join(facts)}]" if facts else ""
+        return f"{self.message}{where}. Remedy: {self.remedy}"
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description, enough to raise the same error on another rank."""
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "path": self.path,
+            "step": self.step,
+            "errno": self.errno,
+            "remedy": self.remedy,
+            "rank": self.rank,
+        }
+
+
+class PreflightError(CheckpointError):
+    """The run directory cannot hold checkpoints; raised before the first training step."""
+
+    default_remedy = "Fix the output directory before training starts; nothing was trained or written."
+
+
+class NotWritableError(PreflightError):
+    """A real write probe failed (permissions, read-only mount, path is a file, parent missing)."""
+
+    default_remedy = "Choose another output directory or make this one writable (chmod/chown, remount rw)."
+
+
+class InsufficientSpaceError(PreflightError):
+    """Free bytes or inodes are below what retention will hold plus one save in flight."""
+
+    default_remedy = "Free space, lower keep_last, or choose an output directory on a larger filesystem."
+
+
+class LockedError(PreflightError):
+    """Another process holds the run directory's lock."""
+
+    default_remedy = "Stop the other run, or choose a different output directory."
+
+
+class WriteError(CheckpointError):
+    """Writing or committing a save failed; the staging directory was removed."""
+
+    default_remedy = "Fix the cause above and save again; earlier checkpoints are intact."
+
+
+class VerificationError(CheckpointError):
+    """A just-written checkpoint does not match what was in memory."""
+
+    default_remedy = "Do not trust this checkpoint; check the disk and memory (dmesg, SMART) and save again."
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint on disk is damaged, incomplete, hostile, or not a checkpoint at all."""
+
+    default_remedy = "Resume from an earlier checkpoint (`ckptguard ls RUN_DIR` lists the valid ones)."
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """No valid checkpoint matches the request."""
+
+    default_remedy = "Run `ckptguard ls RUN_DIR` to see which checkpoints exist and why others are invalid."
+
+
+class CoordinationError(CheckpointError):
+    """Ranks could not agree on a save (a rank died, hung, or the network failed)."""
+
+    default_remedy = "Check the logs of every rank; a rank that died or hung stops the save on all ranks."
+
+
+_TYPES: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointError,
+        PreflightError,
+        NotWritableError,
+        InsufficientSpaceError,
+        LockedError,
+        WriteError,
+        VerificationError,
+        CorruptCheckpointError,
+        CheckpointNotFoundError,
+        CoordinationError,
+    )
+}
+
+
+def from_summary(summary: dict[str, Any]) -> CheckpointError:
+    """Rebuild an error from :meth:`CheckpointError.summary`; unknown types become the base class."""
+    cls = _TYPES.get(str(summary.get("type")), CheckpointError)
+    return cls(
+        str(summary.get("message", "unknown failure")),
+        path=summary.get("path"),
+        step=summary.get("step"),
+        errno=summary.get("errno"),
+        remedy=summary.get("remedy"),
+        rank=summary.get("rank"),
+    )
+
+
+def errno_name(code: int) -> str:
+    """`ENOSPC (No space left on device)` for 28; the bare number for unknown codes."""
+    name = errno_module.errorcode.get(code)
+    return f"{name} ({os.strerror(code)})" if name else str(code)
+
+
+_OS_REMEDIES = {
+    errno_module.ENOSPC: "The filesystem is full: free space, lower keep_last, or use a larger disk.",
+    errno_module.EDQUOT: "Disk quota exceeded: free space under your quota or raise the quota.",
+    errno_module.EROFS: "The filesystem is mounted read-only: remount it read-write or choose another path.",
+    errno_module.EACCES: "Permission denied: chown/chmod the directory or choose another path.",
+    errno_module.EPERM: "Operation not permitted: check ownership and mount options, or choose another path.",
+    errno_module.EIO: "I/O error from the device: check dmesg and the disk's health before trusting it.",
+    errno_module.ENOTDIR: "A path component is a file, not a directory: fix the path.",
+    errno_module.ENOENT: "A directory in the path does not exist: create it or fix the path.",
+    errno_module.EEXIST: "Something already exists at that path: remove it or choose another path.",
+}
+
+
+def remedy_for_errno(code: int | None, fallback: str) -> str:
+    """The one-line remedy for an OS error code, or `fallback` when the code says nothing useful."""
+    return _OS_REMEDIES.get(code, fallback) if code is not None else fallback
+
+
+def from_os_error(
+    cls: type[CheckpointError],
+    what: str,
+    exc: OSError,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    step: int | None = None,
+) -> CheckpointError:
+    """Wrap an OSError as `cls`, keeping the errno and the most specific path the OS reported."""
+    reason = exc.strerror or str(exc)
+    return cls(
+        f"{what}: {reason}",
+        path=exc.filename or path,
+        step=step,
+        errno=exc.errno,
+        remedy=remedy_for_errno(exc.errno, cls.default_remedy),
+    )

@@ -1,0 +1,73 @@
+"""events.jsonl: one JSON line per save, verify, prune, resume and failure, with bytes and seconds.
+
+Appended with a single ``write`` on an O_APPEND descriptor, so concurrent writers (a background save
+and the main thread) never interleave inside a line. It is a log, not a source of truth: resume
+never reads it, so it is not fsynced per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+EVENTS_NAME = "events.jsonl"
+
+
+class EventLog:
+    """Appends events for one run directory; `enabled=False` (non-zero ranks) makes it a no-op."""
+
+    def __init__(self, run_dir: Path, *, rank: int = 0, enabled: bool = True) -> None:
+        self.path = run_dir / EVENTS_NAME
+        self.rank = rank
+        self.enabled = enabled
+        self._host = socket.gethostname()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "event": event,
+            "rank": self.rank,
+            "host": self._host,
+            "pid": os.getpid(),
+            **{k: _jsonable(v) for k, v in fields.items()},
+        }
+        data = (json.dumps(line, sort_keys=True) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError:
+            return  # the log must never turn a good save into a failure
+        try:
+            os.write(fd, data)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """All parseable events (a torn last line after a crash is skipped)."""
+    try:
+        lines = (run_dir / EVENTS_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

@@ -1,0 +1,211 @@
+"""The manifest schema: what a committed checkpoint must contain, and validation of untrusted manifests.
+
+MANIFEST.json is written last, so its presence marks a finished write; its content lists every file
+with size and xxh3-128, so a truncated, flipped, missing or extra file is detectable. A manifest is
+read as hostile input: size-capped, strict JSON, every path checked to stay inside the checkpoint
+directory, every field type-checked, and its own checksum verified. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+MANIFEST_NAME = "MANIFEST.json"
+FORMAT = "ckptguard-checkpoint"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable, or fails validation; `reason` says which rule."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint as it was written."""
+
+    size: int
+    xxh3_128: str
+    tensors: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. `files` maps relative POSIX paths to their expected size and hash."""
+
+    step: int | None
+    sequence: int
+    created: float
+    world_size: int
+    files: dict[str, FileEntry]
+    metrics: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.files.values())
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(entry.tensors for entry in self.files.values())
+
+    def to_json_bytes(self) -> bytes:
+        """Serialise with a checksum over the canonical body, so a flipped bit in the manifest shows."""
+        body = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "sequence": self.sequence,
+            "created": self.created,
+            "world_size": self.world_size,
+            "total_bytes": self.total_bytes,
+            "tensor_count": self.tensor_count,
+            "metrics": self.metrics,
+            "versions": self.versions,
+            "files": {
+                path: {"size": e.size, "xxh3_128": e.xxh3_128, "tensors": e.tensors}
+                for path, e in sorted(self.files.items())
+            },
+        }
+        body["checksum"] = _checksum(body)
+        return (json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(
+        {k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":")
+    )
+    return xxhash.xxh3_128_hexdigest(canonical.encode())
+
+
+def check_relative_path(path: str) -> None:
+    """Reject any path that could escape the checkpoint directory or alias another entry."""
+    if not isinstance(path, str) or not path:
+        raise ManifestError(f"file path {path!r} is not a non-empty string")
+    if "\\" in path or "\x00" in path:
+        raise ManifestError(f"file path {path!r} contains a backslash or NUL")
+    if path.startswith("/"):
+        raise ManifestError(f"file path {path!r} is absolute")
+    parts = path.split("/")
+    if ".." in parts:
+        raise ManifestError(f"file path {path!r} climbs out of the checkpoint with '..'")
+    if posixpath.normpath(path) != path or "." in parts:
+        raise ManifestError(f"file path {path!r} is not normalised")
+    if path == MANIFEST_NAME:
+        raise ManifestError("the manifest lists itself")
+
+
+def _reject_constant(name: str) -> float:
+    raise ManifestError(f"invalid JSON constant {name}")
+
+
+def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ManifestError(f"field {key!r} is missing or not of type {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Validate manifest bytes; raises ManifestError naming the first broken rule."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ManifestError("manifest is not a JSON object")
+    if body.get("format") != FORMAT:
+        raise ManifestError(f"format is {body.get('format')!r}, expected {FORMAT!r}")
+    version = _require(body, "format_version", int)
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"format_version {version} is not supported (this ckptguard reads {FORMAT_VERSION}); "
+            "upgrade ckptguard to read it"
+        )
+    if body.get("checksum") != _checksum(body):
+        raise ManifestError("manifest checksum does not match its content (edited or damaged)")
+    step = body.get("step")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise ManifestError("field 'step' is not a non-negative integer")
+    files_raw = _require(body, "files", dict)
+    if not files_raw:
+        raise ManifestError("manifest lists no files")
+    files = {}
+    for path, entry in files_raw.items():
+        check_relative_path(path)
+        if not isinstance(entry, dict):
+            raise ManifestError(f"entry for {path!r} is not an object")
+        size, digest, tensors = entry.get("size"), entry.get("xxh3_128"), entry.get("tensors", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError(f"size of {path!r} is not a non-negative integer")
+        if not isinstance(digest, str) or not _HEX128.match(digest):
+            raise ManifestError(f"xxh3_128 of {path!r} is not 32 lowercase hex digits")
+        if not isinstance(tensors, int) or isinstance(tensors, bool) or tensors < 0:
+            raise ManifestError(f"tensor count of {path!r} is not a non-negative integer")
+        files[path] = FileEntry(size=size, xxh3_128=digest, tensors=tensors)
+    metrics = _require(body, "metrics", dict)
+    versions = _require(body, "versions", dict)
+    return Manifest(
+        step=step,
+        sequence=_require(body, "sequence", int),
+        created=float(_require(body, "created", (int, float))),
+        world_size=_require(body, "world_size", int),
+        files=files,
+        metrics={str(k): v for k, v in metrics.items() if isinstance(v, (int, float))},
+        versions={str(k): str(v) for k, v in versions.items()},
+    )
+
+
+def read_manifest(checkpoint_dir: Path) -> Manifest:
+    """Read and validate `checkpoint_dir/MANIFEST.json`, checking the step against the directory name."""
+    path = checkpoint_dir / MANIFEST_NAME
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise ManifestError("MANIFEST.json is missing (the save never finished)")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(f"MANIFEST.json cannot be read ({exc.strerror})") from None
+    manifest = parse_manifest(data)
+    named = step_from_name(checkpoint_dir.name)
+    if named is not None and manifest.step != named:
+        raise ManifestError(f"manifest says step {manifest.step} but the directory is named for step {named}")
+    return manifest
+
+
+def step_from_name(name: str) -> int | None:
+    """The step in `checkpoint-{step}`, or None for any other name (staging, superseded, foreign)."""
+    match = _CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in each manifest, so a checkpoint says what wrote it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("ckptguard", "torch", "safetensors", "peft", "transformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found

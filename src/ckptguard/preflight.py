@@ -1,0 +1,213 @@
+"""Can a run save here? Answered before the first training step, with a real write, not `os.access`.
+
+``os.access`` says yes to root on a directory with mode 555, and says nothing about a read-only
+mount, a full disk or a quota. The probe creates a file and a directory, writes, fsyncs, renames and
+reads back, which is exactly what a save does; any failure is a NotWritableError with the errno.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ckptguard.durable import fsync_dir, write_all
+from ckptguard.errors import (
+    InsufficientSpaceError,
+    LockedError,
+    NotWritableError,
+    from_os_error,
+)
+
+LOCK_NAME = ".ckptguard.lock"
+OWNER_NAME = ".ckptguard.lock.owner"
+PROBE_PREFIX = ".ckptguard-probe-"
+_VOLATILE_FS = {"tmpfs", "ramfs"}
+_NETWORK_FS = {
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "fuse.sshfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "fuse.gcsfuse",
+    "fuse",
+}
+
+
+def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
+    """Make sure `run_dir` exists as a directory; a missing parent is an error unless asked otherwise.
+
+    A typo in a mount path (``/mnt/dta/run``) would otherwise silently write to the root disk.
+    """
+    run_dir = run_dir.absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotWritableError(
+            "the run directory path is a file, not a directory",
+            path=run_dir,
+            errno=errno.ENOTDIR,
+            remedy="Choose another output directory, or move the file away.",
+        )
+    if not run_dir.parent.is_dir() and not create_parents:
+        existing = next(p for p in run_dir.parents if p.exists())
+        missing = existing / run_dir.relative_to(existing).parts[0]
+        raise NotWritableError(
+            f"the parent directory {missing} does not exist",
+            path=run_dir,
+            errno=errno.ENOENT,
+            remedy="Create it (mkdir -p), fix a typo in the path, or pass create_parents=True.",
+        )
+    try:
+        run_dir.mkdir(parents=create_parents, exist_ok=True)
+    except OSError as exc:
+        raise from_os_error(NotWritableError, "cannot create the run directory", exc, path=run_dir) from exc
+    return run_dir
+
+
+def probe_writable(run_dir: Path) -> None:
+    """Do what a save does on a tiny scale: mkdir, create, write, fsync, rename, read back, remove."""
+    probe_dir = run_dir / f"{PROBE_PREFIX}{secrets.token_hex(4)}"
+    payload = secrets.token_bytes(4096)
+    try:
+        probe_dir.mkdir()
+        try:
+            path = probe_dir / "probe"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                write_all(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            renamed = probe_dir / "probe.renamed"
+            os.rename(path, renamed)
+            fsync_dir(probe_dir)
+            if renamed.read_bytes() != payload:
+                raise NotWritableError(
+                    "data written to the run directory reads back different",
+                    path=run_dir,
+                    remedy="The filesystem corrupts data: check the device (dmesg) and use another disk.",
+                )
+        finally:
+            shutil.rmtree(probe_dir, ignore_errors=True)
+    except OSError as exc:
+        raise from_os_error(
+            NotWritableError, "cannot write files in the run directory", exc, path=run_dir
+        ) from exc
+
+
+def check_space(run_dir: Path, need_bytes: int, need_inodes: int, *, what: str) -> None:
+    """Refuse early when free bytes or inodes are below what the next saves will need."""
+    st = os.statvfs(run_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes:
+        raise InsufficientSpaceError(
+            f"{_gib(free)} free but {what} needs {_gib(need_bytes)}",
+            path=run_dir,
+            errno=errno.ENOSPC,
+        )
+    if st.f_files and st.f_favail < need_inodes:
+        raise InsufficientSpaceError(
+            f"{st.f_favail} free inodes but {what} needs {need_inodes} files",
+            path=run_dir,
+            errno=errno.ENOSPC,
+            remedy="Free inodes (delete small files), lower keep_last, or use another filesystem.",
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class FilesystemFacts:
+    """What doctor reports about the filesystem under a path."""
+
+    mount_point: str
+    fstype: str
+    free_bytes: int
+    total_bytes: int
+    free_inodes: int
+    read_only: bool
+
+    @property
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.fstype in _VOLATILE_FS:
+            notes.append(f"{self.fstype} is in memory: checkpoints vanish on reboot or node loss")
+        if self.fstype in _NETWORK_FS or self.fstype.startswith("fuse."):
+            notes.append(f"{self.fstype} is a network/FUSE filesystem: rename and fsync may be weaker")
+        return notes
+
+
+def filesystem_facts(path: Path) -> FilesystemFacts:
+    """Mount point and type from /proc/mounts (longest matching prefix), sizes from statvfs."""
+    path = path.absolute()
+    mount_point, fstype = "/", "unknown"
+    try:
+        with open("/proc/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                if (path == Path(point) or Path(point) in path.parents) and len(point) >= len(mount_point):
+                    mount_point, fstype = point, fields[2]
+    except OSError:
+        pass
+    st = os.statvfs(path)
+    return FilesystemFacts(
+        mount_point=mount_point,
+        fstype=fstype,
+        free_bytes=st.f_bavail * st.f_frsize,
+        total_bytes=st.f_blocks * st.f_frsize,
+        free_inodes=st.f_favail,
+        read_only=bool(st.f_flag & os.ST_RDONLY),
+    )
+
+
+class RunLock:
+    """One writer per run directory (advisory flock through filelock), with the holder's identity.
+
+    The lock file itself is left alone by filelock; who holds it is written beside it so the second
+    writer's error can say which process and host to stop.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._lock = FileLock(str(run_dir / LOCK_NAME), timeout=0, thread_local=False)
+
+    def acquire(self) -> None:
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise LockedError(
+                f"another process holds the run directory lock ({self.holder()})",
+                path=self.run_dir / LOCK_NAME,
+            ) from None
+        except OSError as exc:
+            raise from_os_error(
+                NotWritableError, "cannot create the lock file", exc, path=self.run_dir
+            ) from exc
+        owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        with contextlib.suppress(OSError):  # identity is a courtesy; the lock is what matters
+            (self.run_dir / OWNER_NAME).write_text(owner, encoding="utf-8")
+
+    def holder(self) -> str:
+        try:
+            return (self.run_dir / OWNER_NAME).read_text(encoding="utf-8").strip() or "holder unknown"
+        except OSError:
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release()

@@ -1,0 +1,227 @@
+"""State objects -> a plan of files (safetensors tensors + JSON), and back.
+
+A "state" is the caller's dict ``{name: value}``. Each value becomes one *entry*:
+
+* ``peft``     a PEFT model: the active adapter in PEFT's own layout at the checkpoint root, so
+               ``PeftModel.from_pretrained(base, checkpoint_dir)`` works on a ckptguard checkpoint;
+* ``stateful`` anything with ``state_dict()`` / ``load_state_dict()`` (modules, optimizers, schedulers);
+* ``value``    plain JSON-able data (and tensors), returned to the caller on restore.
+
+``per_rank(obj)`` marks an entry that differs between ranks (RNG): every rank writes its own copy
+under ``state/rank{r}/``. Everything else is replicated and written by rank 0 only.
+The snapshot never mutates the caller's objects or dict.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckptguard import tree
+
+STATE_FILE = "state/trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class PerRank:
+    """Wrapper: this entry differs per rank (e.g. RNG state); each rank saves and restores its own."""
+
+    obj: Any
+
+
+def per_rank(obj: Any) -> PerRank:
+    """Mark a state entry as per-rank: ``{"rng": per_rank(RNGState())}``."""
+    return PerRank(obj)
+
+
+@dataclass
+class FilePlan:
+    """One file to write: either tensors (safetensors format) or raw bytes (JSON)."""
+
+    relpath: str
+    tensors: dict[str, torch.Tensor] | None = None
+    data: bytes | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        return sum(t.numel() * t.element_size() for t in (self.tensors or {}).values()) + 1024
+
+
+@dataclass
+class Snapshot:
+    """This rank's files for one save, plus the trainer-state document (rank 0's)."""
+
+    files: list[FilePlan] = field(default_factory=list)
+    peft_model: Any = None  # the unwrapped PEFT model, for the deep adapter check
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {f.relpath: f.tensors for f in self.files if f.tensors is not None}
+
+
+def unwrap_model(obj: Any) -> Any:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers to reach the real model."""
+    while True:
+        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+            obj = obj.module
+        elif hasattr(obj, "_orig_mod") and isinstance(obj, torch.nn.Module):
+            obj = obj._orig_mod
+        else:
+            return obj
+
+
+def is_peft_model(obj: Any) -> bool:
+    """True for a PEFT model, without importing peft when the caller never did."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(unwrap_model(obj), peft.PeftModel)
+
+
+def entry_kind(value: Any) -> str:
+    obj = value.obj if isinstance(value, PerRank) else value
+    if is_peft_model(obj):
+        return "peft"
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return "stateful"
+    return "value"
+
+
+def check_names(state: Mapping[str, Any]) -> None:
+    """Entry names become file names: keep them safe and unambiguous."""
+    for name in state:
+        if not isinstance(name, str) or not _NAME.match(name) or name in ("trainer_state", "values"):
+            raise ValueError(
+                f"state entry name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
+                "(and not 'trainer_state' or 'values')"
+            )
+    if sum(entry_kind(v) == "peft" for v in state.values()) > 1:
+        raise ValueError("state holds more than one PEFT model; save each in its own manager")
+
+
+def take(
+    state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], rank: int, world_size: int
+) -> Snapshot:
+    """Flatten `state` into this rank's file plan. Rank 0 also writes replicated entries."""
+    check_names(state)
+    snap = Snapshot()
+    entries: dict[str, Any] = {}
+    for name, value in state.items():
+        kind = entry_kind(value)
+        is_per_rank = isinstance(value, PerRank)
+        obj = value.obj if is_per_rank else value
+        record: dict[str, Any] = {"kind": kind, "per_rank": is_per_rank}
+        entries[name] = record
+        if not is_per_rank and rank != 0:
+            continue
+        if kind == "peft":
+            snap.peft_model = unwrap_model(obj)
+            snap.files.extend(peft_files(snap.peft_model))
+            continue
+        raw = obj.state_dict() if kind == "stateful" else obj
+        tensors: dict[str, torch.Tensor] = {}
+        encoded = tree.encode(raw, tensors)
+        prefix = f"state/rank{rank}/{name}" if is_per_rank else f"state/{name}"
+        if tensors:
+            snap.files.append(FilePlan(f"{prefix}.safetensors", tensors=tensors))
+        if is_per_rank:
+            snap.files.append(FilePlan(f"{prefix}.json", data=_json_bytes({"tree": encoded})))
+        else:
+            record["tree"] = encoded
+    if rank == 0:
+        doc = {
+            "format_version": 1,
+            "step": step,
+            "world_size": world_size,
+            "metrics": dict(metrics),
+            "entries": entries,
+        }
+        snap.files.append(FilePlan(STATE_FILE, data=_json_bytes(doc)))
+    return snap
+
+
+def _json_bytes(doc: Any) -> bytes:
+    try:
+        return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"state is not JSON-serialisable: {exc}") from None
+
+
+def peft_files(model: Any) -> list[FilePlan]:
+    """The adapter weights and config of a PEFT model's active adapter, as PEFT lays them out."""
+    from peft import get_peft_model_state_dict
+
+    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+    weights = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    if not weights:
+        raise ValueError(
+            "the PEFT model's adapter is empty (no trainable adapter tensors); check target_modules "
+            "matches the model's layer names"
+        )
+    config = model.peft_config[adapter].to_dict()
+    config["inference_mode"] = True  # PEFT's own save_pretrained does the same
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return [
+        FilePlan(ADAPTER_WEIGHTS, tensors=weights),
+        FilePlan(ADAPTER_CONFIG, data=(json.dumps(config, indent=2, sort_keys=True) + "\n").encode()),
+    ]
+
+
+def estimate_bytes(state: Mapping[str, Any]) -> int:
+    """Bytes one checkpoint of `state` takes now (all ranks' copies of per-rank entries excluded)."""
+    return take(state, step=0, metrics={}, rank=0, world_size=1).nbytes + 4096
+
+
+class HostBuffers:
+    """Reused CPU buffers for async snapshots: one allocation per tensor shape, kept across saves.
+
+    On CUDA the buffers are pinned and the copies run on a side stream; the training stream waits
+    for them without blocking the CPU, and the writer waits on an event before reading the bytes.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._stream: Any = None
+
+    def copy(self, snap: Snapshot) -> Any:
+        """Replace every tensor in `snap` by a host copy; returns a CUDA event to wait on, or None."""
+        cuda = any(t.is_cuda for f in snap.files for t in (f.tensors or {}).values())
+        if cuda and self._stream is None:
+            self._stream = torch.cuda.Stream()
+        ctx = torch.cuda.stream(self._stream) if cuda else nullcontext()
+        if cuda:
+            self._stream.wait_stream(torch.cuda.current_stream())
+        with ctx:
+            for plan in snap.files:
+                if plan.tensors is None:
+                    continue
+                plan.tensors = {k: self._copy(plan.relpath, k, t, cuda) for k, t in plan.tensors.items()}
+        if not cuda:
+            return None
+        torch.cuda.current_stream().wait_stream(self._stream)
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
+
+    def _copy(self, relpath: str, key: str, src: torch.Tensor, cuda: bool) -> torch.Tensor:
+        buf = self._buffers.get((relpath, key))
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=cuda)
+            self._buffers[(relpath, key)] = buf
+        if src.is_cuda:
+            src.record_stream(self._stream)
+        buf.copy_(src, non_blocking=src.is_cuda)
+        return buf
