@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,12 @@ class CheckpointManager:
             self._lock.release()
             self._record_failure("preflight", exc)
             raise
-        self._events.emit("preflight", seconds=time.perf_counter() - start, checkpoints=len(found))
+        self._events.emit(
+            "preflight",
+            seconds=time.perf_counter() - start,
+            checkpoints=len(found),
+            policy=asdict(self.policy),
+        )
         return max((c.sequence for c in found), default=0)
 
     def _check_space_for_run(self, per_checkpoint: int, found: list[CheckpointInfo]) -> None:

@@ -176,7 +176,7 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     path = checkpoint_dir / MANIFEST_NAME
     try:
         if path.is_symlink() or not path.is_file():
-            raise ManifestError("MANIFEST.json is missing (the save never finished)")
+            raise ManifestError("missing: the save never finished")
         with open(path, "rb") as fh:
             data = fh.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
