@@ -34,10 +34,7 @@ def _size(n: int) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -100,9 +97,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         status = "valid" if c.valid else f"INVALID: {c.reason}"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
         why = ", ".join(keep.get(c.name, [])) if c.valid else "never loaded"
-        rows.append(
-            [("* " if c.name == latest else "  ") + c.name, str(c.step), status, _size(c.bytes), metrics, why]
-        )
+        rows.append([("* " if c.name == latest else "  ") + c.name, str(c.step), status, _size(c.bytes), metrics, why])
     print(_table(rows, ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]))
     print("(* = LATEST)")
     return EXIT_OK
@@ -170,19 +165,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             check("write probe", False, str(exc))
         facts = preflight.filesystem_facts(where)
-        fs_detail = f"{facts.fstype} mounted at {facts.mount_point}" + "".join(
-            f"; {w}" for w in facts.warnings
-        )
+        fs_detail = f"{facts.fstype} mounted at {facts.mount_point}" + "".join(f"; {w}" for w in facts.warnings)
         check("filesystem", not facts.read_only, fs_detail + ("; READ-ONLY" if facts.read_only else ""))
         _doctor_space(run_dir, facts, check)
         if run_dir.is_dir():
             _doctor_run(run_dir, check)
     if args.json:
-        print(
-            json.dumps(
-                {"run_dir": str(run_dir), "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2
-            )
-        )
+        print(json.dumps({"run_dir": str(run_dir), "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
     else:
         for c in checks:
             print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<12} {c['detail']}")
@@ -193,9 +182,7 @@ def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -
     found = discovery.discover(run_dir) if run_dir.is_dir() else []
     sizes = [c.bytes for c in found if c.valid]
     if not sizes:
-        check(
-            "space", facts.free_bytes > 0, f"{_size(facts.free_bytes)} free, {facts.free_inodes} inodes free"
-        )
+        check("space", facts.free_bytes > 0, f"{_size(facts.free_bytes)} free, {facts.free_inodes} inodes free")
         return
     policy, _ = _run_policy(run_dir)
     need = max(sizes) * ((policy.slots or 1) + 1) - min(sum(sizes), max(sizes) * (policy.slots or 1))
@@ -213,18 +200,12 @@ def _doctor_run(run_dir: Path, check: Any) -> None:
         lock.release()
         check("lock", True, "no other process holds the run directory")
     except CheckpointError:
-        check(
-            "lock", True, f"held by a running writer ({lock.holder()}); saves from a second writer would fail"
-        )
-    leftovers = [
-        p.name for p in run_dir.iterdir() if p.name.startswith((commit.STAGING_PREFIX, commit.TRASH_PREFIX))
-    ]
+        check("lock", True, f"held by a running writer ({lock.holder()}); saves from a second writer would fail")
+    leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith((commit.STAGING_PREFIX, commit.TRASH_PREFIX))]
     check(
         "leftovers",
         True,
-        f"{len(leftovers)} unfinished save(s), removed at the next start"
-        if leftovers
-        else "no unfinished saves",
+        f"{len(leftovers)} unfinished save(s), removed at the next start" if leftovers else "no unfinished saves",
     )
     found = discovery.discover(run_dir)
     invalid = [c for c in found if not c.valid]

@@ -48,11 +48,7 @@ class Coordinator:
             except Exception as exc:  # any failure on rank 0 must reach the others, not strand them
                 if self._group is None:
                     raise
-                wrapped = (
-                    exc
-                    if isinstance(exc, CheckpointError)
-                    else CheckpointError(f"{type(exc).__name__}: {exc}")
-                )
+                wrapped = exc if isinstance(exc, CheckpointError) else CheckpointError(f"{type(exc).__name__}: {exc}")
                 wrapped.rank = 0
                 error = wrapped.summary()
         if self._group is None:

@@ -33,9 +33,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> bool:
         key = os.fspath(path)
         if key not in _warned_dirs:
             _warned_dirs.add(key)
-            log.warning(
-                "filesystem refuses fsync on directory %s (%s); renames there are not durable", key, exc
-            )
+            log.warning("filesystem refuses fsync on directory %s (%s); renames there are not durable", key, exc)
         return False
     finally:
         os.close(fd)

@@ -58,14 +58,10 @@ def adapter_key_problems(shapes: Mapping[str, tuple[int, ...]], model: Any) -> l
     problems = []
     missing = sorted(set(expected) - set(shapes))
     if missing:
-        problems.append(
-            f"lacks {len(missing)} of the model's {len(expected)} LoRA tensors, e.g. {missing[0]!r}"
-        )
+        problems.append(f"lacks {len(missing)} of the model's {len(expected)} LoRA tensors, e.g. {missing[0]!r}")
     unexpected = sorted(k for k in set(shapes) - set(expected) if "lora_" in k)
     if unexpected:
-        problems.append(
-            f"holds {len(unexpected)} LoRA tensors the model does not have, e.g. {unexpected[0]!r}"
-        )
+        problems.append(f"holds {len(unexpected)} LoRA tensors the model does not have, e.g. {unexpected[0]!r}")
     wrong = sorted(k for k in set(shapes) & set(expected) if tuple(shapes[k]) != expected[k])
     if wrong:
         k = wrong[0]

@@ -227,9 +227,7 @@ class CheckpointManager:
             every_rank_files = self._coord.agree(error, files, step=step)
             # 3. rank 0 writes the manifest, renames into place, verifies, points LATEST, prunes
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
-            path = self._coord.on_primary(
-                lambda: self._commit(step, staging, merged, metrics, snap), step=step
-            )
+            path = self._coord.on_primary(lambda: self._commit(step, staging, merged, metrics, snap), step=step)
         except CheckpointError as exc:
             if self._coord.is_primary and staging is not None and staging.exists():
                 commit.discard_staging(staging)
@@ -260,9 +258,7 @@ class CheckpointManager:
             if not self._space_known:  # no size hint at construction: the first save measures it
                 self._check_space_for_run(snap.nbytes, discovery.discover(self.run_dir))
                 self._space_known = True
-            preflight.check_space(
-                self.run_dir, snap.nbytes, len(snap.files) + 4, what=f"the save of step {step}"
-            )
+            preflight.check_space(self.run_dir, snap.nbytes, len(snap.files) + 4, what=f"the save of step {step}")
             return None, commit.create_staging(self.run_dir, checkpoint_name(step)).name
         except CheckpointError as exc:
             exc.step = step
@@ -419,10 +415,17 @@ class CheckpointManager:
         return None
 
     def _restore_candidates(self, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:
-        if path is not None:
-            return [str(Path(path).absolute())]
-        if step is not None:
-            return [str(self.run_dir / checkpoint_name(step))]
+        if path is not None or step is not None:
+            target = Path(path).absolute() if path is not None else self.run_dir / checkpoint_name(step or 0)
+            if not target.is_dir():
+                have = [c.step for c in discovery.discover(self.run_dir) if c.valid]
+                raise CheckpointNotFoundError(
+                    f"no checkpoint directory at the requested {'path' if path else 'step'} "
+                    f"(valid steps here: {have or 'none'})",
+                    path=target,
+                    step=step,
+                )
+            return [str(target)]
         found = discovery.discover(self.run_dir)
         for c in found:
             if not c.valid:

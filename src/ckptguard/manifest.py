@@ -85,9 +85,7 @@ class Manifest:
 
 
 def _checksum(body: dict[str, Any]) -> str:
-    canonical = json.dumps(
-        {k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":")
-    )
+    canonical = json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
     return xxhash.xxh3_128_hexdigest(canonical.encode())
 
 

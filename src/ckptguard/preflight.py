@@ -100,9 +100,7 @@ def probe_writable(run_dir: Path) -> None:
         finally:
             shutil.rmtree(probe_dir, ignore_errors=True)
     except OSError as exc:
-        raise from_os_error(
-            NotWritableError, "cannot write files in the run directory", exc, path=run_dir
-        ) from exc
+        raise from_os_error(NotWritableError, "cannot write files in the run directory", exc, path=run_dir) from exc
 
 
 def check_space(run_dir: Path, need_bytes: int, need_inodes: int, *, what: str) -> None:
@@ -195,9 +193,7 @@ class RunLock:
                 path=self.run_dir / LOCK_NAME,
             ) from None
         except OSError as exc:
-            raise from_os_error(
-                NotWritableError, "cannot create the lock file", exc, path=self.run_dir
-            ) from exc
+            raise from_os_error(NotWritableError, "cannot create the lock file", exc, path=self.run_dir) from exc
         owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         with contextlib.suppress(OSError):  # identity is a courtesy; the lock is what matters
             (self.run_dir / OWNER_NAME).write_text(owner, encoding="utf-8")

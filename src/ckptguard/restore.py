@@ -110,9 +110,7 @@ def _bytes(path: Path, manifest: Manifest, relpath: str) -> bytes:
     except ManifestError as exc:
         raise CorruptCheckpointError(f"{relpath}: {exc.reason}", path=path / relpath) from exc
     except OSError as exc:
-        raise CorruptCheckpointError(
-            f"{relpath} cannot be read ({exc.strerror})", path=path / relpath
-        ) from exc
+        raise CorruptCheckpointError(f"{relpath} cannot be read ({exc.strerror})", path=path / relpath) from exc
 
 
 def _json(path: Path, manifest: Manifest, relpath: str) -> Any:

@@ -62,9 +62,7 @@ def plan(
     for c in newest_first[: policy.keep_last] if policy.keep_last is not None else newest_first:
         reasons[c.name].append(f"last {policy.keep_last}" if policy.keep_last is not None else "keep all")
     for rank, c in enumerate(_best(candidates, policy), start=1):
-        reasons[c.name].append(
-            f"best {policy.metric} #{rank}" if policy.keep_best > 1 else f"best {policy.metric}"
-        )
+        reasons[c.name].append(f"best {policy.metric} #{rank}" if policy.keep_best > 1 else f"best {policy.metric}")
     if policy.keep_every:
         for c in candidates:
             if c.step % policy.keep_every == 0:

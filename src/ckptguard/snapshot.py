@@ -112,9 +112,7 @@ def check_names(state: Mapping[str, Any]) -> None:
         raise ValueError("state holds more than one PEFT model; save each in its own manager")
 
 
-def take(
-    state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], rank: int, world_size: int
-) -> Snapshot:
+def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], rank: int, world_size: int) -> Snapshot:
     """Flatten `state` into this rank's file plan. Rank 0 also writes replicated entries."""
     check_names(state)
     snap = Snapshot()

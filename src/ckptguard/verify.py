@@ -205,13 +205,10 @@ def compare_tensors(
             return [
                 Problem(
                     relpath,
-                    f"tensor {key!r} is {got.dtype}{list(got.shape)}, memory has "
-                    f"{want.dtype}{list(want.shape)}",
+                    f"tensor {key!r} is {got.dtype}{list(got.shape)}, memory has {want.dtype}{list(want.shape)}",
                 )
             ]
-        if not torch.equal(
-            got.reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8)
-        ):
+        if not torch.equal(got.reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8)):
             return [Problem(relpath, f"tensor {key!r} differs from memory")]
     return []
 

@@ -103,6 +103,15 @@ def _write_stream(path: Path, chunks: Iterable[memoryview | bytes]) -> tuple[int
 def write_file(staging: Path, plan: FilePlan) -> FileEntry:
     """Write one planned file under `staging`; OSError propagates with its errno for the caller."""
     path = staging / plan.relpath
+    try:
+        return _write_plan(path, plan)
+    except OSError as exc:
+        if exc.filename is None:  # os.write/fsync errors carry no path; the user needs it
+            exc.filename = str(path)
+        raise
+
+
+def _write_plan(path: Path, plan: FilePlan) -> FileEntry:
     path.parent.mkdir(parents=True, exist_ok=True)
     if plan.tensors is None:
         size, digest = _write_stream(path, [plan.data or b""])
