@@ -214,8 +214,9 @@ class CheckpointManager:
         staging: Path | None = None
         try:
             # 1. rank 0 checks space and creates the staging directory; every rank reports readiness
-            name = self._coord.agree(*self._begin(step, snap, local_error), step=step)[0]
-            staging = self.run_dir / name
+            error, name = self._begin(step, snap, local_error)
+            staging = self.run_dir / name if name else None  # so a failure below removes it
+            staging = self.run_dir / self._coord.agree(error, name, step=step)[0]
             # 2. every rank writes its own files into staging, hashing and fsyncing as it goes
             files, error = {}, None
             try:
