@@ -1,0 +1,44 @@
+"""preemption.py: a real SIGTERM mid-training ends in a verified checkpoint and exit code 75."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ckptguard import CheckpointManager, verify_checkpoint
+from ckptguard.preemption import PREEMPTED_EXIT_CODE
+
+LOOP = textwrap.dedent(
+    """
+    import sys, time, torch
+    from ckptguard import CheckpointManager
+    from ckptguard.preemption import PreemptionWatcher, PREEMPTED_EXIT_CODE
+    mgr = CheckpointManager(sys.argv[1], keep_last=2)
+    watcher = PreemptionWatcher()
+    w = torch.zeros(4)
+    for step in range(1, 100_000):
+        w += 1                      # one "training step"
+        print(step, flush=True)
+        if watcher.should_stop():   # step boundary
+            mgr.save(step, {"w": w, "step": step})
+            mgr.close()
+            sys.exit(PREEMPTED_EXIT_CODE)
+        time.sleep(0.01)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_at_next_step_boundary_and_exits_75(tmp_path, sig):
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    seen = [int(proc.stdout.readline()) for _ in range(5)]
+    proc.send_signal(sig)
+    rest = proc.stdout.read().split()
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    last = int(rest[-1]) if rest else seen[-1]
+    with CheckpointManager(tmp_path / "run") as mgr:
+        restored = mgr.restore({"w": None, "step": None})
+    assert restored.step == last and restored.values["w"].tolist() == [float(last)] * 4
+    assert verify_checkpoint(restored.path).ok
