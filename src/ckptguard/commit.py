@@ -97,12 +97,13 @@ def remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def quarantine(path: Path) -> Path:
-    """Move a committed checkpoint that failed verification out of the ``checkpoint-*`` namespace.
+def quarantine(path: Path, why: str) -> Path:
+    """Move a committed checkpoint whose save failed after the rename out of the ``checkpoint-*`` namespace.
 
-    Kept, not deleted, so the damage can be examined; discovery never picks it up again.
+    `why` ("corrupt": failed verification; "unfinished": LATEST could not follow) becomes part of the
+    name. Kept, not deleted, so it can be examined; discovery never picks it up again.
     """
-    moved = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+    moved = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
     os.rename(path, moved)
     fsync_dir(path.parent)
     return moved

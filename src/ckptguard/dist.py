@@ -83,7 +83,7 @@ class Coordinator:
             op()
         except (RuntimeError, ConnectionError) as exc:  # gloo reports timeouts and dead peers as these
             raise CoordinationError(
-                f"ranks could not agree on the save within {self.timeout_s:g}s ({str(exc).splitlines()[0]})",
+                f"ranks could not agree on the save within {self.timeout_s:g}s: another rank died, hung or "
+                f"lost its connection (this is rank {self.rank}; {str(exc).splitlines()[0]})",
                 step=step,
-                rank=self.rank,
             ) from exc

@@ -179,11 +179,11 @@ def from_os_error(
     path: str | os.PathLike[str] | None = None,
     step: int | None = None,
 ) -> CheckpointError:
-    """Wrap an OSError as `cls`, keeping the errno and the most specific path the OS reported."""
+    """Wrap an OSError as `cls`, keeping the errno; `path` (the one the user knows) wins over the OS's."""
     reason = exc.strerror or str(exc)
     return cls(
         f"{what}: {reason}",
-        path=exc.filename or path,
+        path=path if path is not None else exc.filename,
         step=step,
         errno=exc.errno,
         remedy=remedy_for_errno(exc.errno, cls.default_remedy),

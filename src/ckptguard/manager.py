@@ -109,7 +109,7 @@ class CheckpointManager:
             preflight.prepare_run_dir(self.run_dir, create_parents=self._create_parents)
             preflight.probe_writable(self.run_dir)
             self._lock.acquire()
-            removed = commit.clean_leftovers(self.run_dir)
+            removed = commit.clean_leftovers(self.run_dir) + preflight.remove_stale_probes(self.run_dir)
             if removed:
                 log.warning(
                     "removed %d unfinished save(s) left by a crash in %s: %s",
@@ -172,7 +172,7 @@ class CheckpointManager:
             snap = snapshot.take(
                 state, step=step, metrics=metrics, rank=self._coord.rank, world_size=self._coord.world_size
             )
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # user code (state_dict) can raise anything
             if self._coord.world_size == 1:
                 raise
             # other ranks are about to wait for this one: fail the save on all of them
@@ -259,7 +259,9 @@ class CheckpointManager:
             if not self._space_known:  # no size hint at construction: the first save measures it
                 self._check_space_for_run(snap.nbytes, discovery.discover(self.run_dir))
                 self._space_known = True
-            preflight.check_space(self.run_dir, snap.nbytes, len(snap.files) + 4, what=f"the save of step {step}")
+            preflight.check_space(
+                self.run_dir, snap.nbytes, snap.inodes(self._coord.world_size), what=f"the save of step {step}"
+            )
             return None, commit.create_staging(self.run_dir, checkpoint_name(step)).name
         except CheckpointError as exc:
             exc.step = step
@@ -309,7 +311,7 @@ class CheckpointManager:
             problems=[str(p) for p in report.problems],
         )
         if not report.ok:
-            moved = commit.quarantine(path)
+            moved = commit.quarantine(path, "corrupt")
             raise VerificationError(
                 f"checkpoint failed {self.verify_level} verification right after writing ({report.reason}); "
                 f"moved aside to {moved.name}",
@@ -319,9 +321,11 @@ class CheckpointManager:
         try:
             commit.write_latest(self.run_dir, path.name)
         except OSError as exc:
+            # a save reported as failed must not be resumed from: move the new checkpoint aside
+            moved = commit.quarantine(path, "unfinished")
             raise from_os_error(
                 WriteError,
-                "checkpoint committed but LATEST could not be updated",
+                f"could not update LATEST; the new checkpoint was moved aside to {moved.name}",
                 exc,
                 path=self.run_dir,
                 step=step,

@@ -76,7 +76,7 @@ def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
 
 def probe_writable(run_dir: Path) -> None:
     """Do what a save does on a tiny scale: mkdir, create, write, fsync, rename, read back, remove."""
-    probe_dir = run_dir / f"{PROBE_PREFIX}{secrets.token_hex(4)}"
+    probe_dir = run_dir / f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     payload = secrets.token_bytes(4096)
     try:
         probe_dir.mkdir()
@@ -101,6 +101,30 @@ def probe_writable(run_dir: Path) -> None:
             shutil.rmtree(probe_dir, ignore_errors=True)
     except OSError as exc:
         raise from_os_error(NotWritableError, "cannot write files in the run directory", exc, path=run_dir) from exc
+
+
+def remove_stale_probes(run_dir: Path) -> list[str]:
+    """Remove probe directories left by processes of this host that died mid-probe (a kill at startup)."""
+    stale = []
+    prefix = f"{PROBE_PREFIX}{socket.gethostname()}-"
+    for entry in run_dir.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            stale.append(entry.name)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_space(run_dir: Path, need_bytes: int, need_inodes: int, *, what: str) -> None:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -69,6 +70,11 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
+
+    def inodes(self, world_size: int) -> int:
+        """Inodes one save takes at most: files, their directories (per rank), staging, manifest, LATEST temp."""
+        dirs = {str(PurePosixPath(f.relpath).parent) for f in self.files} - {"."}
+        return world_size * (len(self.files) + len(dirs)) + 3
 
     def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
         return {f.relpath: f.tensors for f in self.files if f.tensors is not None}
