@@ -287,12 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
-    try:
-        from ckptguard.train.commands import register
-    except ImportError:  # the trainer is optional for the checkpoint tools
-        pass
-    else:
-        register(sub)
+    from ckptguard.train.commands import register
+
+    register(sub)
     return parser
 
 

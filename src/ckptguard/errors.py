@@ -2,9 +2,9 @@
 
 A user who sees one of these in a log at 3 a.m. must not need the source code: the message
 carries the path, the step, the OS error name where there is one, and a one-line remedy.
-Distributed runs rebuild the same exception on every rank from a small JSON summary
-(:meth:`CheckpointError.summary` / :func:`from_summary`), so nothing is pickled between ranks
-or from disk.
+Distributed runs rebuild the same exception on every rank from a small JSON-able summary
+(:meth:`CheckpointError.summary` / :func:`from_summary`): only plain fields cross the process
+boundary, never an exception object or its traceback.
 """
 
 from __future__ import annotations

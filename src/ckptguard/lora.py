@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ckptguard import commit, snapshot, writer
-from ckptguard.errors import CorruptCheckpointError, VerificationError, WriteError, from_os_error
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
 from ckptguard.manifest import Manifest, ManifestError, library_versions, read_manifest
 from ckptguard.verify import read_verified, verify_checkpoint
 
@@ -129,7 +129,13 @@ def checked_adapter_tensors(model: Any, data: bytes, where: Path) -> dict[str, t
         raise CorruptCheckpointError(f"adapter is not a valid safetensors file ({exc})", path=where) from exc
     problems = adapter_key_problems({k: tuple(v.shape) for k, v in tensors.items()}, model)
     if problems:
-        raise CorruptCheckpointError(f"adapter does not match the model: {problems[0]}", path=where)
+        # not CorruptCheckpointError: every checkpoint of the run would "fail" alike, and resume must
+        # stop here instead of skipping them all and silently starting from scratch
+        raise CheckpointError(
+            f"adapter does not match the model: {problems[0]}",
+            path=where,
+            remedy="Build the model with the LoRA config the checkpoint was saved with (adapter_config.json).",
+        )
     return tensors
 
 

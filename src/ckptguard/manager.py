@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -98,6 +98,7 @@ class CheckpointManager:
         self._pending: Future[SaveResult] | None = None
         self._space_known = expected_bytes is not None
         self._sequence = self._coord.on_primary(lambda: self._preflight(expected_bytes))
+        self._probe_every_rank()
         self._closed = False
         atexit.register(_close_at_exit, weakref.ref(self))
 
@@ -132,6 +133,23 @@ class CheckpointManager:
             policy=asdict(self.policy),
         )
         return max((c.sequence for c in found), default=0)
+
+    def _probe_every_rank(self) -> None:
+        """Each rank writes its own files: a node whose mount is read-only must fail now, not at step N."""
+        if self._coord.world_size == 1:
+            return
+        error = None
+        if not self._coord.is_primary:
+            try:
+                preflight.probe_writable(self.run_dir)
+            except CheckpointError as exc:
+                error = exc
+        try:
+            self._coord.agree(error, None)
+        except CheckpointError as exc:
+            self._lock.release()
+            self._record_failure("preflight", exc)
+            raise
 
     def _check_space_for_run(self, per_checkpoint: int, found: list[CheckpointInfo]) -> None:
         """Room for every checkpoint retention will hold plus the one being written.
@@ -383,12 +401,19 @@ class CheckpointManager:
         return valid[0] if valid else None
 
     def restore(
-        self, state: Mapping[str, Any], *, step: int | None = None, path: str | os.PathLike[str] | None = None
+        self,
+        state: Mapping[str, Any],
+        *,
+        step: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        check: Callable[[Restored], None] | None = None,
     ) -> Restored | None:
         """Load the newest valid checkpoint (or the one named by `step`/`path`) into `state`'s objects.
 
         Invalid checkpoints are skipped with a warning; returns None when none exists. A named
-        checkpoint that is invalid raises instead. The caller's objects change only on success.
+        checkpoint that is invalid raises instead. `check` sees what was read (step, plain values,
+        metrics) before anything is loaded, and may raise to refuse it (a config that does not
+        match, say); the caller's objects change only on success.
         """
         self.wait()
         explicit = step is not None or path is not None
@@ -396,7 +421,10 @@ class CheckpointManager:
         for candidate in names:
             loaded, error = None, None
             try:
-                loaded = restore.read_checkpoint(Path(candidate), state, rank=self._coord.rank)
+                loaded = restore.open_checkpoint(Path(candidate), state, rank=self._coord.rank)
+                if check is not None:  # may refuse (raise) before any large file is read
+                    check(Restored(loaded.step, loaded.path, restore.plain_values(loaded, state), loaded.metrics))
+                restore.read_objects(loaded, state, rank=self._coord.rank)
             except CheckpointError as exc:
                 error = exc
             try:
@@ -409,10 +437,11 @@ class CheckpointManager:
                 self._events.emit("resume_skip", path=candidate, reason=str(exc))
                 continue
             assert loaded is not None
-            values = restore.apply(loaded, state)
+            result = Restored(loaded.step, loaded.path, restore.plain_values(loaded, state), loaded.metrics)
+            restore.apply(loaded, state)
             self._protected.add(loaded.path.name)
             self._events.emit("resume", step=loaded.step, path=loaded.path)
-            return Restored(loaded.step, loaded.path, values, loaded.metrics)
+            return result
         if explicit:
             raise CheckpointNotFoundError(
                 "no valid checkpoint at the requested step or path", path=path or self.run_dir, step=step

@@ -10,6 +10,7 @@ checkpoint with the caller's objects unchanged. Nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,24 @@ class LoadedCheckpoint:
     manifest: Manifest
     step: int
     metrics: dict[str, float]
+    entries: dict[str, Any] = field(default_factory=dict)  # trainer_state.json's record of each entry
     adapter: dict[str, torch.Tensor] | None = None
     objects: dict[str, Any] = field(default_factory=dict)  # entry name -> decoded state_dict / value
 
 
 def read_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> LoadedCheckpoint:
-    """Phase 1: verify and decode what `state` needs from `path`; raises CorruptCheckpointError."""
+    """Phase 1 in full: :func:`open_checkpoint` then :func:`read_objects`."""
+    loaded = open_checkpoint(path, state, rank=rank)
+    read_objects(loaded, state, rank=rank)
+    return loaded
+
+
+def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> LoadedCheckpoint:
+    """Phase 1a: validate the structure against `state` and decode its plain values (cheap).
+
+    The caller can look at step, metrics and plain values (a stored config) and refuse the
+    checkpoint before any large tensor file is read.
+    """
     check_names(state)
     report = verify_checkpoint(path, "quick")
     if not report.ok or report.manifest is None:
@@ -54,6 +67,7 @@ def read_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
         manifest=manifest,
         step=int(doc.get("step", manifest.step or 0)),
         metrics=dict(manifest.metrics),
+        entries=entries,
     )
     for name, value in state.items():
         record = entries.get(name)
@@ -71,11 +85,20 @@ def read_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
                 path=path,
                 remedy="Pass the same kind of object that was saved under this name.",
             )
-        if kind == "peft":
-            loaded.adapter = checked_adapter_tensors(value, _bytes(path, manifest, ADAPTER_WEIGHTS), path)
-        else:
+        if kind == "value":
             loaded.objects[name] = _decode_entry(path, manifest, name, record, rank)
     return loaded
+
+
+def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: int) -> None:
+    """Phase 1b: read, hash-check and decode the tensors of stateful entries and the adapter."""
+    path, manifest = loaded.path, loaded.manifest
+    for name, value in state.items():
+        kind = entry_kind(value)
+        if kind == "peft":
+            loaded.adapter = checked_adapter_tensors(value, _bytes(path, manifest, ADAPTER_WEIGHTS), path)
+        elif kind == "stateful":
+            loaded.objects[name] = _decode_entry(path, manifest, name, loaded.entries[name], rank)
 
 
 def _decode_entry(path: Path, manifest: Manifest, name: str, record: dict[str, Any], rank: int) -> Any:
@@ -132,9 +155,18 @@ def _tensors(path: Path, manifest: Manifest, relpath: str) -> dict[str, torch.Te
         raise CorruptCheckpointError(f"{relpath} is not a valid safetensors file ({exc})", path=path) from exc
 
 
-def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> dict[str, Any]:
-    """Phase 2: load into the caller's objects; returns the plain values."""
-    values = {}
+def plain_values(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain (JSON-able) entries of `state` as the checkpoint holds them."""
+    return {name: loaded.objects[name] for name, value in state.items() if entry_kind(value) == "value"}
+
+
+def read_values(path: str | os.PathLike[str], names: list[str]) -> dict[str, Any]:
+    """Hash-checked plain values of a checkpoint (its stored config, say), without a manager or lock."""
+    return plain_values(open_checkpoint(Path(path), dict.fromkeys(names), rank=0), dict.fromkeys(names))
+
+
+def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
+    """Phase 2: load into the caller's objects (modules, optimizers, adapters...)."""
     for name, value in state.items():
         obj = value.obj if isinstance(value, PerRank) else value
         kind = entry_kind(value)
@@ -142,6 +174,3 @@ def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> dict[str, Any]:
             apply_adapter(obj, loaded.adapter or {})
         elif kind == "stateful":
             obj.load_state_dict(loaded.objects[name])
-        else:
-            values[name] = loaded.objects[name]
-    return values
