@@ -1,0 +1,14 @@
+"""The ckptguard LoRA trainer: ``ckptguard train --config run.toml`` (or ``python -m ckptguard.train``).
+
+``recipe.py`` is the training loop, readable top to bottom; ``config.py``, ``data.py``,
+``tokenizer.py`` and ``backends.py`` are what it is made of; ``commands.py`` adds the ``train`` and
+``export`` subcommands to the ``ckptguard`` CLI.
+"""
+
+# Exit codes of `ckptguard train` / `export`: 0 done; 1 a checkpoint could not be written, verified or
+# read (a CheckpointError, the preflight included); 2 bad config, data or usage; 75 (EX_TEMPFAIL)
+# stopped by SIGTERM/SIGUSR1 after saving a checkpoint: run the same command again to resume.
+from ckptguard.preemption import PREEMPTED_EXIT_CODE as EXIT_PREEMPTED
+
+EXIT_OK, EXIT_CHECKPOINT, EXIT_BAD_INPUT = 0, 1, 2
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CHECKPOINT", "EXIT_OK", "EXIT_PREEMPTED"]

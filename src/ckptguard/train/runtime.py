@@ -1,0 +1,80 @@
+"""Where the trainer runs: device, process group, precision and seeds.
+
+Kept apart from the recipe so the training loop reads as training, not as plumbing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ckptguard.train.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the run: rank, world size, device, and whether bf16 autocast is on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    bf16: bool
+    owns_process_group: bool
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> Any:
+        """bf16 autocast for the forward pass where chosen; the optimizer and loss sums stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum small numbers over ranks (one collective; a no-op on one process)."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def start(device: str, precision: str, timeout_s: float) -> Runtime:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE in the environment), pick the device.
+
+    gloo on CPU, NCCL on GPU. A process group the caller already initialised is used as it is.
+    """
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
+    owns = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if want_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        owns = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dev = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
+    auto_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = auto_bf16 if precision == "auto" else precision == "bf16"
+    return Runtime(rank, world, dev, bf16, owns)
+
+
+def stop(rt: Runtime) -> None:
+    if rt.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global stream (python, numpy, torch CPU and CUDA) that a training step may draw from."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
