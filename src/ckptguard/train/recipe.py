@@ -12,6 +12,7 @@ was never interrupted.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ class LoRARecipe:
             return self._finish(wall_start, f"nothing to do: the run is already at step {p.step}")
         bar = tqdm(
             total=cfg.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
-            disable=not (cfg.progress_bar and rt.is_primary),
+            disable=not (cfg.progress_bar and rt.is_primary and sys.stderr.isatty()),  # logs stay readable
         )  # fmt: skip
         if p.first_eval is None:  # the loss before training, the baseline of the summary
             p.first_eval = (p.step, self.evaluate())
