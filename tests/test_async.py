@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_training_state
-from faultkit import tmpfs
 
 from ckptguard import CheckpointManager, WriteError, estimate_bytes, verify_checkpoint
+from conftest import make_training_state
+from faultkit import tmpfs
 
 
 def data_files(ckpt: Path) -> dict[str, bytes]:

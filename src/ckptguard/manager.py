@@ -93,6 +93,7 @@ class CheckpointManager:
         self._events = EventLog(self.run_dir, rank=self._coord.rank, enabled=self._coord.is_primary)
         self._lock = preflight.RunLock(self.run_dir)
         self._protected: set[str] = set()
+        self._index: dict[str, CheckpointInfo] = {}  # valid checkpoints by name (rank 0)
         self._buffers = snapshot.HostBuffers()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[SaveResult] | None = None
@@ -120,6 +121,7 @@ class CheckpointManager:
                 )
                 self._events.emit("cleanup", removed=removed)
             found = discovery.discover(self.run_dir)
+            self._index = {c.name: c for c in found if c.valid}
             if expected_bytes is not None:
                 self._check_space_for_run(expected_bytes, found)
         except CheckpointError as exc:
@@ -275,7 +277,7 @@ class CheckpointManager:
             return local_error, ""
         try:
             if not self._space_known:  # no size hint at construction: the first save measures it
-                self._check_space_for_run(snap.nbytes, discovery.discover(self.run_dir))
+                self._check_space_for_run(snap.nbytes, list(self._index.values()))
                 self._space_known = True
             preflight.check_space(
                 self.run_dir, snap.nbytes, snap.inodes(self._coord.world_size), what=f"the save of step {step}"
@@ -348,6 +350,10 @@ class CheckpointManager:
                 path=self.run_dir,
                 step=step,
             ) from exc
+        self._index[path.name] = CheckpointInfo(
+            name=path.name, path=path, step=step, valid=True, bytes=manifest.total_bytes,
+            sequence=manifest.sequence, created=manifest.created, metrics=dict(metrics),
+        )  # fmt: skip
         self._prune_quietly()
         return path
 
@@ -469,21 +475,30 @@ class CheckpointManager:
     def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
         """Delete valid checkpoints retention does not keep; returns them (only lists them if dry_run)."""
         self.wait()
-        return self._prune_now(dry_run=dry_run)
+        found = discovery.discover(self.run_dir)
+        self._index = {c.name: c for c in found if c.valid}
+        return self._prune_now(found, dry_run=dry_run)
 
-    def _prune_now(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
-        doomed = [c for c in self.list() if c.valid and not c.keep_reasons]
+    def _prune_now(self, found: list[CheckpointInfo], *, dry_run: bool = False) -> list[CheckpointInfo]:
+        keep = retention.plan(_candidates(found), self.policy, frozenset(self._protected))
+        doomed = [c for c in found if c.valid and not keep.get(c.name)]
         if dry_run or not self._coord.is_primary:
             return doomed
         for c in doomed:
             commit.remove(c.path)
+            self._index.pop(c.name, None)
             self._events.emit("prune", step=c.step, path=c.path, bytes=c.bytes)
         return doomed
 
     def _prune_quietly(self) -> None:
-        """Retention after a save: a failed delete is logged, never turned into a failed save."""
+        """Retention after a save: a failed delete is logged, never turned into a failed save.
+
+        Works from the manager's index of valid checkpoints (filled by the constructor's discovery,
+        kept current by commits and prunes): re-reading every manifest per save would make each
+        save slower as checkpoints pile up.
+        """
         try:
-            self._prune_now()
+            self._prune_now(list(self._index.values()))
         except OSError as exc:
             log.warning("could not prune old checkpoints in %s: %s", self.run_dir, exc)
             self._events.emit("prune_failed", message=str(exc))

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import xxhash
 
+from ckptguard.hashing import hash_file
 from ckptguard.manifest import MANIFEST_NAME, FileEntry, Manifest, ManifestError, read_manifest
 
 LEVELS = ("quick", "full", "deep")
-READ_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -138,23 +138,11 @@ def read_verified(path: Path, entry: FileEntry) -> bytes:
     return data
 
 
-def hash_file(path: Path, buf: bytearray) -> tuple[int, str]:
-    """Stream a file through xxh3-128 with a reused buffer (constant memory)."""
-    hasher = xxhash.xxh3_128()
-    view = memoryview(buf)
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(view):
-            hasher.update(view[:n])
-            size += n
-    return size, hasher.hexdigest()
-
-
 def _check_one(root: Path, relpath: str, entry: FileEntry, deep: bool, expected: Any) -> list[Problem]:
     path = root / relpath
     try:
         if not deep:
-            size, digest = hash_file(path, bytearray(READ_CHUNK))
+            size, digest = hash_file(path)
             if size != entry.size:
                 return [Problem(relpath, f"size {size} bytes, manifest says {entry.size}")]
             if digest != entry.xxh3_128:
