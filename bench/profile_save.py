@@ -1,0 +1,279 @@
+"""Where a blocking ckptguard save spends its time, next to raw write+fsync of the same bytes,
+and prototypes of the faster paths (not used by ckptguard; measured here to size the gain).
+
+    .venv/bin/python bench/profile_save.py [--quick] [--repeats 3] [--workload full|lora]
+
+Part 1 wraps ckptguard's own functions with timers, in this process only (src/ is not changed),
+and prints the median time per phase of a save. Part 2 times, on the same tensors and disk:
+the writer's loop as it is, hashing on a second thread, and that plus early writeback
+(sync_file_range); and the verify re-read as it is, pipelined, and over mmap windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+import baselines as bl
+from workloads import Workload, build
+
+HERE = Path(__file__).resolve().parent
+
+
+class Timers:
+    """Seconds and calls per label, summed over threads; `phase` names the top-level step running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.phase = "other"
+
+    def add(self, label: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[label] += dt
+            self.calls[label] += 1
+
+    def wrap(self, owner: Any, attr: str, label: str, phase: bool = False) -> None:
+        orig = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            outer = self.phase
+            if phase:
+                self.phase = label
+            t0 = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self.add(label, time.perf_counter() - t0)
+                self.phase = outer
+
+        setattr(owner, attr, timed)
+
+
+TIMERS = Timers()
+
+
+class _TimedHasher:
+    def __init__(self, real: Any, label: str) -> None:
+        self._real, self._label = real, label
+
+    def update(self, data: Any) -> None:
+        t0 = time.perf_counter()
+        self._real.update(data)
+        TIMERS.add(self._label, time.perf_counter() - t0)
+
+    def hexdigest(self) -> str:
+        return self._real.hexdigest()
+
+
+class _HashModule:
+    """Stands in for the `xxhash` module inside one ckptguard module, timing every update."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+
+    def xxh3_128(self) -> _TimedHasher:
+        return _TimedHasher(xxhash.xxh3_128(), self._label)
+
+    def xxh3_128_hexdigest(self, data: Any) -> str:
+        t0 = time.perf_counter()
+        out = xxhash.xxh3_128_hexdigest(data)
+        TIMERS.add(self._label, time.perf_counter() - t0)
+        return out
+
+
+def instrument() -> None:
+    """Wrap the save path's steps (phases) and the primitives inside them, once per process."""
+    import ckptguard.commit as commit
+    import ckptguard.discovery as discovery
+    import ckptguard.events as events
+    import ckptguard.manager as manager
+    import ckptguard.snapshot as snapshot
+    import ckptguard.verify as verify
+    import ckptguard.writer as writer
+
+    t = TIMERS
+    t.wrap(snapshot, "take", "1 snapshot.take (flatten state)", phase=True)
+    t.wrap(manager.CheckpointManager, "_begin", "2 space check + staging dir", phase=True)
+    t.wrap(writer, "write_files", "3 write files (write+hash+fsync)", phase=True)
+    t.wrap(commit, "commit_checkpoint", "4 manifest + rename + dir fsyncs", phase=True)
+    t.wrap(manager, "verify_checkpoint", "5 verify full (re-read + hash)", phase=True)
+    t.wrap(commit, "write_latest", "6 LATEST (atomic replace)", phase=True)
+    t.wrap(manager.CheckpointManager, "_prune_quietly", "7 retention (prune)", phase=True)
+    t.wrap(events.EventLog, "emit", "8 events.jsonl", phase=True)
+    t.wrap(snapshot.HostBuffers, "copy", "0 async: copy into staging buffers", phase=True)
+    t.wrap(discovery, "discover", "   discovery.discover (in 2, 7)")
+    t.wrap(writer, "write_all", "   os.write to page cache (in 3)")
+    writer.xxhash = _HashModule("   xxh3 of written bytes (in 3)")
+    verify.xxhash = _HashModule("   xxh3 of re-read bytes (in 5)")
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        t0 = time.perf_counter()
+        real_fsync(fd)
+        t.add(f"   fsync in {t.phase.split(' (')[0]}", time.perf_counter() - t0)
+
+    os.fsync = fsync
+
+
+def _median_table(title: str, runs: list[dict[str, float]], calls: dict[str, int], wall_key: str) -> None:
+    wall = statistics.median(r[wall_key] for r in runs)
+    print(f"\n## {title}\n\n| step | seconds (median) | calls | share of save() |\n|---|---|---|---|")
+    for label in sorted({k for r in runs for k in r}, key=lambda k: (k.startswith(" "), k)):
+        sec = statistics.median(r.get(label, 0.0) for r in runs)
+        print(f"| {label} | {sec:.3f} | {calls.get(label, '')} | {sec / wall:.0%} |")
+
+
+def profile_ckptguard(w: Workload, repeats: int, work: Path) -> None:
+    """Median seconds per phase over `repeats` blocking saves, each into a fresh run directory."""
+    from guard import GuardSaver
+
+    instrument()
+    runs: list[dict[str, float]] = []
+    calls: dict[str, int] = {}
+    for rep in range(repeats):
+        raw = _fresh(work / f"raw{rep}", lambda d: bl.raw_write(w, d))
+        saver = GuardSaver(w, work / f"run{rep}")
+        TIMERS.reset()
+        t0 = time.perf_counter()
+        saver.save(1)
+        wall = time.perf_counter() - t0
+        saver.close()
+        _fresh(work / f"run{rep}", lambda d: None)
+        runs.append(dict(TIMERS.seconds) | {"= whole save()": wall, "= raw os.write+fsync, same bytes": raw})
+        calls |= TIMERS.calls
+    title = f"ckptguard blocking save (verify=full), {w.label}, {w.payload_bytes / 1e9:.2f} GB: median of {repeats}"
+    _median_table(title, runs, calls, "= whole save()")
+    print("\nIndented rows are inside the numbered step; with several files written or verified at once,")
+    print("per-thread sums can exceed their step.")
+
+
+def profile_async(w: Workload, repeats: int, work: Path) -> None:
+    """The same breakdown for save(blocking=False) + wait(), after one warm-up save (buffers exist).
+
+    Each save here also prunes the previous checkpoint (keep_last=1), as a training run would.
+    """
+    from guard import GuardSaver
+
+    saver = GuardSaver(w, work / "async", async_save=True)
+    saver.start(0)
+    saver.wait()
+    runs: list[dict[str, float]] = []
+    for step in range(1, repeats + 1):
+        TIMERS.reset()
+        t0 = time.perf_counter()
+        stall = saver.start(step)
+        saver.wait()
+        runs.append(
+            dict(TIMERS.seconds)
+            | {"= stall (save returns)": stall, "= save() to wait() done": time.perf_counter() - t0}
+        )
+        calls = dict(TIMERS.calls)
+    saver.close()
+    _fresh(work / "async", lambda d: None)
+    _median_table(
+        f"ckptguard async save + wait, {w.label}: median of {repeats}", runs, calls, "= save() to wait() done"
+    )
+
+
+def _fresh(path: Path, fn: Callable[[Path], object]) -> float:
+    """Time fn(path), then remove path and flush the deletion before the next timed step."""
+    t0 = time.perf_counter()
+    fn(path)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+    return dt
+
+
+def _round_robin(cases: dict[str, Callable[[], object]], repeats: int, before: Callable[[], None]) -> dict:
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    results: dict[str, object] = {}
+    for _rep in range(repeats):
+        for name, fn in cases.items():
+            before()
+            t0 = time.perf_counter()
+            results[name] = fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), min(v), max(v), results[k]) for k, v in samples.items()}
+
+
+def _print_cases(title: str, nbytes: int, measured: dict) -> None:
+    print(f"\n## {title}\n\n| loop | seconds (median, min-max) | GB/s |\n|---|---|---|")
+    for name, (med, lo, hi, _res) in measured.items():
+        print(f"| {name} | {med:.3f} ({lo:.3f}-{hi:.3f}) | {nbytes / med / 1e9:.2f} |")
+    digests = {r for *_, r in measured.values() if isinstance(r, str)}
+    assert len(digests) <= 1, f"prototypes disagree on the hash: {digests}"
+
+
+def profile_prototypes(w: Workload, repeats: int, work: Path) -> None:
+    """The writer and verifier loops as they are vs prototypes, on the same bytes and disk."""
+    import prototypes as pr
+
+    path = work / "proto.bin"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def clean() -> None:
+        shutil.rmtree(work / "raw", ignore_errors=True)
+        path.unlink(missing_ok=True)
+        os.sync()
+
+    writers = {
+        "raw os.write (64 MiB calls) + fsync, no hash: the baseline": lambda: bl.raw_write(w, work / "raw"),
+        "8 MiB write, then hash it, ... + fsync (ckptguard today)": lambda: pr.write_hash_inline(w, path),
+        "hash on a 2nd thread while writing + fsync": lambda: pr.write_hash_parallel(w, path),
+        "same + sync_file_range every 64 MiB": lambda: pr.write_hash_parallel(w, path, early_writeback=True),
+    }
+    _print_cases(f"write loops, {w.payload_bytes / 1e9:.2f} GB", w.payload_bytes, _round_robin(writers, repeats, clean))
+    pr.write_hash_parallel(w, path)
+    readers = {
+        "plain read, 8 MiB readinto, no hash: the baseline": lambda: bl.read_files(work),
+        "readinto, then hash it, ... (ckptguard today)": lambda: pr.read_hash_inline(path),
+        "reader thread + hashing thread (3 buffers)": lambda: pr.read_hash_pipelined(path),
+        "hash through 32 MiB mmap windows (no copy)": lambda: pr.read_hash_mmap(path),
+    }
+    for mode, before in (
+        ("page cache warm", lambda: None),
+        ("file evicted first: a true disk read-back", lambda: pr.drop_file_cache(path)),
+    ):
+        measured = _round_robin(readers, repeats, before)
+        _print_cases(f"verify loops, {mode}", w.payload_bytes, measured)
+    clean()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workload", choices=("lora", "full"), action="append")
+    ap.add_argument("--workdir", type=Path, default=HERE / "results" / "profile-work")
+    args = ap.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    try:
+        for name in args.workload or ["full", "lora"]:
+            w = build(name, args.quick)
+            profile_ckptguard(w, args.repeats, args.workdir)
+            profile_async(w, args.repeats, args.workdir)
+            profile_prototypes(w, args.repeats, args.workdir / "proto")
+            del w
+    finally:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
