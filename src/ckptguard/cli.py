@@ -181,16 +181,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
     found = discovery.discover(run_dir) if run_dir.is_dir() else []
     sizes = [c.bytes for c in found if c.valid]
+    detail = f"{_size(facts.free_bytes)} free, {facts.free_inodes} inodes free"
     if not sizes:
-        check("space", facts.free_bytes > 0, f"{_size(facts.free_bytes)} free, {facts.free_inodes} inodes free")
+        check("space", facts.free_bytes > 0, detail)
         return
     policy, _ = _run_policy(run_dir)
-    need = max(sizes) * ((policy.slots or 1) + 1) - min(sum(sizes), max(sizes) * (policy.slots or 1))
-    check(
-        "space",
-        facts.free_bytes >= need,
-        f"{_size(facts.free_bytes)} free; the next saves need about {_size(max(need, 0))}",
-    )
+    try:
+        preflight.check_space_for_run(run_dir, max(sizes), policy.slots, sum(sizes))
+    except CheckpointError as exc:
+        check("space", False, f"{detail}; {exc.message}")
+        return
+    check("space", True, f"{detail}; enough for the next saves of about {_size(max(sizes))} each")
 
 
 def _doctor_run(run_dir: Path, check: Any) -> None:

@@ -8,12 +8,16 @@ older step, the run's later saves are newer than any step left over from the aba
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptguard.manifest import step_from_name
+from ckptguard.errors import CheckpointNotFoundError
+from ckptguard.manifest import checkpoint_name, step_from_name
 from ckptguard.verify import verify_checkpoint
+
+log = logging.getLogger("ckptguard")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,26 @@ def discover(run_dir: Path) -> list[CheckpointInfo]:
             )
         )
     return sorted(found, key=lambda c: c.step)
+
+
+def restore_candidates(run_dir: Path, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:
+    """What restore should try, in order: the named checkpoint alone, or every valid one, newest first."""
+    if path is not None or step is not None:
+        target = Path(path).absolute() if path is not None else run_dir / checkpoint_name(step or 0)
+        if not target.is_dir():
+            have = [c.step for c in discover(run_dir) if c.valid]
+            raise CheckpointNotFoundError(
+                f"no checkpoint directory at the requested {'path' if path else 'step'} "
+                f"(valid steps here: {have or 'none'})",
+                path=target,
+                step=step,
+            )
+        return [str(target)]
+    found = discover(run_dir)
+    for c in found:
+        if not c.valid:
+            log.warning("ignoring invalid checkpoint %s: %s", c.path, c.reason)
+    return [str(c.path) for c in newest_first(found)]
 
 
 def newest_first(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:

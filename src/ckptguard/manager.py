@@ -24,7 +24,6 @@ from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
 from ckptguard.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     VerificationError,
     WriteError,
@@ -123,7 +122,7 @@ class CheckpointManager:
             found = discovery.discover(self.run_dir)
             self._index = {c.name: c for c in found if c.valid}
             if expected_bytes is not None:
-                self._check_space_for_run(expected_bytes, found)
+                self._check_space_for_run(expected_bytes)
         except CheckpointError as exc:
             self._lock.release()
             self._record_failure("preflight", exc)
@@ -153,17 +152,9 @@ class CheckpointManager:
             self._record_failure("preflight", exc)
             raise
 
-    def _check_space_for_run(self, per_checkpoint: int, found: list[CheckpointInfo]) -> None:
-        """Room for every checkpoint retention will hold plus the one being written.
-
-        Checkpoints already on disk occupy their share, so only the remainder must be free.
-        """
-        slots = self.policy.slots or 1
-        existing = sum(c.bytes for c in found if c.valid)
-        need = per_checkpoint * (slots + 1) - min(existing, per_checkpoint * slots)
-        preflight.check_space(
-            self.run_dir, need, 16 * (slots + 1), what=f"{slots} retained checkpoint(s) plus one in flight"
-        )
+    def _check_space_for_run(self, per_checkpoint: int) -> None:
+        existing = sum(c.bytes for c in self._index.values())
+        preflight.check_space_for_run(self.run_dir, per_checkpoint, self.policy.slots, existing)
 
     # ---- save ------------------------------------------------------------------------------------
 
@@ -277,7 +268,7 @@ class CheckpointManager:
             return local_error, ""
         try:
             if not self._space_known:  # no size hint at construction: the first save measures it
-                self._check_space_for_run(snap.nbytes, list(self._index.values()))
+                self._check_space_for_run(snap.nbytes)
                 self._space_known = True
             preflight.check_space(
                 self.run_dir, snap.nbytes, snap.inodes(self._coord.world_size), what=f"the save of step {step}"
@@ -423,7 +414,7 @@ class CheckpointManager:
         """
         self.wait()
         explicit = step is not None or path is not None
-        names = self._coord.on_primary(lambda: self._restore_candidates(step, path))
+        names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
         for candidate in names:
             loaded, error = None, None
             try:
@@ -448,29 +439,7 @@ class CheckpointManager:
             self._protected.add(loaded.path.name)
             self._events.emit("resume", step=loaded.step, path=loaded.path)
             return result
-        if explicit:
-            raise CheckpointNotFoundError(
-                "no valid checkpoint at the requested step or path", path=path or self.run_dir, step=step
-            )
-        return None
-
-    def _restore_candidates(self, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:
-        if path is not None or step is not None:
-            target = Path(path).absolute() if path is not None else self.run_dir / checkpoint_name(step or 0)
-            if not target.is_dir():
-                have = [c.step for c in discovery.discover(self.run_dir) if c.valid]
-                raise CheckpointNotFoundError(
-                    f"no checkpoint directory at the requested {'path' if path else 'step'} "
-                    f"(valid steps here: {have or 'none'})",
-                    path=target,
-                    step=step,
-                )
-            return [str(target)]
-        found = discovery.discover(self.run_dir)
-        for c in found:
-            if not c.valid:
-                log.warning("ignoring invalid checkpoint %s: %s", c.path, c.reason)
-        return [str(c.path) for c in discovery.newest_first(found)]
+        return None  # (a named checkpoint that fails raised above)
 
     def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
         """Delete valid checkpoints retention does not keep; returns them (only lists them if dry_run)."""

@@ -146,6 +146,16 @@ def check_space(run_dir: Path, need_bytes: int, need_inodes: int, *, what: str) 
         )
 
 
+def check_space_for_run(run_dir: Path, per_checkpoint: int, slots: int | None, existing_bytes: int) -> None:
+    """Room for every checkpoint retention will hold (`slots`; None: unbounded, check 1) plus one in flight.
+
+    Checkpoints already on disk occupy their share, so only the remainder must be free.
+    """
+    held = slots or 1
+    need = per_checkpoint * (held + 1) - min(existing_bytes, per_checkpoint * held)
+    check_space(run_dir, need, 16 * (held + 1), what=f"{held} retained checkpoint(s) plus one in flight")
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
