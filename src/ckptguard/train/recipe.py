@@ -367,10 +367,18 @@ def summary(p: Progress, outcome: str, wall: float, mgr: CheckpointManager, cfg:
             f"  eval loss    {evals}",
             f"  checkpoints  {len(p.saves)} written and verified ({cfg.checkpoint.verify}) by this run; "
             f"{len(kept)} valid in {mgr.run_dir}",
-            f"  saving       {p.save_seconds:.2f} s = {share:.1f}% of the training loop's wall time",
+            f"  saving       {p.save_seconds:.2f} s = {share:.1f}% of the training loop's wall time "
+            f"(per save: stall {_per_save(p.saves, 'stall_seconds')}, "
+            f"save to verified {_per_save(p.saves, 'seconds')})",
             f"  adapter      {final.path if final else '-'}",
         ]
     )
+
+
+def _per_save(saves: list[SaveResult], field: str) -> str:
+    """Mean and max of one SaveResult timing; for async saves stall and save-to-verified differ."""
+    values = [getattr(s, field) for s in saves]
+    return f"mean {sum(values) / len(values):.3f} s, max {max(values):.3f} s" if values else "-"
 
 
 def run(cfg: RunConfig, resume: str = "auto") -> int:
