@@ -1,6 +1,7 @@
 """commit.py: the only code that names, renames and removes checkpoint directories."""
 
 import os
+import time
 
 from ckptguard import commit
 
@@ -18,4 +19,8 @@ def test_remove_never_leaves_a_partial_checkpoint_name(tmp_path):
     (ckpt / "state").mkdir(parents=True)
     (ckpt / "state" / "f").write_bytes(b"1")
     commit.remove(ckpt)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")], "gone at once, by rename"
+    deadline = time.monotonic() + 30
+    while os.listdir(tmp_path) and time.monotonic() < deadline:  # the space is freed in the background
+        time.sleep(0.01)
     assert os.listdir(tmp_path) == []

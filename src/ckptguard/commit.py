@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -90,11 +91,16 @@ def read_latest(run_dir: Path) -> str | None:
 
 
 def remove(path: Path) -> None:
-    """Delete a checkpoint directory: rename to ``.trash-*`` (atomic), then remove the files."""
+    """Delete a checkpoint directory: rename to ``.trash-*`` (atomic), then free the space in the background.
+
+    Freeing gigabytes takes most of a second on some filesystems; the rename alone is what makes the
+    checkpoint gone, so the save that triggered retention does not wait for the rest. A trash
+    directory left by an exit is removed at the next start (:func:`clean_leftovers`).
+    """
     trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}")
     os.rename(path, trash)
     fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
 
 
 def quarantine(path: Path, why: str) -> Path:
