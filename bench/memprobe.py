@@ -112,9 +112,8 @@ def _measure(save: Callable[[], object], state_bytes: int) -> dict[str, float | 
 def child(workload_name: str, methods: list[str], quick: bool, repeats: int, work: Path) -> dict[str, Any]:
     """Runs in the probe process: per method, `repeats` saves, each with a fresh manager.
 
-    Returns {method: [MiB figures per save]} or {method: {"error": ..., "pending": bool}}.
+    Returns {method: [MiB figures per save]} or {method: {"error": ...}}.
     """
-    from guard import Pending
     from workloads import build
 
     tiny, w = build(workload_name, quick=True), build(workload_name, quick)
@@ -130,7 +129,7 @@ def child(workload_name: str, methods: list[str], quick: bool, repeats: int, wor
                 del save
                 shutil.rmtree(work / f"run{rep}")
         except Exception as exc:
-            out[method] = {"error": f"{type(exc).__name__}: {exc}", "pending": isinstance(exc, Pending)}
+            out[method] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 

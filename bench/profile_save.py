@@ -1,12 +1,9 @@
-"""Where a blocking ckptguard save spends its time, next to raw write+fsync of the same bytes,
-and prototypes of the faster paths (not used by ckptguard; measured here to size the gain).
+"""Where a ckptguard save spends its time, next to raw write+fsync of the same bytes.
 
     .venv/bin/python bench/profile_save.py [--quick] [--repeats 3] [--workload full|lora]
 
-Part 1 wraps ckptguard's own functions with timers, in this process only (src/ is not changed),
-and prints the median time per phase of a save. Part 2 times, on the same tensors and disk:
-the writer's loop as it is, hashing on a second thread, and that plus early writeback
-(sync_file_range); and the verify re-read as it is, pipelined, and over mmap windows.
+Wraps ckptguard's own functions with timers, in this process only (src/ is not changed), and
+prints the median time per phase of a blocking save, then of an async save + wait.
 """
 
 from __future__ import annotations
@@ -68,32 +65,24 @@ TIMERS = Timers()
 
 
 class _TimedHasher:
-    def __init__(self, real: Any, label: str) -> None:
-        self._real, self._label = real, label
+    """An xxh3-128 whose updates are timed under the save phase running when they happen."""
+
+    def __init__(self) -> None:
+        self._real = xxhash.xxh3_128()
 
     def update(self, data: Any) -> None:
         t0 = time.perf_counter()
         self._real.update(data)
-        TIMERS.add(self._label, time.perf_counter() - t0)
+        TIMERS.add(f"   xxh3 (hash thread) in {TIMERS.phase.split(' (')[0]}", time.perf_counter() - t0)
 
     def hexdigest(self) -> str:
         return self._real.hexdigest()
 
 
 class _HashModule:
-    """Stands in for the `xxhash` module inside one ckptguard module, timing every update."""
+    """Stands in for the `xxhash` module inside ckptguard.hashing (write and verify hash there)."""
 
-    def __init__(self, label: str) -> None:
-        self._label = label
-
-    def xxh3_128(self) -> _TimedHasher:
-        return _TimedHasher(xxhash.xxh3_128(), self._label)
-
-    def xxh3_128_hexdigest(self, data: Any) -> str:
-        t0 = time.perf_counter()
-        out = xxhash.xxh3_128_hexdigest(data)
-        TIMERS.add(self._label, time.perf_counter() - t0)
-        return out
+    xxh3_128 = _TimedHasher
 
 
 def instrument() -> None:
@@ -101,9 +90,9 @@ def instrument() -> None:
     import ckptguard.commit as commit
     import ckptguard.discovery as discovery
     import ckptguard.events as events
+    import ckptguard.hashing as hashing
     import ckptguard.manager as manager
     import ckptguard.snapshot as snapshot
-    import ckptguard.verify as verify
     import ckptguard.writer as writer
 
     t = TIMERS
@@ -118,8 +107,8 @@ def instrument() -> None:
     t.wrap(snapshot.HostBuffers, "copy", "0 async: copy into staging buffers", phase=True)
     t.wrap(discovery, "discover", "   discovery.discover (in 2, 7)")
     t.wrap(writer, "write_all", "   os.write to page cache (in 3)")
-    writer.xxhash = _HashModule("   xxh3 of written bytes (in 3)")
-    verify.xxhash = _HashModule("   xxh3 of re-read bytes (in 5)")
+    t.wrap(writer, "_start_writeback", "   sync_file_range early writeback (in 3)")
+    hashing.xxhash = _HashModule()
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
@@ -200,61 +189,6 @@ def _fresh(path: Path, fn: Callable[[Path], object]) -> float:
     return dt
 
 
-def _round_robin(cases: dict[str, Callable[[], object]], repeats: int, before: Callable[[], None]) -> dict:
-    samples: dict[str, list[float]] = {k: [] for k in cases}
-    results: dict[str, object] = {}
-    for _rep in range(repeats):
-        for name, fn in cases.items():
-            before()
-            t0 = time.perf_counter()
-            results[name] = fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {k: (statistics.median(v), min(v), max(v), results[k]) for k, v in samples.items()}
-
-
-def _print_cases(title: str, nbytes: int, measured: dict) -> None:
-    print(f"\n## {title}\n\n| loop | seconds (median, min-max) | GB/s |\n|---|---|---|")
-    for name, (med, lo, hi, _res) in measured.items():
-        print(f"| {name} | {med:.3f} ({lo:.3f}-{hi:.3f}) | {nbytes / med / 1e9:.2f} |")
-    digests = {r for *_, r in measured.values() if isinstance(r, str)}
-    assert len(digests) <= 1, f"prototypes disagree on the hash: {digests}"
-
-
-def profile_prototypes(w: Workload, repeats: int, work: Path) -> None:
-    """The writer and verifier loops as they are vs prototypes, on the same bytes and disk."""
-    import prototypes as pr
-
-    path = work / "proto.bin"
-    work.mkdir(parents=True, exist_ok=True)
-
-    def clean() -> None:
-        shutil.rmtree(work / "raw", ignore_errors=True)
-        path.unlink(missing_ok=True)
-        os.sync()
-
-    writers = {
-        "raw os.write (64 MiB calls) + fsync, no hash: the baseline": lambda: bl.raw_write(w, work / "raw"),
-        "8 MiB write, then hash it, ... + fsync (ckptguard today)": lambda: pr.write_hash_inline(w, path),
-        "hash on a 2nd thread while writing + fsync": lambda: pr.write_hash_parallel(w, path),
-        "same + sync_file_range every 64 MiB": lambda: pr.write_hash_parallel(w, path, early_writeback=True),
-    }
-    _print_cases(f"write loops, {w.payload_bytes / 1e9:.2f} GB", w.payload_bytes, _round_robin(writers, repeats, clean))
-    pr.write_hash_parallel(w, path)
-    readers = {
-        "plain read, 8 MiB readinto, no hash: the baseline": lambda: bl.read_files(work),
-        "readinto, then hash it, ... (ckptguard today)": lambda: pr.read_hash_inline(path),
-        "reader thread + hashing thread (3 buffers)": lambda: pr.read_hash_pipelined(path),
-        "hash through 32 MiB mmap windows (no copy)": lambda: pr.read_hash_mmap(path),
-    }
-    for mode, before in (
-        ("page cache warm", lambda: None),
-        ("file evicted first: a true disk read-back", lambda: pr.drop_file_cache(path)),
-    ):
-        measured = _round_robin(readers, repeats, before)
-        _print_cases(f"verify loops, {mode}", w.payload_bytes, measured)
-    clean()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -269,7 +203,6 @@ def main() -> None:
             w = build(name, args.quick)
             profile_ckptguard(w, args.repeats, args.workdir)
             profile_async(w, args.repeats, args.workdir)
-            profile_prototypes(w, args.repeats, args.workdir / "proto")
             del w
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)

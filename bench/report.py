@@ -13,7 +13,7 @@ from typing import Any
 class Row:
     """One measured figure: every sample kept, summarised as median and min-max.
 
-    status is "ok", "pending" (the ckptguard feature does not exist yet) or "failed" (it raised).
+    status is "ok", "skipped" (cannot be measured on this machine) or "failed" (it raised).
     """
 
     section: str

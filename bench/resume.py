@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+import ckptguard
 from baselines import drop_page_cache
-from guard import Pending, api
 from report import Results, Row
 
 SECTION = "resume discovery"
@@ -33,10 +33,9 @@ def name_scan(run_dir: Path) -> int:
 
 def make_checkpoints(run_dir: Path, count: int) -> float:
     """`count` real checkpoints of a ~100-byte state; returns the seconds it took."""
-    cg = api()
     state = {"w": torch.nn.Linear(4, 4), "note": "tiny"}
     t0 = time.perf_counter()
-    with cg.CheckpointManager(run_dir, create_parents=True) as mgr:
+    with ckptguard.CheckpointManager(run_dir, create_parents=True) as mgr:
         for step in range(1, count + 1):
             mgr.save(step, state)
     return time.perf_counter() - t0
@@ -44,13 +43,13 @@ def make_checkpoints(run_dir: Path, count: int) -> float:
 
 def _resume_latest(run_dir: Path) -> int:
     """A fresh process's resume: open the manager (preflight + lock), ask for the newest valid."""
-    with api().CheckpointManager(run_dir) as mgr:
+    with ckptguard.CheckpointManager(run_dir) as mgr:
         info = mgr.latest()
     return info.step
 
 
 def _list_all(run_dir: Path) -> int:
-    with api().CheckpointManager(run_dir) as mgr:
+    with ckptguard.CheckpointManager(run_dir) as mgr:
         return len(mgr.list())
 
 
@@ -76,11 +75,11 @@ class Maker:
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> float:
-        """Seconds the child took; raises Pending/RuntimeError if it could not make them."""
+        """Seconds the child took; raises RuntimeError if it could not make them."""
         out, err = self._proc.communicate(timeout=900)
         if self._proc.returncode != 0:
             last = (err.strip().splitlines() or ["no output"])[-1]
-            raise (Pending if "Pending" in err else RuntimeError)(f"making checkpoints failed: {last}")
+            raise RuntimeError(f"making checkpoints failed: {last}")
         return float(out.strip().splitlines()[-1])
 
 
@@ -97,9 +96,8 @@ def resume_section(res: Results, maker: Maker, repeats: int, cold: bool) -> None
     try:
         made = maker.result()
     except Exception as exc:
-        status = "pending" if isinstance(exc, Pending) else "failed"
         for (mode, _), measure in ((m, n) for m in modes for n in names):
-            res.add(Row(SECTION, label, f"{measure} ({mode})", "ms", status=status, note=f"{exc}"))
+            res.add(Row(SECTION, label, f"{measure} ({mode})", "ms", status="failed", note=f"{exc}"))
         return
     for mode, drop in modes:
         rows = {}

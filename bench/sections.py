@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import baselines as bl
-from guard import GuardSaver, Pending, verify_full
+from guard import GuardSaver, verify_full
 from report import Results, Row
 from workloads import Workload
 
@@ -68,9 +68,7 @@ def add_rows(
     """Turn round_robin output into rows; spec[measure] gives unit/baseline/higher_is_better/note."""
     for measure, samples in measured.items():
         row = Row(section=section, workload=w.name, measure=measure, **spec[measure])
-        if isinstance(samples, Pending):
-            row.status, row.note = "pending", str(samples)
-        elif isinstance(samples, Exception):
+        if isinstance(samples, Exception):
             row.status, row.note = "failed", f"{type(samples).__name__}: {samples}"
         else:
             row.samples = samples
@@ -207,7 +205,6 @@ def verify_section(res: Results, w: Workload, repeats: int, work: Path, cold: bo
 
 def verify_unavailable(res: Results, w: Workload, exc: Exception, cold: bool) -> None:
     """Rows for the verify section when no ckptguard checkpoint could be made."""
-    status = "pending" if isinstance(exc, Pending) else "failed"
     for mode in ["warm cache"] + (["cold cache"] if cold else []):
         for measure in (f"plain read ({mode})", f"ckptguard verify full ({mode})"):
-            res.add(Row(VERIFY, w.name, measure, "GB/s", status=status, note=f"{type(exc).__name__}: {exc}"))
+            res.add(Row(VERIFY, w.name, measure, "GB/s", status="failed", note=f"{type(exc).__name__}: {exc}"))
