@@ -107,26 +107,17 @@ class CheckpointManager:
     def _preflight(self, expected_bytes: int | None) -> int:
         start = time.perf_counter()
         try:
-            preflight.prepare_run_dir(self.run_dir, create_parents=self._create_parents)
-            preflight.probe_writable(self.run_dir)
-            self._lock.acquire()
-            removed = commit.clean_leftovers(self.run_dir) + preflight.remove_stale_probes(self.run_dir)
-            if removed:
-                log.warning(
-                    "removed %d unfinished save(s) left by a crash in %s: %s",
-                    len(removed),
-                    self.run_dir,
-                    removed,
-                )
-                self._events.emit("cleanup", removed=removed)
-            found = discovery.discover(self.run_dir)
-            self._index = {c.name: c for c in found if c.valid}
-            if expected_bytes is not None:
-                self._check_space_for_run(expected_bytes)
+            found, removed = preflight.prepare(
+                self.run_dir, self._lock, create_parents=self._create_parents,
+                expected_bytes=expected_bytes, slots=self.policy.slots,
+            )  # fmt: skip
         except CheckpointError as exc:
-            self._lock.release()
             self._record_failure("preflight", exc)
             raise
+        if removed:
+            log.warning("removed %d unfinished save(s) left by a crash in %s: %s", len(removed), self.run_dir, removed)
+            self._events.emit("cleanup", removed=removed)
+        self._index = {c.name: c for c in found if c.valid}
         self._events.emit(
             "preflight",
             seconds=time.perf_counter() - start,

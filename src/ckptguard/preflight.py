@@ -19,8 +19,11 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ckptguard.commit import clean_leftovers
+from ckptguard.discovery import CheckpointInfo, discover
 from ckptguard.durable import fsync_dir, write_all
 from ckptguard.errors import (
+    CheckpointError,
     InsufficientSpaceError,
     LockedError,
     NotWritableError,
@@ -43,6 +46,27 @@ _NETWORK_FS = {
     "fuse.gcsfuse",
     "fuse",
 }
+
+
+def prepare(
+    run_dir: Path, lock: RunLock, *, create_parents: bool, expected_bytes: int | None, slots: int | None
+) -> tuple[list[CheckpointInfo], list[str]]:
+    """Everything that must hold before step 1, in this order; the lock is released again on failure.
+
+    Returns what discovery found and the names of crash leftovers (staging, trash, probes) removed.
+    """
+    prepare_run_dir(run_dir, create_parents=create_parents)
+    probe_writable(run_dir)
+    lock.acquire()
+    try:
+        removed = clean_leftovers(run_dir) + remove_stale_probes(run_dir)
+        found = discover(run_dir)
+        if expected_bytes is not None:
+            check_space_for_run(run_dir, expected_bytes, slots, sum(c.bytes for c in found if c.valid))
+    except CheckpointError:
+        lock.release()
+        raise
+    return found, removed
 
 
 def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
