@@ -134,7 +134,7 @@ def test_a_read_only_mount_on_one_rank_stops_every_rank_before_step_1(tmp_path: 
     _require_mount_namespaces()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    args = ["-m", "ckptguard.train", *tiny(run_dir, 2, "checkpoint.timeout_s=30")]
+    args = ["-m", "ckptguard.train", *tiny(run_dir, 2, "checkpoint.timeout_s=60")]
     # rank 1 sees the run directory through a read-only bind mount in its private mount namespace
     read_only = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
     rank1 = ["unshare", "--mount", "--propagation", "private", "sh", "-c", read_only, "sh", str(run_dir)]
@@ -156,7 +156,7 @@ def test_disk_filling_up_between_saves_fails_the_next_save_on_every_rank(tmp_pat
     with tmpfs(tmp_path / "disk", size="16m") as disk:
         run_dir = disk / "run"
         args = ["-m", "ckptguard.train", *tiny(run_dir, 2, "train.max_steps=60", "checkpoint.save_every=3",
-                                                "checkpoint.timeout_s=30")]  # fmt: skip
+                                                "checkpoint.timeout_s=60")]  # fmt: skip
         start = time.monotonic()
         procs = _launch([[sys.executable, *args], [sys.executable, *args]])
         for line in procs[0].stdout:  # let the run save once, then fill the disk under it
