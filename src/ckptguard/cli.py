@@ -181,7 +181,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
     found = discovery.discover(run_dir) if run_dir.is_dir() else []
     sizes = [c.bytes for c in found if c.valid]
-    detail = f"{_size(facts.free_bytes)} free, {facts.free_inodes} inodes free"
+    detail = f"{_size(facts.free_bytes)} free of {_size(facts.total_bytes)}, {facts.free_inodes} inodes free"
     if not sizes:
         check("space", facts.free_bytes > 0, detail)
         return

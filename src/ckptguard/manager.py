@@ -407,11 +407,12 @@ class CheckpointManager:
         explicit = step is not None or path is not None
         names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
         for candidate in names:
-            loaded, error = None, None
+            loaded, result, error = None, None, None
             try:
                 loaded = restore.open_checkpoint(Path(candidate), state, rank=self._coord.rank)
+                result = Restored(loaded.step, loaded.path, restore.plain_values(loaded, state), loaded.metrics)
                 if check is not None:  # may refuse (raise) before any large file is read
-                    check(Restored(loaded.step, loaded.path, restore.plain_values(loaded, state), loaded.metrics))
+                    check(result)
                 restore.read_objects(loaded, state, rank=self._coord.rank)
             except CheckpointError as exc:
                 error = exc
@@ -424,8 +425,7 @@ class CheckpointManager:
                 log.warning("skipping %s: %s", candidate, exc)
                 self._events.emit("resume_skip", path=candidate, reason=str(exc))
                 continue
-            assert loaded is not None
-            result = Restored(loaded.step, loaded.path, restore.plain_values(loaded, state), loaded.metrics)
+            assert loaded is not None and result is not None
             restore.apply(loaded, state)
             self._protected.add(loaded.path.name)
             self._events.emit("resume", step=loaded.step, path=loaded.path)
