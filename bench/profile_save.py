@@ -88,6 +88,7 @@ class _HashModule:
 def instrument() -> None:
     """Wrap the save path's steps (phases) and the primitives inside them, once per process."""
     import ckptguard.commit as commit
+
     import ckptguard.discovery as discovery
     import ckptguard.events as events
     import ckptguard.hashing as hashing

@@ -12,8 +12,8 @@ from ckptguard import (
     CheckpointError,
     CheckpointManager,
     CorruptCheckpointError,
-    commit,
     load_lora_adapters,
+    publish,
     save_lora_adapters,
     verify_checkpoint,
     writer,
@@ -38,7 +38,7 @@ def _fresh_base():
 
 def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], config: bytes) -> None:
     """A directory with a consistent manifest, as a buggy saver using the same protocol would leave it."""
-    staging = commit.create_staging(path.parent, path.name)
+    staging = publish.create_staging(path.parent, path.name)
     files = writer.write_files(
         staging,
         [
@@ -46,8 +46,8 @@ def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], config: byte
             FilePlan("adapter_config.json", data=config),
         ],
     )
-    commit.write_manifest(staging, Manifest(step=None, sequence=0, created=time.time(), world_size=1, files=files))
-    commit.finalize(staging, path)
+    manifest = Manifest(step=None, sequence=0, created=time.time(), world_size=1, files=files)
+    publish.publish(staging, path, manifest, level="full")
 
 
 def test_saved_adapter_loads_with_peft_from_pretrained_and_reproduces_outputs(tmp_path):

@@ -5,6 +5,7 @@
 >>> mgr.save(100, {"model": model, "optimizer": opt})                # doctest: +SKIP
 """
 
+from ckptguard.adapter_dir import load_lora_adapters, save_lora_adapters
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.errors import (
     CheckpointError,
@@ -18,8 +19,9 @@ from ckptguard.errors import (
     VerificationError,
     WriteError,
 )
-from ckptguard.lora import load_lora_adapters, save_lora_adapters
-from ckptguard.manager import CheckpointManager, Restored, SaveResult
+from ckptguard.manager import CheckpointManager, SaveResult
+from ckptguard.preemption import PreemptionWatcher
+from ckptguard.restore import Restored
 from ckptguard.rng import RNGState
 from ckptguard.snapshot import estimate_bytes, per_rank
 from ckptguard.verify import VerifyReport, verify_checkpoint
@@ -36,6 +38,7 @@ __all__ = [
     "InsufficientSpaceError",
     "LockedError",
     "NotWritableError",
+    "PreemptionWatcher",
     "PreflightError",
     "RNGState",
     "Restored",

@@ -15,21 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptguard import commit, discovery, preflight, retention
+from ckptguard import discovery, preflight, publish, retention
 from ckptguard.errors import CheckpointError
 from ckptguard.events import read_events
-from ckptguard.manifest import MANIFEST_NAME, step_from_name
+from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, step_from_name
+from ckptguard.units import format_bytes
 from ckptguard.verify import LEVELS, verify_checkpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -59,12 +52,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     found = discovery.discover(run_dir)
     policy, protected = _run_policy(run_dir)
-    keep = retention.plan(
-        [retention.Candidate(c.name, c.step, c.sequence, c.metrics) for c in found if c.valid],
-        policy,
-        protected,
-    )
-    latest = commit.read_latest(run_dir)
+    keep = retention.plan(found, policy, protected)
+    latest = publish.read_latest(run_dir)
     if args.json:
         print(
             json.dumps(
@@ -97,7 +86,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         status = "valid" if c.valid else f"INVALID: {c.reason}"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
         why = ", ".join(keep.get(c.name, [])) if c.valid else "never loaded"
-        rows.append([("* " if c.name == latest else "  ") + c.name, str(c.step), status, _size(c.bytes), metrics, why])
+        rows.append(
+            [("* " if c.name == latest else "  ") + c.name, str(c.step), status, format_bytes(c.bytes), metrics, why]
+        )
     print(_table(rows, ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]))
     print("(* = LATEST)")
     return EXIT_OK
@@ -136,8 +127,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for r in reports:
             if r.ok:
-                rate = r.bytes_read / r.seconds / 2**20 if r.seconds and r.bytes_read else 0
-                print(f"OK       {r.path} ({r.level}, {_size(r.bytes_read)} checked, {rate:.0f} MiB/s)")
+                read = f", {format_bytes(r.bytes_read)} read at {r.bytes_read / r.seconds / 2**20:.0f} MiB/s"
+                print(f"OK       {r.path} ({r.level}{read if r.bytes_read and r.seconds else ''})")
             else:
                 print(f"INVALID  {r.path} ({r.level})")
                 for p in r.problems:
@@ -181,7 +172,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
     found = discovery.discover(run_dir) if run_dir.is_dir() else []
     sizes = [c.bytes for c in found if c.valid]
-    detail = f"{_size(facts.free_bytes)} free of {_size(facts.total_bytes)}, {facts.free_inodes} inodes free"
+    detail = (
+        f"{format_bytes(facts.free_bytes)} free of {format_bytes(facts.total_bytes)}, {facts.free_inodes} inodes free"
+    )
     if not sizes:
         check("space", facts.free_bytes > 0, detail)
         return
@@ -191,7 +184,7 @@ def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -
     except CheckpointError as exc:
         check("space", False, f"{detail}; {exc.message}")
         return
-    check("space", True, f"{detail}; enough for the next saves of about {_size(max(sizes))} each")
+    check("space", True, f"{detail}; enough for the next saves of about {format_bytes(max(sizes))} each")
 
 
 def _doctor_run(run_dir: Path, check: Any) -> None:
@@ -202,7 +195,7 @@ def _doctor_run(run_dir: Path, check: Any) -> None:
         check("lock", True, "no other process holds the run directory")
     except CheckpointError:
         check("lock", True, f"held by a running writer ({lock.holder()}); saves from a second writer would fail")
-    leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith((commit.STAGING_PREFIX, commit.TRASH_PREFIX))]
+    leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX))]
     check(
         "leftovers",
         True,
@@ -216,7 +209,7 @@ def _doctor_run(run_dir: Path, check: Any) -> None:
         f"{len(found) - len(invalid)} valid, {len(invalid)} invalid"
         + "".join(f"; {c.name}: {c.reason}" for c in invalid[:3]),
     )
-    latest = commit.read_latest(run_dir)
+    latest = publish.read_latest(run_dir)
     newest = discovery.newest_first(found)
     consistent = newest[0].name == latest if newest else True
     check(
@@ -243,12 +236,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         found = discovery.discover(run_dir)
         _, protected = _run_policy(run_dir)
-        keep = retention.plan(
-            [retention.Candidate(c.name, c.step, c.sequence, c.metrics) for c in found if c.valid],
-            retention.RetentionPolicy(**policy_args),
-            protected,
-        )
-        doomed = [c for c in found if c.valid and not keep[c.name]]
+        doomed = retention.doomed(found, retention.RetentionPolicy(**policy_args), protected)
     else:
         with CheckpointManager(run_dir, **policy_args) as mgr:
             doomed = mgr.prune()
@@ -257,7 +245,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         verb = "would remove" if args.dry_run else "removed"
         for c in doomed:
-            print(f"{verb} {c.name} ({_size(c.bytes)})")
+            print(f"{verb} {c.name} ({format_bytes(c.bytes)})")
         print(f"{verb} {len(doomed)} checkpoint(s)")
     return EXIT_OK
 

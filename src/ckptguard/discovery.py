@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.manifest import checkpoint_name, step_from_name
+from ckptguard.layout import checkpoint_name, step_from_name
 from ckptguard.verify import verify_checkpoint
 
 log = logging.getLogger("ckptguard")

@@ -1,43 +1,79 @@
-"""PEFT LoRA adapters in PEFT's own layout, written through the commit protocol and deep-verified.
+"""Everything PEFT-specific: which model is a PEFT model, what its adapter holds, and whether an adapter
+on disk fits it.
 
-``save_lora_adapters`` replaces ``model.save_pretrained(dir)`` in a training script: same files
-(``adapter_model.safetensors`` + ``adapter_config.json``, loadable by ``PeftModel.from_pretrained``),
-plus a MANIFEST.json, written to a staging directory and renamed into place only when complete,
-then re-read and compared tensor by tensor with the live model. An empty adapter or one whose keys
-carry a wrapper prefix fails loudly instead of producing a checkpoint that loads as a no-op.
+An adapter is stored in PEFT's own layout (``adapter_model.safetensors`` + ``adapter_config.json`` at
+the checkpoint root) so ``PeftModel.from_pretrained(base, checkpoint_dir)`` works on a ckptguard
+checkpoint. The checks here catch the adapters that load as a silent no-op: an empty one, one whose
+keys carry a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix, one of another rank or with
+other targets. peft is imported only where a PEFT model is actually in hand.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptguard import commit, snapshot, writer
-from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
-from ckptguard.manifest import Manifest, ManifestError, library_versions, read_manifest
-from ckptguard.verify import read_verified, verify_checkpoint
+from ckptguard.errors import CheckpointError
+from ckptguard.tensorfile import parse_tensors
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _active_adapter(model: Any) -> str:
+def unwrap_model(obj: Any) -> Any:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers to reach the real model."""
+    while True:
+        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+            obj = obj.module
+        elif hasattr(obj, "_orig_mod") and isinstance(obj, torch.nn.Module):
+            obj = obj._orig_mod
+        else:
+            return obj
+
+
+def is_peft_model(obj: Any) -> bool:
+    """True for a PEFT model (also wrapped), without importing peft when the caller never did."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(unwrap_model(obj), peft.PeftModel)
+
+
+def active_adapter(model: Any) -> str:
+    """The name of the adapter that is saved and loaded (PEFT allows several; one is active)."""
+    model = unwrap_model(model)
     active = model.active_adapter
     return active if isinstance(active, str) else model.active_adapters[0]
 
 
+def adapter_state(model: Any) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The active adapter's tensors (PEFT's key names) and its adapter_config.json bytes."""
+    from peft import get_peft_model_state_dict
+
+    model = unwrap_model(model)
+    name = active_adapter(model)
+    weights = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    if not weights:
+        raise ValueError(
+            "the PEFT model's adapter is empty (no trainable adapter tensors); check target_modules "
+            "matches the model's layer names"
+        )
+    config = model.peft_config[name].to_dict()
+    config["inference_mode"] = True  # PEFT's own save_pretrained does the same
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return weights, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def expected_adapter_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """The keys (and shapes) PEFT expects in adapter_model.safetensors for the live model's adapter."""
-    model = snapshot.unwrap_model(model)
-    adapter = _active_adapter(model)
+    model = unwrap_model(model)
+    name = active_adapter(model)
     return {
-        name.replace(f".{adapter}", ""): tuple(param.shape)
-        for name, param in model.named_parameters()
-        if "lora_" in name and f".{adapter}" in name
+        param_name.replace(f".{name}", ""): tuple(param.shape)
+        for param_name, param in model.named_parameters()
+        if "lora_" in param_name and f".{name}" in param_name
     }
 
 
@@ -45,7 +81,7 @@ def adapter_key_problems(shapes: Mapping[str, tuple[int, ...]], model: Any) -> l
     """Why an adapter with these tensor names/shapes would not load into `model` as a real adapter."""
     if not shapes:
         return ["the adapter is empty (0 tensors): training would resume from an untrained adapter"]
-    prefixed = sorted(k for k in shapes if k.startswith(_WRAPPER_PREFIXES) or "._orig_mod." in k)
+    prefixed = sorted(k for k in shapes if k.startswith(WRAPPER_PREFIXES) or "._orig_mod." in k)
     if prefixed:
         return [
             f"{len(prefixed)} tensor names carry a wrapper prefix (e.g. {prefixed[0]!r}) from DDP "
@@ -69,64 +105,9 @@ def adapter_key_problems(shapes: Mapping[str, tuple[int, ...]], model: Any) -> l
     return problems
 
 
-def save_lora_adapters(model: Any, output_dir: str | os.PathLike[str]) -> Path:
-    """Write the active adapter of a PEFT model to `output_dir` in PEFT layout; durable and verified.
-
-    >>> save_lora_adapters(peft_model, "out/adapter")   # doctest: +SKIP
-    >>> PeftModel.from_pretrained(base, "out/adapter")  # doctest: +SKIP
-
-    An existing `output_dir` is renamed aside, never overwritten in place.
-    Raises WriteError (disk full, permission...) or VerificationError; never leaves a partial directory.
-    """
-    out = Path(output_dir).absolute()
-    plans = snapshot.peft_files(snapshot.unwrap_model(model))
-    staging = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = commit.create_staging(out.parent, out.name)
-        files = writer.write_files(staging, plans)
-        manifest = Manifest(
-            step=None, sequence=0, created=time.time(), world_size=1, files=files, versions=library_versions()
-        )
-        commit.write_manifest(staging, manifest)
-        commit.finalize(staging, out)
-    except OSError as exc:
-        if staging is not None:
-            commit.discard_staging(staging)
-        raise from_os_error(WriteError, "could not write the LoRA adapter", exc, path=out) from exc
-    expected = {p.relpath: p.tensors for p in plans if p.tensors is not None}
-    report = verify_checkpoint(out, "deep", expected=expected, model=model)
-    if not report.ok:
-        raise VerificationError(f"adapter written to {out} does not verify: {report.reason}", path=out)
-    return out
-
-
-def load_lora_adapters(model: Any, path: str | os.PathLike[str]) -> None:
-    """Load a verified adapter (written by :func:`save_lora_adapters` or a manager) into `model`.
-
-    Every byte is checked against the manifest and the tensor names against the model before
-    anything is loaded; a mismatch raises CorruptCheckpointError and leaves the model unchanged.
-    """
-    root = Path(path)
-    try:
-        manifest = read_manifest(root)
-        entry = manifest.files.get(snapshot.ADAPTER_WEIGHTS)
-        if entry is None:
-            raise ManifestError(f"{snapshot.ADAPTER_WEIGHTS} is not in the manifest")
-        data = read_verified(root / snapshot.ADAPTER_WEIGHTS, entry)
-    except (ManifestError, OSError) as exc:
-        raise CorruptCheckpointError(f"cannot load the adapter: {exc}", path=root) from exc
-    apply_adapter(model, checked_adapter_tensors(model, data, root))
-
-
-def checked_adapter_tensors(model: Any, data: bytes, where: Path) -> dict[str, torch.Tensor]:
+def checked_adapter_tensors(model: Any, data: bytes, relpath: str, where: Path) -> dict[str, torch.Tensor]:
     """Parse verified adapter bytes and check their names and shapes against `model`."""
-    from safetensors.torch import load as load_safetensors
-
-    try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # the safetensors library's own header validation
-        raise CorruptCheckpointError(f"adapter is not a valid safetensors file ({exc})", path=where) from exc
+    tensors = parse_tensors(data, relpath, where=where)
     problems = adapter_key_problems({k: tuple(v.shape) for k, v in tensors.items()}, model)
     if problems:
         # not CorruptCheckpointError: every checkpoint of the run would "fail" alike, and resume must
@@ -143,9 +124,6 @@ def apply_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Load checked adapter tensors into the model's active adapter."""
     from peft import set_peft_model_state_dict
 
-    target = snapshot.unwrap_model(model)
+    target = unwrap_model(model)
     with torch.no_grad():
-        set_peft_model_state_dict(target, tensors, adapter_name=_active_adapter(target))
-
-
-__all__ = ["load_lora_adapters", "save_lora_adapters"]
+        set_peft_model_state_dict(target, tensors, adapter_name=active_adapter(target))

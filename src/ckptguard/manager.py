@@ -1,37 +1,31 @@
 """CheckpointManager: preflight, then snapshot -> write -> commit -> verify -> LATEST -> retain per save.
 
-It composes the single-purpose modules and adds the two things none of them can own alone:
-agreement between ranks (every phase of a save ends in one collective, so every rank raises the
-same error or none does), and the async path (snapshot into reused host buffers, return, persist on
-one background thread; its error is logged at once and raised at the next save/wait/close).
+It composes the single-purpose modules and adds what none of them can own alone: agreement between
+ranks (every phase of a save ends in one collective, so every rank raises the same error or none
+does), and the async path (snapshot into reused host buffers, return, persist in the background via
+:mod:`ckptguard.background`; its error is logged at once and raised at the next save/wait/close).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ckptguard import commit, discovery, preflight, restore, retention, snapshot, writer
+from ckptguard import discovery, preflight, publish, retention, snapshot, writer
+from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
-from ckptguard.errors import (
-    CheckpointError,
-    CorruptCheckpointError,
-    VerificationError,
-    WriteError,
-    from_os_error,
-)
+from ckptguard.errors import CheckpointError, WriteError, from_os_error
 from ckptguard.events import EventLog
-from ckptguard.manifest import Manifest, checkpoint_name, library_versions
-from ckptguard.verify import LEVELS, verify_checkpoint
+from ckptguard.layout import checkpoint_name
+from ckptguard.manifest import Manifest, library_versions
+from ckptguard.restore import Restored, restore_into
+from ckptguard.verify import check_level
 
 log = logging.getLogger("ckptguard")
 
@@ -45,16 +39,6 @@ class SaveResult:
     bytes: int
     seconds: float
     stall_seconds: float
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What restore loaded: the step, from where, the plain values of the state, the saved metrics."""
-
-    step: int
-    path: Path
-    values: dict[str, Any]
-    metrics: dict[str, float]
 
 
 class CheckpointManager:
@@ -80,10 +64,8 @@ class CheckpointManager:
         create_parents: bool = False,
         timeout_s: float = 600.0,
     ) -> None:
-        if verify not in LEVELS:
-            raise ValueError(f"verify={verify!r} is not one of {', '.join(LEVELS)}")
         self.policy = retention.RetentionPolicy(keep_last, keep_best, metric, mode, keep_every)
-        self.verify_level = verify
+        self.verify_level = check_level(verify)
         self.async_save = async_save
         self.run_dir = Path(run_dir).absolute()
         self.results: list[SaveResult] = []
@@ -94,13 +76,16 @@ class CheckpointManager:
         self._protected: set[str] = set()
         self._index: dict[str, CheckpointInfo] = {}  # valid checkpoints by name (rank 0)
         self._buffers = snapshot.HostBuffers()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future[SaveResult] | None = None
+        self._background: BackgroundSaves[SaveResult] = BackgroundSaves()
         self._space_known = expected_bytes is not None
         self._sequence = self._coord.on_primary(lambda: self._preflight(expected_bytes))
-        self._probe_every_rank()
+        try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N
+            preflight.probe_every_rank(self.run_dir, self._coord)
+        except CheckpointError as exc:
+            self._lock.release()
+            self._record_failure("preflight", exc)
+            raise
         self._closed = False
-        atexit.register(_close_at_exit, weakref.ref(self))
 
     # ---- preflight -------------------------------------------------------------------------------
 
@@ -126,27 +111,6 @@ class CheckpointManager:
         )
         return max((c.sequence for c in found), default=0)
 
-    def _probe_every_rank(self) -> None:
-        """Each rank writes its own files: a node whose mount is read-only must fail now, not at step N."""
-        if self._coord.world_size == 1:
-            return
-        error = None
-        if not self._coord.is_primary:
-            try:
-                preflight.probe_writable(self.run_dir)
-            except CheckpointError as exc:
-                error = exc
-        try:
-            self._coord.agree(error, None)
-        except CheckpointError as exc:
-            self._lock.release()
-            self._record_failure("preflight", exc)
-            raise
-
-    def _check_space_for_run(self, per_checkpoint: int) -> None:
-        existing = sum(c.bytes for c in self._index.values())
-        preflight.check_space_for_run(self.run_dir, per_checkpoint, self.policy.slots, existing)
-
     # ---- save ------------------------------------------------------------------------------------
 
     def save(
@@ -163,8 +127,7 @@ class CheckpointManager:
         waits for one still in flight and raises that one's error, if any.
         """
         start = time.perf_counter()
-        if self._closed:
-            raise RuntimeError("save() on a closed CheckpointManager")
+        self._check_usable("save()")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
@@ -185,23 +148,14 @@ class CheckpointManager:
             return self._persist(step, snap, metrics, start, None, None)
         event = self._buffers.copy(snap)
         stall = time.perf_counter() - start
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-save")
-        self._pending = self._executor.submit(self._persist_async, step, snap, metrics, start, stall, event)
-        return None
 
-    def _persist_async(
-        self,
-        step: int,
-        snap: snapshot.Snapshot,
-        metrics: dict[str, float],
-        start: float,
-        stall: float,
-        event: Any,
-    ) -> SaveResult:
-        if event is not None:
-            event.synchronize()  # the device-to-host copies must land before the bytes are read
-        return self._persist(step, snap, metrics, start, stall, None)
+        def persist() -> SaveResult:
+            if event is not None:
+                event.synchronize()  # the device-to-host copies must land before the bytes are read
+            return self._persist(step, snap, metrics, start, stall, None)
+
+        self._background.submit(persist)
+        return None
 
     def _persist(
         self,
@@ -233,7 +187,7 @@ class CheckpointManager:
             path = self._coord.on_primary(lambda: self._commit(step, staging, merged, metrics, snap), step=step)
         except CheckpointError as exc:
             if self._coord.is_primary and staging is not None and staging.exists():
-                commit.discard_staging(staging)
+                publish.discard_staging(staging)
             self._record_failure("save_failed", exc, step=step)
             raise
         seconds = time.perf_counter() - start
@@ -258,13 +212,13 @@ class CheckpointManager:
         if local_error is not None or not self._coord.is_primary:
             return local_error, ""
         try:
-            if not self._space_known:  # no size hint at construction: the first save measures it
-                self._check_space_for_run(snap.nbytes)
-                self._space_known = True
-            preflight.check_space(
-                self.run_dir, snap.nbytes, snap.inodes(self._coord.world_size), what=f"the save of step {step}"
+            # no size hint at construction: the first save measures it and checks the whole window
+            window = None if self._space_known else (self.policy.slots, sum(c.bytes for c in self._index.values()))
+            preflight.check_space_for_save(
+                self.run_dir, snap.nbytes, snap.inodes(self._coord.world_size), step=step, run_window=window
             )
-            return None, commit.create_staging(self.run_dir, checkpoint_name(step)).name
+            self._space_known = True
+            return None, publish.create_staging(self.run_dir, checkpoint_name(step)).name
         except CheckpointError as exc:
             exc.step = step
             return exc, ""
@@ -289,49 +243,12 @@ class CheckpointManager:
             metrics=metrics,
             versions=library_versions(),
         )
-        try:
-            path, superseded = commit.commit_checkpoint(staging, self.run_dir, manifest)
-        except OSError as exc:
-            raise from_os_error(WriteError, "could not commit the checkpoint", exc, step=step) from exc
-        if superseded is not None:
-            self._events.emit("superseded", step=step, path=path, moved_to=superseded)
         deep = self.verify_level == "deep"
-        report = verify_checkpoint(
-            path,
-            self.verify_level,
-            expected=snap.tensor_files() if deep else None,
-            model=snap.peft_model if deep else None,
-        )
-        self._events.emit(
-            "verify",
-            step=step,
-            path=path,
-            level=self.verify_level,
-            ok=report.ok,
-            bytes=report.bytes_read,
-            seconds=report.seconds,
-            problems=[str(p) for p in report.problems],
-        )
-        if not report.ok:
-            moved = commit.quarantine(path, "corrupt")
-            raise VerificationError(
-                f"checkpoint failed {self.verify_level} verification right after writing ({report.reason}); "
-                f"moved aside to {moved.name}",
-                path=path,
-                step=step,
-            )
-        try:
-            commit.write_latest(self.run_dir, path.name)
-        except OSError as exc:
-            # a save reported as failed must not be resumed from: move the new checkpoint aside
-            moved = commit.quarantine(path, "unfinished")
-            raise from_os_error(
-                WriteError,
-                f"could not update LATEST; the new checkpoint was moved aside to {moved.name}",
-                exc,
-                path=self.run_dir,
-                step=step,
-            ) from exc
+        path = publish.publish(
+            staging, self.run_dir / checkpoint_name(step), manifest, level=self.verify_level,
+            expected=snap.tensor_files() if deep else None, model=snap.peft_model if deep else None,
+            latest=True, events=self._events,
+        ).path  # fmt: skip
         self._index[path.name] = CheckpointInfo(
             name=path.name, path=path, step=step, valid=True, bytes=manifest.total_bytes,
             sequence=manifest.sequence, created=manifest.created, metrics=dict(metrics),
@@ -343,20 +260,40 @@ class CheckpointManager:
 
     def wait(self) -> SaveResult | None:
         """Block until a background save finishes; raise its error (once) if it failed."""
-        pending, self._pending = self._pending, None
-        return pending.result() if pending is not None else None
+        return self._background.wait()
 
     def close(self) -> None:
-        """Wait for a background save (raising its error), release the lock. Idempotent."""
+        """Wait for a background save (raising its error), release the lock. Idempotent.
+
+        In a forked child this only forgets the manager: the save in flight, the thread and the lock
+        belong to the parent (releasing the inherited flock would release the parent's lock too).
+        """
         if self._closed:
+            return
+        if self._background.inherited:
+            self._closed = True
             return
         try:
             self.wait()
         finally:
             self._closed = True
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            self._background.shutdown()
             self._lock.release()
+
+    def _check_usable(self, what: str) -> None:
+        """Only the process that made a manager, and only before close(), may change the run directory."""
+        if self._background.inherited:
+            raise CheckpointError(
+                f"{what} on a CheckpointManager inherited through fork: it belongs to process {self._background.pid}",
+                path=self.run_dir,
+                remedy="Create a new CheckpointManager in the child for a run directory of its own.",
+            )
+        if self._closed:
+            raise CheckpointError(
+                f"{what} on a closed CheckpointManager: it no longer holds the run directory lock",
+                path=self.run_dir,
+                remedy="Create a new CheckpointManager to save, restore or prune again.",
+            )
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -380,8 +317,8 @@ class CheckpointManager:
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint directory with validity, reason, and why retention keeps it."""
         found = discovery.discover(self.run_dir)
-        keep = retention.plan(_candidates(found), self.policy, frozenset(self._protected))
-        return [_with_reasons(c, keep.get(c.name, [])) for c in found]
+        keep = retention.plan(found, self.policy, frozenset(self._protected))
+        return [replace(c, keep_reasons=tuple(keep.get(c.name, []))) for c in found]
 
     def latest(self) -> CheckpointInfo | None:
         """The most recently saved valid checkpoint (by save sequence), or None."""
@@ -403,49 +340,35 @@ class CheckpointManager:
         metrics) before anything is loaded, and may raise to refuse it (a config that does not
         match, say); the caller's objects change only on success.
         """
+        self._check_usable("restore()")
         self.wait()
-        explicit = step is not None or path is not None
         names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
-        for candidate in names:
-            loaded, result, error = None, None, None
-            try:
-                loaded = restore.open_checkpoint(Path(candidate), state, rank=self._coord.rank)
-                result = Restored(loaded.step, loaded.path, restore.plain_values(loaded, state), loaded.metrics)
-                if check is not None:  # may refuse (raise) before any large file is read
-                    check(result)
-                restore.read_objects(loaded, state, rank=self._coord.rank)
-            except CheckpointError as exc:
-                error = exc
-            try:
-                self._coord.agree(error, None)
-            except CheckpointError as exc:
-                if explicit or not isinstance(exc, CorruptCheckpointError):
-                    self._record_failure("resume_failed", exc)
-                    raise
-                log.warning("skipping %s: %s", candidate, exc)
-                self._events.emit("resume_skip", path=candidate, reason=str(exc))
-                continue
-            assert loaded is not None and result is not None
-            restore.apply(loaded, state)
-            self._protected.add(loaded.path.name)
-            self._events.emit("resume", step=loaded.step, path=loaded.path)
-            return result
-        return None  # (a named checkpoint that fails raised above)
+        try:
+            result = restore_into(
+                state, names, coord=self._coord, events=self._events,
+                explicit=step is not None or path is not None, check=check,
+            )  # fmt: skip
+        except CheckpointError as exc:
+            self._record_failure("resume_failed", exc)
+            raise
+        if result is not None:
+            self._protected.add(result.path.name)
+        return result
 
     def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
         """Delete valid checkpoints retention does not keep; returns them (only lists them if dry_run)."""
+        self._check_usable("prune()")
         self.wait()
         found = discovery.discover(self.run_dir)
         self._index = {c.name: c for c in found if c.valid}
         return self._prune_now(found, dry_run=dry_run)
 
     def _prune_now(self, found: list[CheckpointInfo], *, dry_run: bool = False) -> list[CheckpointInfo]:
-        keep = retention.plan(_candidates(found), self.policy, frozenset(self._protected))
-        doomed = [c for c in found if c.valid and not keep.get(c.name)]
+        doomed = retention.doomed(found, self.policy, frozenset(self._protected))
         if dry_run or not self._coord.is_primary:
             return doomed
         for c in doomed:
-            commit.remove(c.path)
+            publish.remove(c.path)
             self._index.pop(c.name, None)
             self._events.emit("prune", step=c.step, path=c.path, bytes=c.bytes)
         return doomed
@@ -462,22 +385,3 @@ class CheckpointManager:
         except OSError as exc:
             log.warning("could not prune old checkpoints in %s: %s", self.run_dir, exc)
             self._events.emit("prune_failed", message=str(exc))
-
-
-def _candidates(found: list[CheckpointInfo]) -> list[retention.Candidate]:
-    return [retention.Candidate(c.name, c.step, c.sequence, c.metrics) for c in found if c.valid]
-
-
-def _with_reasons(info: CheckpointInfo, reasons: list[str]) -> CheckpointInfo:
-    return replace(info, keep_reasons=tuple(reasons))
-
-
-def _close_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
-    """At interpreter exit, a background save still finishes and its error is logged, never lost."""
-    mgr = ref()
-    if mgr is None or mgr._closed:
-        return
-    try:
-        mgr.close()
-    except CheckpointError as exc:
-        log.error("a background save failed and was never waited for: %s", exc)

@@ -17,12 +17,12 @@ from typing import Any
 
 import xxhash
 
-MANIFEST_NAME = "MANIFEST.json"
+from ckptguard.layout import MANIFEST_NAME, step_from_name
+
 FORMAT = "ckptguard-checkpoint"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class ManifestError(ValueError):
@@ -184,16 +184,6 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     if named is not None and manifest.step != named:
         raise ManifestError(f"manifest says step {manifest.step} but the directory is named for step {named}")
     return manifest
-
-
-def step_from_name(name: str) -> int | None:
-    """The step in `checkpoint-{step}`, or None for any other name (staging, superseded, foreign)."""
-    match = _CHECKPOINT_NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step}"
 
 
 def library_versions() -> dict[str, str]:

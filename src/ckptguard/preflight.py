@@ -19,9 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ckptguard.commit import clean_leftovers
 from ckptguard.discovery import CheckpointInfo, discover
-from ckptguard.durable import fsync_dir, write_all
+from ckptguard.dist import Coordinator
 from ckptguard.errors import (
     CheckpointError,
     InsufficientSpaceError,
@@ -29,10 +28,11 @@ from ckptguard.errors import (
     NotWritableError,
     from_os_error,
 )
+from ckptguard.layout import LOCK_NAME, OWNER_NAME, PROBE_PREFIX
+from ckptguard.publish import clean_leftovers
+from ckptguard.storage.durable import fsync_dir, write_all
+from ckptguard.units import format_bytes
 
-LOCK_NAME = ".ckptguard.lock"
-OWNER_NAME = ".ckptguard.lock.owner"
-PROBE_PREFIX = ".ckptguard-probe-"
 _VOLATILE_FS = {"tmpfs", "ramfs"}
 _NETWORK_FS = {
     "nfs",
@@ -127,6 +127,19 @@ def probe_writable(run_dir: Path) -> None:
         raise from_os_error(NotWritableError, "cannot write files in the run directory", exc, path=run_dir) from exc
 
 
+def probe_every_rank(run_dir: Path, coord: Coordinator) -> None:
+    """The write probe on every rank but the first (which probed in :func:`prepare`); all raise alike."""
+    if coord.world_size == 1:
+        return
+    error = None
+    if not coord.is_primary:
+        try:
+            probe_writable(run_dir)
+        except CheckpointError as exc:
+            error = exc
+    coord.agree(error, None)
+
+
 def remove_stale_probes(run_dir: Path) -> list[str]:
     """Remove probe directories left by processes of this host that died mid-probe (a kill at startup)."""
     stale = []
@@ -157,7 +170,7 @@ def check_space(run_dir: Path, need_bytes: int, need_inodes: int, *, what: str) 
     free = st.f_bavail * st.f_frsize
     if free < need_bytes:
         raise InsufficientSpaceError(
-            f"{_gib(free)} free but {what} needs {_gib(need_bytes)}",
+            f"{format_bytes(free)} free but {what} needs {format_bytes(need_bytes)}",
             path=run_dir,
             errno=errno.ENOSPC,
         )
@@ -180,8 +193,15 @@ def check_space_for_run(run_dir: Path, per_checkpoint: int, slots: int | None, e
     check_space(run_dir, need, 16 * (held + 1), what=f"{held} retained checkpoint(s) plus one in flight")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def check_space_for_save(
+    run_dir: Path, nbytes: int, inodes: int, *, step: int, run_window: tuple[int | None, int] | None = None
+) -> None:
+    """Room for the save of `step`; with `run_window` = (retention slots, bytes already held), also room
+    for every checkpoint retention will hold (a run without a size hint learns its size at the first save).
+    """
+    if run_window is not None:
+        check_space_for_run(run_dir, nbytes, *run_window)
+    check_space(run_dir, nbytes, inodes, what=f"the save of step {step}")
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,47 @@
 """Checkpoint -> state objects, in two phases so a damaged checkpoint never half-loads.
 
-Phase 1 (:func:`read_checkpoint`) reads every file this rank needs once, checks its size and
-xxh3-128 against the manifest, parses it (safetensors, strict JSON) and decodes the trees; nothing of
-the caller's is touched. Phase 2 (:func:`apply`) calls ``load_state_dict`` on each object. Any
-problem in phase 1 is a CorruptCheckpointError naming the file, and resume moves on to the previous
-checkpoint with the caller's objects unchanged. Nothing is unpickled.
+Phase 1 (:func:`open_checkpoint`, then :func:`read_objects`) reads every file this rank needs once,
+checks its size and xxh3-128 against the manifest, parses it (safetensors, strict JSON) and decodes
+the trees; nothing of the caller's is touched. Phase 2 (:func:`apply`) calls ``load_state_dict`` on
+each object. Any problem in phase 1 is a CorruptCheckpointError naming the file, and resume moves on
+to the previous checkpoint with the caller's objects unchanged. Nothing is unpickled.
+:func:`restore_into` runs the phases over the candidates discovery names, agreeing between ranks.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 
 from ckptguard import tree
+from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
+from ckptguard.events import EventLog
+from ckptguard.layout import ADAPTER_WEIGHTS, STATE_FILE
 from ckptguard.lora import apply_adapter, checked_adapter_tensors
 from ckptguard.manifest import Manifest, ManifestError
-from ckptguard.snapshot import ADAPTER_WEIGHTS, STATE_FILE, PerRank, check_names, entry_kind
+from ckptguard.snapshot import PerRank, check_names, entry_kind
+from ckptguard.tensorfile import parse_tensors
 from ckptguard.verify import read_verified, verify_checkpoint
+
+log = logging.getLogger("ckptguard")
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What restore loaded: the step, from where, the plain values of the state, the saved metrics."""
+
+    step: int
+    path: Path
+    values: dict[str, Any]
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -38,13 +55,6 @@ class LoadedCheckpoint:
     entries: dict[str, Any] = field(default_factory=dict)  # trainer_state.json's record of each entry
     adapter: dict[str, torch.Tensor] | None = None
     objects: dict[str, Any] = field(default_factory=dict)  # entry name -> decoded state_dict / value
-
-
-def read_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> LoadedCheckpoint:
-    """Phase 1 in full: :func:`open_checkpoint` then :func:`read_objects`."""
-    loaded = open_checkpoint(path, state, rank=rank)
-    read_objects(loaded, state, rank=rank)
-    return loaded
 
 
 def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> LoadedCheckpoint:
@@ -62,12 +72,12 @@ def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
     entries = doc.get("entries") if isinstance(doc, dict) else None
     if not isinstance(entries, dict):
         raise CorruptCheckpointError(f"{STATE_FILE} has no 'entries' object", path=path)
+    if doc.get("step") != manifest.step or manifest.step is None:
+        raise CorruptCheckpointError(
+            f"{STATE_FILE} records step {doc.get('step')!r}, but the manifest says step {manifest.step}", path=path
+        )
     loaded = LoadedCheckpoint(
-        path=path,
-        manifest=manifest,
-        step=int(doc.get("step", manifest.step or 0)),
-        metrics=dict(manifest.metrics),
-        entries=entries,
+        path=path, manifest=manifest, step=manifest.step, metrics=dict(manifest.metrics), entries=entries
     )
     for name, value in state.items():
         record = entries.get(name)
@@ -96,7 +106,8 @@ def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: in
     for name, value in state.items():
         kind = entry_kind(value)
         if kind == "peft":
-            loaded.adapter = checked_adapter_tensors(value, _bytes(path, manifest, ADAPTER_WEIGHTS), path)
+            data = _bytes(path, manifest, ADAPTER_WEIGHTS)
+            loaded.adapter = checked_adapter_tensors(value, data, ADAPTER_WEIGHTS, path)
         elif kind == "stateful":
             loaded.objects[name] = _decode_entry(path, manifest, name, loaded.entries[name], rank)
 
@@ -147,12 +158,7 @@ def _json(path: Path, manifest: Manifest, relpath: str) -> Any:
 
 
 def _tensors(path: Path, manifest: Manifest, relpath: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(_bytes(path, manifest, relpath))
-    except CorruptCheckpointError:
-        raise
-    except Exception as exc:  # the safetensors library's own validation of the header
-        raise CorruptCheckpointError(f"{relpath} is not a valid safetensors file ({exc})", path=path) from exc
+    return parse_tensors(_bytes(path, manifest, relpath), relpath, where=path)
 
 
 def plain_values(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,3 +180,44 @@ def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
             apply_adapter(obj, loaded.adapter or {})
         elif kind == "stateful":
             obj.load_state_dict(loaded.objects[name])
+
+
+def restore_into(
+    state: Mapping[str, Any],
+    candidates: list[str],
+    *,
+    coord: Coordinator,
+    events: EventLog,
+    explicit: bool,
+    check: Callable[[Restored], None] | None,
+) -> Restored | None:
+    """Try `candidates` in order; load the first one every rank can read into `state`.
+
+    A damaged candidate (CorruptCheckpointError on any rank) is skipped with a warning unless it was
+    named explicitly; any other error (a mismatch with the caller's objects, a refusal by `check`)
+    raises on every rank. Nothing of the caller's changes until every rank has read and checked all
+    it needs.
+    """
+    for candidate in candidates:
+        loaded, result, error = None, None, None
+        try:
+            loaded = open_checkpoint(Path(candidate), state, rank=coord.rank)
+            result = Restored(loaded.step, loaded.path, plain_values(loaded, state), loaded.metrics)
+            if check is not None:  # may refuse (raise) before any large file is read
+                check(result)
+            read_objects(loaded, state, rank=coord.rank)
+        except CheckpointError as exc:
+            error = exc
+        try:
+            coord.agree(error, None)
+        except CorruptCheckpointError as exc:
+            if explicit:
+                raise
+            log.warning("skipping %s: %s", candidate, exc)
+            events.emit("resume_skip", path=candidate, reason=str(exc))
+            continue
+        assert loaded is not None and result is not None
+        apply(loaded, state)
+        events.emit("resume", step=loaded.step, path=loaded.path)
+        return result
+    return None  # (a named checkpoint that fails raised above)

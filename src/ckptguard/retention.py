@@ -8,7 +8,9 @@ are evidence, and ``ckptguard ls`` shows why they are invalid.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,24 @@ class RetentionPolicy:
         return self.keep_last + self.keep_best
 
 
+class Checkpoint(Protocol):
+    """What retention needs to know of a checkpoint (discovery's CheckpointInfo is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def sequence(self) -> int: ...
+    @property
+    def metrics(self) -> dict[str, float]: ...
+    @property
+    def valid(self) -> bool: ...
+
+
+C = TypeVar("C", bound=Checkpoint)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A valid checkpoint as retention sees it. `sequence` orders saves in the order they happened."""
@@ -49,12 +69,17 @@ class Candidate:
     step: int
     sequence: int
     metrics: dict[str, float]
+    valid: bool = True
 
 
 def plan(
-    candidates: list[Candidate], policy: RetentionPolicy, protected: frozenset[str] = frozenset()
+    checkpoints: Sequence[Checkpoint], policy: RetentionPolicy, protected: frozenset[str] = frozenset()
 ) -> dict[str, list[str]]:
-    """Map every candidate's name to its reasons to be kept; an empty list means delete it."""
+    """Map every valid checkpoint's name to its reasons to be kept; an empty list means delete it.
+
+    Invalid ones are not in the map: they are evidence, never deleted by a policy.
+    """
+    candidates = [c for c in checkpoints if c.valid]
     reasons: dict[str, list[str]] = {c.name: [] for c in candidates}
     newest_first = sorted(candidates, key=lambda c: (c.sequence, c.step), reverse=True)
     if newest_first:
@@ -72,7 +97,13 @@ def plan(
     return reasons
 
 
-def _best(candidates: list[Candidate], policy: RetentionPolicy) -> list[Candidate]:
+def doomed(checkpoints: Sequence[C], policy: RetentionPolicy, protected: frozenset[str] = frozenset()) -> list[C]:
+    """The valid checkpoints `policy` does not keep, in the order given."""
+    keep = plan(checkpoints, policy, protected)
+    return [c for c in checkpoints if c.valid and not keep[c.name]]
+
+
+def _best(candidates: Sequence[Checkpoint], policy: RetentionPolicy) -> list[Checkpoint]:
     if not policy.metric:
         return []
     scored = [c for c in candidates if _finite(c.metrics.get(policy.metric))]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -29,10 +28,9 @@ import numpy as np
 import torch
 
 from ckptguard import tree
+from ckptguard.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE
+from ckptguard.lora import adapter_state, is_peft_model, unwrap_model
 
-STATE_FILE = "state/trainer_state.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -81,23 +79,6 @@ class Snapshot:
 
     def tensor_files(self) -> dict[str, dict[str, torch.Tensor]]:
         return {f.relpath: f.tensors for f in self.files if f.tensors is not None}
-
-
-def unwrap_model(obj: Any) -> Any:
-    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers to reach the real model."""
-    while True:
-        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
-            obj = obj.module
-        elif hasattr(obj, "_orig_mod") and isinstance(obj, torch.nn.Module):
-            obj = obj._orig_mod
-        else:
-            return obj
-
-
-def is_peft_model(obj: Any) -> bool:
-    """True for a PEFT model, without importing peft when the caller never did."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(unwrap_model(obj), peft.PeftModel)
 
 
 def entry_kind(value: Any) -> str:
@@ -169,22 +150,8 @@ def _json_bytes(doc: Any) -> bytes:
 
 def peft_files(model: Any) -> list[FilePlan]:
     """The adapter weights and config of a PEFT model's active adapter, as PEFT lays them out."""
-    from peft import get_peft_model_state_dict
-
-    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
-    weights = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
-    if not weights:
-        raise ValueError(
-            "the PEFT model's adapter is empty (no trainable adapter tensors); check target_modules "
-            "matches the model's layer names"
-        )
-    config = model.peft_config[adapter].to_dict()
-    config["inference_mode"] = True  # PEFT's own save_pretrained does the same
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return [
-        FilePlan(ADAPTER_WEIGHTS, tensors=weights),
-        FilePlan(ADAPTER_CONFIG, data=(json.dumps(config, indent=2, sort_keys=True) + "\n").encode()),
-    ]
+    weights, config = adapter_state(model)
+    return [FilePlan(ADAPTER_WEIGHTS, tensors=weights), FilePlan(ADAPTER_CONFIG, data=config)]
 
 
 def estimate_bytes(state: Mapping[str, Any]) -> int:

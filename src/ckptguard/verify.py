@@ -2,7 +2,8 @@
 
 * ``quick``: the manifest validates; every listed file exists as a regular file of the listed size;
   nothing unlisted is present. Costs a few stats; used for discovery and ``ckptguard ls``.
-* ``full`` (default): quick + every byte re-read and its xxh3-128 compared with the manifest.
+* ``full`` (default): quick + every byte re-read and its xxh3-128 compared with the manifest, and the
+  step in the trainer state agrees with the manifest's (and so with the directory name).
 * ``deep``: full + every tensor file parsed by safetensors and its tensors loaded; given the
   in-memory snapshot, each tensor is compared bit for bit; given a PEFT model, the adapter must hold
   exactly the model's trainable LoRA tensors (an empty adapter, a DDP ``module.`` or a
@@ -25,8 +26,12 @@ from typing import Any
 import torch
 import xxhash
 
+from ckptguard.errors import CorruptCheckpointError
 from ckptguard.hashing import hash_file
-from ckptguard.manifest import MANIFEST_NAME, FileEntry, Manifest, ManifestError, read_manifest
+from ckptguard.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE
+from ckptguard.lora import adapter_key_problems
+from ckptguard.manifest import FileEntry, Manifest, ManifestError, read_manifest
+from ckptguard.tensorfile import parse_tensors
 
 LEVELS = ("quick", "full", "deep")
 
@@ -50,7 +55,7 @@ class VerifyReport:
     level: str
     manifest: Manifest | None = None
     problems: list[Problem] = field(default_factory=list)
-    bytes_read: int = 0
+    bytes_read: int = 0  # bytes actually read from disk (0 for quick, which only stats)
     seconds: float = 0.0
 
     @property
@@ -63,6 +68,21 @@ class VerifyReport:
         return str(self.problems[0]) if self.problems else None
 
 
+def check_level(level: str) -> str:
+    """`level` if it is a verification level; ValueError listing the levels otherwise."""
+    if level not in LEVELS:
+        raise ValueError(f"verification level {level!r} is not one of {', '.join(LEVELS)}")
+    return level
+
+
+def size_mismatch(size: int, entry: FileEntry) -> str:
+    return f"size {size} bytes, manifest says {entry.size} (truncated or appended to)"
+
+
+def hash_mismatch(digest: str, entry: FileEntry) -> str:
+    return f"content hash mismatch: {digest} != manifest {entry.xxh3_128}"
+
+
 def verify_checkpoint(
     path: str | os.PathLike[str],
     level: str = "full",
@@ -71,8 +91,7 @@ def verify_checkpoint(
     model: Any = None,
 ) -> VerifyReport:
     """Check a checkpoint directory at `level`; never raises for a damaged checkpoint, reports it."""
-    if level not in LEVELS:
-        raise ValueError(f"verification level {level!r} is not one of {', '.join(LEVELS)}")
+    check_level(level)
     start = time.perf_counter()
     report = VerifyReport(path=Path(path), level=level)
     _check_structure(report)
@@ -101,9 +120,7 @@ def _check_structure(report: VerifyReport) -> None:
         if relpath not in present:
             report.problems.append(Problem(relpath, "missing (listed in the manifest)"))
         elif present[relpath] != entry.size:
-            report.problems.append(
-                Problem(relpath, f"size {present[relpath]} bytes, manifest says {entry.size} (truncated?)")
-            )
+            report.problems.append(Problem(relpath, size_mismatch(present[relpath], entry)))
 
 
 def _walk(root: Path, report: VerifyReport) -> dict[str, int]:
@@ -131,51 +148,61 @@ def read_verified(path: Path, entry: FileEntry) -> bytes:
     with open(path, "rb") as fh:
         data = fh.read(entry.size + 1)
     if len(data) != entry.size:
-        raise ManifestError(f"size {len(data)} bytes, manifest says {entry.size}")
+        raise ManifestError(size_mismatch(len(data), entry))
     digest = xxhash.xxh3_128_hexdigest(data)
     if digest != entry.xxh3_128:
-        raise ManifestError(f"content hash {digest} does not match the manifest's {entry.xxh3_128}")
+        raise ManifestError(hash_mismatch(digest, entry))
     return data
 
 
-def _check_one(root: Path, relpath: str, entry: FileEntry, deep: bool, expected: Any) -> list[Problem]:
-    path = root / relpath
+def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool, expected: Any) -> tuple[int, list]:
+    """(bytes read, problems) for one file; small JSON and every file at the deep level are parsed too."""
+    path = report.path / relpath
+    parse = deep or relpath == STATE_FILE
     try:
-        if not deep:
+        if not parse:
             size, digest = hash_file(path)
             if size != entry.size:
-                return [Problem(relpath, f"size {size} bytes, manifest says {entry.size}")]
+                return size, [Problem(relpath, size_mismatch(size, entry))]
             if digest != entry.xxh3_128:
-                return [Problem(relpath, f"content hash mismatch: {digest} != manifest {entry.xxh3_128}")]
-            return []
+                return size, [Problem(relpath, hash_mismatch(digest, entry))]
+            return size, []
         data = read_verified(path, entry)
     except ManifestError as exc:
-        return [Problem(relpath, exc.reason)]
+        return 0, [Problem(relpath, exc.reason)]
     except OSError as exc:
-        return [Problem(relpath, f"cannot be read ({exc.strerror})")]
-    return _parse_problems(relpath, data, entry, expected)
+        return 0, [Problem(relpath, f"cannot be read ({exc.strerror})")]
+    return len(data), _parse_problems(report, relpath, data, entry, expected)
 
 
-def _parse_problems(relpath: str, data: bytes, entry: FileEntry, expected: Any) -> list[Problem]:
+def _parse_problems(report: VerifyReport, relpath: str, data: bytes, entry: FileEntry, expected: Any) -> list[Problem]:
     if relpath.endswith(".json"):
         try:
-            json.loads(data)
+            doc = json.loads(data)
         except ValueError as exc:
             return [Problem(relpath, f"not valid JSON ({exc})")]
-        return []
+        return _step_problems(report, relpath, doc)
     if not relpath.endswith(".safetensors"):
         return []
-    from safetensors.torch import load as load_safetensors
-
     try:
-        tensors = load_safetensors(data)
-    except Exception as exc:  # the safetensors library's own validation
-        return [Problem(relpath, f"not a valid safetensors file ({exc})")]
+        tensors = parse_tensors(data, relpath)
+    except CorruptCheckpointError as exc:
+        return [Problem(relpath, exc.message.removeprefix(f"{relpath} "))]
     if len(tensors) != entry.tensors:
         return [Problem(relpath, f"holds {len(tensors)} tensors, manifest says {entry.tensors}")]
     if expected is None:
         return []
     return compare_tensors(relpath, tensors, expected)
+
+
+def _step_problems(report: VerifyReport, relpath: str, doc: Any) -> list[Problem]:
+    """The step is stored three times (directory name, manifest, trainer state): all three must agree."""
+    if relpath != STATE_FILE or report.manifest is None:
+        return []
+    step = doc.get("step") if isinstance(doc, dict) else None
+    if step != report.manifest.step or isinstance(step, bool):
+        return [Problem(relpath, f"records step {step!r}, but the manifest says step {report.manifest.step}")]
+    return []
 
 
 def compare_tensors(
@@ -206,16 +233,13 @@ def _check_contents(report: VerifyReport, deep: bool, expected: Mapping[str, Any
     assert manifest is not None
     items = sorted(manifest.files.items(), key=lambda kv: -kv[1].size)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = pool.map(lambda kv: _check_one(report.path, kv[0], kv[1], deep, expected.get(kv[0])), items)
-        for problems in results:
+        results = pool.map(lambda kv: _check_one(report, kv[0], kv[1], deep, expected.get(kv[0])), items)
+        for nbytes, problems in results:
+            report.bytes_read += nbytes
             report.problems.extend(problems)
-    report.bytes_read = manifest.total_bytes
 
 
 def _check_adapter(report: VerifyReport, model: Any) -> None:
-    from ckptguard.lora import adapter_key_problems
-    from ckptguard.snapshot import ADAPTER_WEIGHTS
-
     path = report.path / ADAPTER_WEIGHTS
     if not path.exists():
         report.problems.append(Problem(ADAPTER_WEIGHTS, "missing: the model is a PEFT model"))
@@ -223,6 +247,5 @@ def _check_adapter(report: VerifyReport, model: Any) -> None:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as fh:
-        keys = set(fh.keys())
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not a dict)
     report.problems.extend(Problem(ADAPTER_WEIGHTS, p) for p in adapter_key_problems(shapes, model))

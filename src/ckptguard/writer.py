@@ -1,16 +1,15 @@
 """Stream files into a staging directory: large writes straight from tensor memory, xxh3-128 on the
 same bytes, fsync before returning.
 
-The safetensors *format* is written here rather than through ``safetensors.torch.save_file``, because
-that function first builds every tensor as a separate ``bytes`` copy and offers no hook to hash
-while writing; streaming from the tensor's own memory keeps the blocking path free of a full extra
-copy of the state. Files are read back with the safetensors library itself, which validates them.
+Tensor files are streamed in the safetensors format (header from :mod:`ckptguard.tensorfile`) rather
+than through ``safetensors.torch.save_file``, because that function first builds every tensor as a
+separate ``bytes`` copy and offers no hook to hash while writing; streaming from the tensor's own
+memory keeps the blocking path free of a full extra copy of the state.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,59 +18,15 @@ from typing import Any
 
 import torch
 
-from ckptguard.durable import write_all
-from ckptguard.hashing import BackgroundHasher
+from ckptguard.hashing import BackgroundHasher, hash_file
 from ckptguard.manifest import FileEntry
 from ckptguard.snapshot import FilePlan
+from ckptguard.storage.durable import fsync_file, write_all
+from ckptguard.tensorfile import safetensors_header
 
 CHUNK = 8 << 20  # large enough for full disk bandwidth, small enough to hash while still in cache
 WRITEBACK_EVERY = 64 << 20  # start the disk on what is written so far every this many bytes
 MAX_PARALLEL_FILES = 4
-
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-}
-
-
-def safetensors_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
-    """The 8-byte length + JSON header, and the order the tensor bytes follow in.
-
-    Tensors are laid out largest element size first (as safetensors does) so every tensor stays
-    aligned to its element size when the file is memory-mapped.
-    """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key in order:
-        t = tensors[key]
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
-        if t.layout != torch.strided:
-            raise ValueError(f"tensor {key!r} is sparse; make it dense with `.to_dense()` before saving")
-        size = t.numel() * t.element_size()
-        header[key] = {
-            "dtype": _DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, order
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -170,3 +125,32 @@ def write_files(staging: Path, plans: list[FilePlan]) -> dict[str, FileEntry]:
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_FILES, len(plans))) as pool:
         futures = {p.relpath: pool.submit(write_file, staging, p) for p in plans}
         return {relpath: future.result() for relpath, future in futures.items()}
+
+
+def adopt_files(staging: Path) -> dict[str, FileEntry]:
+    """Manifest entries for files another library wrote into `staging` (``save_pretrained``), made durable.
+
+    Each file is fsynced and hashed as it is now on disk, so from here on it is published, verified
+    and loaded exactly like a file this module wrote. Links and special files are refused: a
+    checkpoint holds regular files only.
+    """
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(staging.rglob("*")):
+        relpath = path.relative_to(staging).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise ValueError(f"{relpath} in {staging} is a link or a special file; a checkpoint holds regular files")
+        if path.is_dir():
+            continue
+        fsync_file(path)
+        size, digest = hash_file(path)
+        entries[relpath] = FileEntry(size=size, xxh3_128=digest, tensors=_tensor_count(path))
+    return entries
+
+
+def _tensor_count(path: Path) -> int:
+    if path.suffix != ".safetensors":
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        return len(list(fh.keys()))

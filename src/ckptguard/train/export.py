@@ -3,24 +3,23 @@
 The checkpoint is verified first (every byte against its manifest). Without ``--merge`` the adapter
 is written with :func:`ckptguard.save_lora_adapters` (PEFT layout, same commit protocol, deep-verified).
 With ``--merge`` the adapter is folded into the base weights and saved in Hugging Face layout
-(safetensors) through a staging directory, reloaded, and compared with the model in memory before
-it is renamed to DIR: a merged model that does not reproduce the adapter's outputs is never left
-where a user would pick it up.
+(safetensors) into a staging directory, reloaded and compared with the model in memory, then
+published to DIR through the same commit protocol (hashed, manifested, verified): a merged model that
+does not reproduce the adapter's outputs is never left where a user would pick it up.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptguard import load_lora_adapters, save_lora_adapters, verify_checkpoint
-from ckptguard.durable import fsync_dir
+from ckptguard import load_lora_adapters, publish, save_lora_adapters, verify_checkpoint, writer
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
+from ckptguard.manifest import Manifest, library_versions
 from ckptguard.restore import read_values
 from ckptguard.train.backends import Backend, build_backend
 from ckptguard.train.config import ConfigError, config_from_dict
@@ -72,25 +71,27 @@ def _export_merged(model: Any, backend: Backend, out: Path) -> Path:
     probe = torch.arange(min(64, backend.tokenizer.vocab_size), dtype=torch.long).unsqueeze(0)
     expected = model(input_ids=probe).logits
     merged = model.merge_and_unload()
-    staging = out.parent / f".{out.name}.staging-{secrets.token_hex(4)}"
+    staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        staging = publish.create_staging(out.parent, out.name)
         merged.save_pretrained(staging, safe_serialization=True)
         if hasattr(backend.tokenizer, "hf"):
             backend.tokenizer.hf.save_pretrained(staging)
         _check_merged(staging, merged, probe, expected)
-        _fsync_tree(staging)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(staging, out)
-        fsync_dir(out.parent)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise from_os_error(WriteError, "could not write the merged model", exc, path=out) from exc
-    except CheckpointError:
-        shutil.rmtree(staging, ignore_errors=True)
+        files = writer.adopt_files(staging)
+    except (OSError, ValueError, CheckpointError) as exc:
+        if staging is not None:
+            publish.discard_staging(staging)
+        if isinstance(exc, OSError):
+            raise from_os_error(WriteError, "could not write the merged model", exc, path=out) from exc
+        if isinstance(exc, ValueError):
+            raise WriteError(f"could not write the merged model: {exc}", path=out) from exc
         raise
-    return out
+    manifest = Manifest(
+        step=None, sequence=0, created=time.time(), world_size=1, files=files, versions=library_versions()
+    )
+    return publish.publish(staging, out, manifest, level="full").path
 
 
 def _check_merged(staging: Path, merged: Any, probe: torch.Tensor, expected: torch.Tensor) -> None:
@@ -105,14 +106,3 @@ def _check_merged(staging: Path, merged: Any, probe: torch.Tensor, expected: tor
     drift = (reloaded(input_ids=probe).logits - expected).abs().max().item()
     if drift > 1e-3:
         raise VerificationError(f"merged model's logits differ from the adapter's by {drift:.2e}", path=staging)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(root)

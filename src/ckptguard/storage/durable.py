@@ -39,6 +39,15 @@ def fsync_dir(path: str | os.PathLike[str]) -> bool:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file written by someone else (a library's ``save_pretrained``) before it is published."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, data: memoryview | bytes) -> None:
     """os.write until every byte is written: a short write is not an error, but it is not done either."""
     view = memoryview(data)

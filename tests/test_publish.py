@@ -1,24 +1,25 @@
-"""commit.py: the only code that names, renames and removes checkpoint directories."""
+"""publish.py: the only code that creates, renames and removes checkpoint and staging directories."""
 
 import os
 import time
 
-from ckptguard import commit
+from ckptguard import publish
+from ckptguard.storage.durable import atomic_write_bytes
 
 
 def test_latest_is_replaced_atomically_and_junk_in_it_is_ignored(tmp_path):
-    commit.write_latest(tmp_path, "checkpoint-7")
-    assert commit.read_latest(tmp_path) == "checkpoint-7"
+    atomic_write_bytes(tmp_path / "LATEST", b"checkpoint-7\n")
+    assert publish.read_latest(tmp_path) == "checkpoint-7"
     assert not [n for n in os.listdir(tmp_path) if n != "LATEST"], "no temp file left behind"
     (tmp_path / "LATEST").write_text("../../etc")
-    assert commit.read_latest(tmp_path) is None
+    assert publish.read_latest(tmp_path) is None
 
 
 def test_remove_never_leaves_a_partial_checkpoint_name(tmp_path):
     ckpt = tmp_path / "checkpoint-3"
     (ckpt / "state").mkdir(parents=True)
     (ckpt / "state" / "f").write_bytes(b"1")
-    commit.remove(ckpt)
+    publish.remove(ckpt)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("checkpoint-")], "gone at once, by rename"
     deadline = time.monotonic() + 30
     while os.listdir(tmp_path) and time.monotonic() < deadline:  # the space is freed in the background

@@ -1,0 +1,44 @@
+"""The names of the on-disk format (version 1), in one place.
+
+Every module that reads or writes a run directory takes its names from here, so a rename of the
+format is one edit and a grep for a name finds every user of it::
+
+    runs/exp1/
+      .ckptguard.lock  LATEST  events.jsonl
+      checkpoint-400/            MANIFEST.json, adapter_model.safetensors, adapter_config.json, state/...
+      .staging-checkpoint-600-<nonce>/      .trash-*      checkpoint-N.superseded-<time>/
+      checkpoint-N.corrupt-<time>-<id>/     checkpoint-N.unfinished-<time>-<id>/
+"""
+
+from __future__ import annotations
+
+import re
+
+MANIFEST_NAME = "MANIFEST.json"
+STATE_FILE = "state/trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+LATEST_NAME = "LATEST"
+LATEST_TMP_PREFIX = f".{LATEST_NAME}.tmp-"
+EVENTS_NAME = "events.jsonl"
+LOCK_NAME = ".ckptguard.lock"
+OWNER_NAME = ".ckptguard.lock.owner"
+PROBE_PREFIX = ".ckptguard-probe-"
+
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+SUPERSEDED_MARK = ".superseded-"
+QUARANTINE_KINDS = ("corrupt", "unfinished")  # checkpoint-N.{kind}-<time>-<id>: a failed save, kept
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def step_from_name(name: str) -> int | None:
+    """The step in `checkpoint-{step}`, or None for any other name (staging, superseded, foreign)."""
+    match = _CHECKPOINT_NAME.match(name)
+    return int(match.group(1)) if match else None

@@ -1,0 +1,199 @@
+"""The commit protocol: the only module that creates, renames or removes checkpoint and staging directories.
+
+    create_staging --(caller writes and fsyncs its files)--> publish:
+        1. MANIFEST.json written last into staging, fsynced, every staging directory fsynced
+        2. an existing directory of the target name renamed aside (``.superseded-<time>``), never overwritten
+        3. staging renamed to the target; the parent directory fsynced
+        4. verified at the requested level (re-read and compare hashes; deep: tensors and adapter keys)
+        5. on a failed verification the new directory is moved aside (``.corrupt-*``) and VerificationError
+           raised: nothing is left at the target name
+        6. LATEST replaced atomically (for run directories); if that fails the new directory is moved
+           aside (``.unfinished-*``): a save reported as failed is never resumed from
+
+A directory is a checkpoint only after step 3, and step 3 happens only after every byte and the
+manifest are durable, so a crash at any instant leaves the old set of checkpoints or the new one,
+plus at most one staging directory that is never loaded and is removed at the next start
+(:func:`clean_leftovers`). Deletion renames to ``.trash-*`` first, so a crash mid-delete cannot leave
+a half-deleted directory under a checkpoint name. The manager, ``save_lora_adapters`` and
+``ckptguard export`` all publish through :func:`publish`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptguard.errors import VerificationError, WriteError, from_os_error
+from ckptguard.events import EventLog
+from ckptguard.layout import (
+    LATEST_NAME,
+    LATEST_TMP_PREFIX,
+    MANIFEST_NAME,
+    STAGING_PREFIX,
+    SUPERSEDED_MARK,
+    TRASH_PREFIX,
+)
+from ckptguard.manifest import Manifest
+from ckptguard.storage.durable import atomic_write_bytes, fsync_dir, write_all
+from ckptguard.verify import VerifyReport, verify_checkpoint
+
+log = logging.getLogger("ckptguard")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A directory that is in place under its final name, durable and verified."""
+
+    path: Path
+    superseded: Path | None
+    report: VerifyReport
+
+
+def create_staging(parent: Path, name: str) -> Path:
+    """A fresh staging directory inside `parent` (same filesystem, so the final rename is atomic)."""
+    staging = parent / f"{STAGING_PREFIX}{name}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return staging
+
+
+def discard_staging(staging: Path) -> None:
+    """Remove a staging directory after a failed save; never raises (the save's error matters more)."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(
+    staging: Path,
+    target: Path,
+    manifest: Manifest,
+    *,
+    level: str,
+    expected: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    model: Any = None,
+    latest: bool = False,
+    events: EventLog | None = None,
+) -> Published:
+    """Steps 1-6 above for a staging directory whose files are written and fsynced.
+
+    Raises WriteError (OS errors, with the staging directory removed when nothing was renamed yet)
+    or VerificationError. `expected` and `model` feed the deep level (see :mod:`ckptguard.verify`).
+    """
+    step = manifest.step
+    try:
+        _write_manifest(staging, manifest)
+        superseded = _move_aside_existing(target)
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+    except OSError as exc:
+        if staging.exists():
+            discard_staging(staging)
+        raise from_os_error(WriteError, "could not commit the checkpoint", exc, path=target, step=step) from exc
+    if superseded is not None and events is not None:
+        events.emit("superseded", step=step, path=target, moved_to=superseded)
+    report = verify_checkpoint(target, level, expected=expected, model=model)
+    if events is not None:
+        events.emit(
+            "verify", step=step, path=target, level=level, ok=report.ok, bytes=report.bytes_read,
+            seconds=report.seconds, problems=[str(p) for p in report.problems],
+        )  # fmt: skip
+    if not report.ok:
+        moved = _quarantine(target, "corrupt")
+        raise VerificationError(
+            f"failed {level} verification right after writing ({report.reason}); moved aside to {moved.name}",
+            path=target,
+            step=step,
+        )
+    if latest:
+        try:
+            atomic_write_bytes(target.parent / LATEST_NAME, f"{target.name}\n".encode())
+        except OSError as exc:
+            moved = _quarantine(target, "unfinished")
+            raise from_os_error(
+                WriteError,
+                f"could not update LATEST; the new checkpoint was moved aside to {moved.name}",
+                exc,
+                path=target.parent,
+                step=step,
+            ) from exc
+    return Published(target, superseded, report)
+
+
+def _write_manifest(staging: Path, manifest: Manifest) -> None:
+    """Write MANIFEST.json last and fsync it and every directory in staging."""
+    fd = os.open(staging / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        write_all(fd, manifest.to_json_bytes())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for directory in sorted({(staging / p).parent for p in manifest.files}, reverse=True):
+        fsync_dir(directory)
+    fsync_dir(staging)
+
+
+def _move_aside_existing(target: Path) -> Path | None:
+    """Rename an existing `target` to ``{name}.superseded-<time>``; nothing is overwritten in place."""
+    if not (target.exists() or target.is_symlink()):
+        return None
+    superseded = target.with_name(f"{target.name}{SUPERSEDED_MARK}{time.strftime('%Y%m%dT%H%M%S')}")
+    while superseded.exists():
+        superseded = superseded.with_name(superseded.name + "x")
+    os.rename(target, superseded)
+    log.warning("renamed existing %s aside to %s before committing a new one", target, superseded.name)
+    return superseded
+
+
+def _quarantine(path: Path, why: str) -> Path:
+    """Move a published directory whose save failed after the rename out of its name.
+
+    `why` ("corrupt": failed verification; "unfinished": LATEST could not follow) becomes part of the
+    name. Kept, not deleted, so it can be examined; discovery never picks it up again.
+    """
+    moved = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+    os.rename(path, moved)
+    fsync_dir(path.parent)
+    return moved
+
+
+def read_latest(run_dir: Path) -> str | None:
+    """The name LATEST points at, or None if it is missing or not a plain checkpoint name."""
+    try:
+        text = (run_dir / LATEST_NAME).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text if text and "/" not in text and not text.startswith(".") else None
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint directory: rename to ``.trash-*`` (atomic), then free the space in the background.
+
+    Freeing gigabytes takes most of a second on some filesystems; the rename alone is what makes the
+    checkpoint gone, so the save that triggered retention does not wait for the rest. A trash
+    directory left by an exit is removed at the next start (:func:`clean_leftovers`).
+    """
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
+
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """Remove staging and trash directories left by a crash; returns their names for the log."""
+    removed = []
+    for entry in sorted(os.scandir(run_dir), key=lambda e: e.name):
+        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+        elif entry.name.startswith(LATEST_TMP_PREFIX):
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed

@@ -1,0 +1,14 @@
+"""Byte counts as people read them, one wording everywhere (CLI tables, error messages, doctor)."""
+
+from __future__ import annotations
+
+
+def format_bytes(n: float) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.2 MiB``, ``1.25 GiB``."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.2f} GiB"
