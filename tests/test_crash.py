@@ -43,7 +43,8 @@ def run_trials(
             assert trial.killed, f"{where}: the child ended before the kill"
             assert trial.start in (None, floor), f"{where}: the child resumed at {trial.start}, not {floor}"
             floor = max([floor, *trial.saved])
-            phases[kill_phase(run_dir, floor)] += 1
+            # no "start" line: the kill landed before the child finished its preflight and restore
+            phases["startup" if trial.start is None else kill_phase(run_dir, floor)] += 1
             try:
                 floor = check_resume(run_dir, floor, litter)
             except AssertionError as exc:
@@ -69,4 +70,5 @@ def test_sigkill_during_background_saves_resumes_newest_committed_step(tmp_path:
 def test_sigkill_during_startup_leaves_nothing_behind(tmp_path: Path) -> None:
     # Kills in the first few milliseconds land in the preflight (write probe, lock, cleanup) and
     # restore: a job preempted again and again must not pile up probe directories.
-    run_trials(tmp_path / "run", 30, SEED + 2, max_delay_s=0.03, litter=CRASH_LITTER + STARTUP_LITTER)
+    phases = run_trials(tmp_path / "run", 30, SEED + 2, max_delay_s=0.03, litter=CRASH_LITTER + STARTUP_LITTER)
+    assert phases["startup"] >= 10, f"too few kills landed during startup to test it: {phases}"

@@ -131,6 +131,7 @@ def test_rank_killed_mid_save_fails_the_survivor_within_the_timeout(tmp_path: Pa
     assert rank1 is None  # SIGKILLed before it could report
     assert rank0 is not None and rank0["checkpoint_error"], rank0
     assert rank0["type"] == "CoordinationError", rank0
-    assert rank0["rank"] in (1, None), f"the survivor is named as the failing rank: {rank0}"
+    assert rank0["rank"] == 1 and "rank=1" in rank0["text"], f"the dead rank must be named: {rank0}"
+    assert "rank 1 never reached it" in rank0["text"], rank0
     assert rank0["seconds"] < TIMEOUT_S + 5, rank0
     _assert_run_dir_kept_step_1(tmp_path / "run")

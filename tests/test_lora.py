@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -73,10 +74,26 @@ def test_manager_checkpoint_directory_is_a_peft_adapter_directory(tmp_path):
     assert torch.equal(logits(PeftModel.from_pretrained(_fresh_base(), path)), logits(model))
 
 
-def test_ddp_or_compile_wrapper_is_unwrapped_on_save(tmp_path):
+@contextlib.contextmanager
+def _wrapped(model, wrapper: str, tmp_path: Path):
+    """`model` inside DDP (a real one-process gloo group, torn down after) or torch.compile."""
+    if wrapper == "compile":
+        yield torch.compile(model, backend="eager")
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg-store'}", rank=0, world_size=1)
+    try:
+        yield torch.nn.parallel.DistributedDataParallel(model)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "compile"])
+def test_ddp_or_compile_wrapper_is_unwrapped_on_save(tmp_path, wrapper):
     model = make_lora_model()
-    compiled = torch.compile(model, backend="eager")
-    out = save_lora_adapters(compiled, tmp_path / "adapter")
+    with _wrapped(model, wrapper, tmp_path) as wrapped:
+        out = save_lora_adapters(wrapped, tmp_path / "adapter")
     fresh = make_lora_model(seed=0)
     with torch.no_grad():
         for name, p in fresh.named_parameters():

@@ -2,9 +2,13 @@
 
 import os
 import time
+from pathlib import Path
 
-from ckptguard import publish
+import pytest
+
+from ckptguard import CheckpointManager, VerificationError, publish, save_lora_adapters
 from ckptguard.storage.durable import atomic_write_bytes
+from conftest import make_lora_model, make_training_state
 
 
 def test_latest_is_replaced_atomically_and_junk_in_it_is_ignored(tmp_path):
@@ -25,3 +29,48 @@ def test_remove_never_leaves_a_partial_checkpoint_name(tmp_path):
     while os.listdir(tmp_path) and time.monotonic() < deadline:  # the space is freed in the background
         time.sleep(0.01)
     assert os.listdir(tmp_path) == []
+
+
+def _damage_after_rename(monkeypatch, target: Path, relpath: str) -> None:
+    """Test-only hook: right after `target` is renamed into place, flip a byte of one of its files on disk.
+
+    The fsync of the parent directory follows the rename in the protocol, so the damage lands
+    between the write and the verification, as a bad disk or a stray writer would put it there.
+    """
+    real_fsync_dir = publish.fsync_dir
+
+    def fsync_then_damage(path):
+        if Path(path) == target.parent and target.is_dir():
+            victim = target / relpath
+            data = bytearray(victim.read_bytes())
+            data[-1] ^= 0xFF
+            victim.write_bytes(bytes(data))
+        return real_fsync_dir(path)
+
+    monkeypatch.setattr(publish, "fsync_dir", fsync_then_damage)
+
+
+def test_a_checkpoint_damaged_before_verification_is_moved_aside_and_never_resumed(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    state = make_training_state()
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, state)
+        _damage_after_rename(monkeypatch, run / "checkpoint-2", "state/model.safetensors")
+        with pytest.raises(VerificationError, match=r"content hash mismatch.*moved aside to checkpoint-2\.corrupt-"):
+            mgr.save(2, state)
+        monkeypatch.undo()
+        assert [c.name for c in mgr.list()] == ["checkpoint-1"], "the quarantined directory is no checkpoint"
+    names = sorted(os.listdir(run))
+    assert "checkpoint-2" not in names and any(n.startswith("checkpoint-2.corrupt-") for n in names), names
+    assert publish.read_latest(run) == "checkpoint-1"
+    with CheckpointManager(run) as mgr:
+        assert mgr.restore(make_training_state(seed=1)).step == 1
+
+
+def test_an_adapter_that_fails_deep_verification_leaves_nothing_at_the_target(tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    _damage_after_rename(monkeypatch, out, "adapter_model.safetensors")
+    with pytest.raises(VerificationError, match="deep verification"):
+        save_lora_adapters(make_lora_model(), out)
+    assert not out.exists(), "a failed save must leave nothing where a user would load it from"
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["adapter.corrupt"]

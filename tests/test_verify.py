@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from ckptguard import CheckpointManager, CorruptCheckpointError, verify_checkpoint
 from ckptguard.manifest import _checksum
 from conftest import make_training_state
+from faultkit import python_cmd
 
 STATE_FILE = "state/model.safetensors"
 
@@ -113,9 +115,56 @@ def test_bit_flip_passes_quick_but_fails_full(run):
     assert not verify_checkpoint(run / "checkpoint-20", "full").ok
 
 
-def test_deep_parses_every_tensor_file(run):
-    report = verify_checkpoint(run / "checkpoint-20", "deep")
-    assert report.ok and report.bytes_read == report.manifest.total_bytes
+def rehash(ckpt: Path, relpath: str) -> None:
+    """Make the manifest agree with a file's current bytes: damage that every hash check passes."""
+    import xxhash
+
+    data = (ckpt / relpath).read_bytes()
+    digest = xxhash.xxh3_128_hexdigest(data)
+    rewrite_manifest(ckpt, lambda b: b["files"][relpath].update(size=len(data), xxh3_128=digest))
+
+
+def test_deep_parses_every_tensor_file_and_catches_a_header_that_passes_every_hash(run):
+    ckpt = run / "checkpoint-20"
+    data = bytearray((ckpt / STATE_FILE).read_bytes())
+    data[8:9] = b"!"  # first byte of the JSON header: the file no longer parses as safetensors
+    (ckpt / STATE_FILE).write_bytes(bytes(data))
+    rehash(ckpt, STATE_FILE)
+    assert verify_checkpoint(ckpt, "full").ok, "the hashes agree: only parsing can tell"
+    report = verify_checkpoint(ckpt, "deep")
+    assert not report.ok and report.problems[0].file == STATE_FILE, report.problems
+    assert "not a valid safetensors file" in report.reason
+
+
+def test_bytes_read_counts_what_was_read_not_what_the_manifest_lists(run):
+    ckpt = run / "checkpoint-20"
+    assert verify_checkpoint(ckpt, "quick").bytes_read == 0, "quick only stats"
+    full = verify_checkpoint(ckpt, "full")
+    assert full.ok and full.bytes_read == full.manifest.total_bytes
+    # one file that cannot be opened (a real EACCES: root without CAP_DAC_OVERRIDE, mode 000)
+    os.chmod(ckpt / STATE_FILE, 0)
+    code = "import json, sys; from ckptguard import verify_checkpoint; r = verify_checkpoint(sys.argv[1], 'full'); "
+    code += "print(json.dumps([r.bytes_read, r.reason]))"
+    out = subprocess.run(python_cmd(code, str(ckpt), unprivileged=True), capture_output=True, text=True, timeout=120)
+    bytes_read, reason = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reason == f"{STATE_FILE}: cannot be read (Permission denied)"
+    assert bytes_read == full.bytes_read - full.manifest.files[STATE_FILE].size
+
+
+def test_a_trainer_state_whose_step_disagrees_with_the_manifest_is_invalid_and_skipped(run):
+    ckpt = run / "checkpoint-20"
+    doc_path = ckpt / "state" / "trainer_state.json"
+    doc = json.loads(doc_path.read_text())
+    doc["step"] = 7
+    doc_path.write_text(json.dumps(doc))
+    rehash(ckpt, "state/trainer_state.json")
+    assert verify_checkpoint(ckpt, "quick").ok
+    report = verify_checkpoint(ckpt, "full")
+    assert not report.ok and "records step 7, but the manifest says step 20" in report.reason
+    fresh = make_training_state(seed=1)
+    with CheckpointManager(run) as mgr:
+        restored = mgr.restore(fresh)
+    assert restored is not None and restored.step == 10, "resume must skip the inconsistent checkpoint"
 
 
 def test_explicit_restore_of_damaged_checkpoint_raises_and_leaves_state_untouched(run):

@@ -4,7 +4,9 @@ Checkpoint coordination runs on its own gloo group (CPU, independent of NCCL and
 own collectives), created with ``timeout_s``: a rank that died or hangs turns into a
 CoordinationError on every other rank after at most that long, never an endless barrier.
 Errors travel between ranks as small JSON-able summaries and are raised as the same type on
-every rank, naming the rank that failed.
+every rank, naming the rank that failed. A rank that dies cannot send its error: each rank marks its
+arrival at every collective in the job's key-value store, so when a collective fails the survivors
+name the ranks that never arrived.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Coordinator:
             if self.active and self.world_size > 1
             else None
         )
+        self._calls = 0  # every rank makes the same collectives in the same order: this counts alike
+        self._store = _default_store() if self._group is not None else None
 
     @property
     def is_primary(self) -> bool:
@@ -79,11 +83,39 @@ class Coordinator:
         return [v for v, _ in gathered]
 
     def _collective(self, op: Callable[[], None], step: int | None) -> None:
+        self._calls += 1
+        key = f"ckptguard/{getattr(self._group, 'group_name', '')}/{self._calls}/"
+        self._store_call(lambda store: store.set(f"{key}{self.rank}", "1"))
         try:
             op()
         except (RuntimeError, ConnectionError) as exc:  # gloo reports timeouts and dead peers as these
+            absent = self._store_call(
+                lambda store: [r for r in range(self.world_size) if not store.check([f"{key}{r}"])]
+            )
+            who = f"rank {', '.join(map(str, absent))} never reached it" if absent else "another rank died or hung"
             raise CoordinationError(
-                f"ranks could not agree on the save within {self.timeout_s:g}s: another rank died, hung or "
-                f"lost its connection (this is rank {self.rank}; {str(exc).splitlines()[0]})",
+                f"ranks could not agree on the save within {self.timeout_s:g}s: {who} "
+                f"(this is rank {self.rank}; {str(exc).splitlines()[0]})",
                 step=step,
+                rank=absent[0] if absent and len(absent) == 1 else None,
             ) from exc
+
+    def _store_call(self, fn: Callable[[Any], T]) -> T | None:
+        """A store operation for diagnosis only: never the reason a save fails or hangs."""
+        if self._store is None:
+            return None
+        try:
+            return fn(self._store)
+        except (RuntimeError, ConnectionError, ValueError):
+            return None
+
+
+def _default_store() -> Any:
+    """The job's TCPStore (torchrun's agent or the tcp:// init's), or None where it cannot be had."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
+    return store

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EVENTS_NAME = "events.jsonl"
+from ckptguard.layout import EVENTS_NAME
 
 
 class EventLog:

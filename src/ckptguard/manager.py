@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,25 +90,16 @@ class CheckpointManager:
     # ---- preflight -------------------------------------------------------------------------------
 
     def _preflight(self, expected_bytes: int | None) -> int:
-        start = time.perf_counter()
+        """Rank 0's preflight; returns the highest save sequence found, so new saves come after it."""
         try:
-            found, removed = preflight.prepare(
-                self.run_dir, self._lock, create_parents=self._create_parents,
-                expected_bytes=expected_bytes, slots=self.policy.slots,
+            found = preflight.prepare(
+                self.run_dir, self._lock, create_parents=self._create_parents, expected_bytes=expected_bytes,
+                policy=self.policy, events=self._events,
             )  # fmt: skip
         except CheckpointError as exc:
             self._record_failure("preflight", exc)
             raise
-        if removed:
-            log.warning("removed %d unfinished save(s) left by a crash in %s: %s", len(removed), self.run_dir, removed)
-            self._events.emit("cleanup", removed=removed)
         self._index = {c.name: c for c in found if c.valid}
-        self._events.emit(
-            "preflight",
-            seconds=time.perf_counter() - start,
-            checkpoints=len(found),
-            policy=asdict(self.policy),
-        )
         return max((c.sequence for c in found), default=0)
 
     # ---- save ------------------------------------------------------------------------------------
@@ -196,14 +187,9 @@ class CheckpointManager:
         )
         self.results.append(result)
         self._events.emit(
-            "save",
-            step=step,
-            path=path,
-            bytes=result.bytes,
-            seconds=seconds,
-            stall_seconds=result.stall_seconds,
-            verify=self.verify_level,
-        )
+            "save", step=step, path=path, bytes=result.bytes, seconds=seconds,
+            stall_seconds=result.stall_seconds, verify=self.verify_level,
+        )  # fmt: skip
         return result
 
     def _begin(
@@ -235,14 +221,9 @@ class CheckpointManager:
     ) -> Path:
         self._sequence += 1
         manifest = Manifest(
-            step=step,
-            sequence=self._sequence,
-            created=time.time(),
-            world_size=self._coord.world_size,
-            files=files,
-            metrics=metrics,
-            versions=library_versions(),
-        )
+            step=step, sequence=self._sequence, created=time.time(), world_size=self._coord.world_size,
+            files=files, metrics=metrics, versions=library_versions(),
+        )  # fmt: skip
         deep = self.verify_level == "deep"
         path = publish.publish(
             staging, self.run_dir / checkpoint_name(step), manifest, level=self.verify_level,
@@ -304,12 +285,7 @@ class CheckpointManager:
     def _record_failure(self, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
         log.error("%s: %s", type(exc).__name__, exc, exc_info=exc)
         self._events.emit(
-            event,
-            step=step,
-            error=type(exc).__name__,
-            message=str(exc),
-            errno=exc.errno,
-            failed_rank=exc.rank,
+            event, step=step, error=type(exc).__name__, message=str(exc), errno=exc.errno, failed_rank=exc.rank
         )
 
     # ---- discovery, restore, retention --------------------------------------------------------------

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -28,11 +29,14 @@ from ckptguard.errors import (
     NotWritableError,
     from_os_error,
 )
+from ckptguard.events import EventLog
 from ckptguard.layout import LOCK_NAME, OWNER_NAME, PROBE_PREFIX
 from ckptguard.publish import clean_leftovers
+from ckptguard.retention import RetentionPolicy
 from ckptguard.storage.durable import fsync_dir, write_all
 from ckptguard.units import format_bytes
 
+log = logging.getLogger("ckptguard")
 _VOLATILE_FS = {"tmpfs", "ramfs"}
 _NETWORK_FS = {
     "nfs",
@@ -49,12 +53,19 @@ _NETWORK_FS = {
 
 
 def prepare(
-    run_dir: Path, lock: RunLock, *, create_parents: bool, expected_bytes: int | None, slots: int | None
-) -> tuple[list[CheckpointInfo], list[str]]:
+    run_dir: Path,
+    lock: RunLock,
+    *,
+    create_parents: bool,
+    expected_bytes: int | None,
+    policy: RetentionPolicy,
+    events: EventLog,
+) -> list[CheckpointInfo]:
     """Everything that must hold before step 1, in this order; the lock is released again on failure.
 
-    Returns what discovery found and the names of crash leftovers (staging, trash, probes) removed.
+    Crash leftovers (staging, trash, probes) are removed and logged; returns what discovery found.
     """
+    start = time.perf_counter()
     prepare_run_dir(run_dir, create_parents=create_parents)
     probe_writable(run_dir)
     lock.acquire()
@@ -62,11 +73,16 @@ def prepare(
         removed = clean_leftovers(run_dir) + remove_stale_probes(run_dir)
         found = discover(run_dir)
         if expected_bytes is not None:
-            check_space_for_run(run_dir, expected_bytes, slots, sum(c.bytes for c in found if c.valid))
+            check_space_for_run(run_dir, expected_bytes, policy.slots, sum(c.bytes for c in found if c.valid))
     except CheckpointError:
         lock.release()
         raise
-    return found, removed
+    if removed:
+        log.warning("removed %d unfinished save(s) left by a crash in %s: %s", len(removed), run_dir, removed)
+        events.emit("cleanup", removed=removed)
+    elapsed = time.perf_counter() - start
+    events.emit("preflight", seconds=elapsed, checkpoints=len(found), policy=asdict(policy))
+    return found
 
 
 def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
