@@ -54,6 +54,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     policy, protected = _run_policy(run_dir)
     keep = retention.plan(found, policy, protected)
     latest = publish.read_latest(run_dir)
+    aside = discovery.set_aside(run_dir)
     if args.json:
         print(
             json.dumps(
@@ -73,12 +74,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
                         }
                         for c in found
                     ],
+                    "set_aside": [{"name": a.name, "step": a.step, "kind": a.kind} for a in aside],
                 },
                 indent=2,
             )
         )
         return EXIT_OK
-    if not found:
+    if not found and not aside:
         print(f"{run_dir}: no checkpoints")
         return EXIT_OK
     rows = []
@@ -89,9 +91,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
         rows.append(
             [("* " if c.name == latest else "  ") + c.name, str(c.step), status, format_bytes(c.bytes), metrics, why]
         )
+    for a in aside:
+        rows.append(["  " + a.name, str(a.step), f"set aside: {_ASIDE_WHY[a.kind]}", "", "", "never loaded"])
     print(_table(rows, ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]))
-    print("(* = LATEST)")
+    print("(* = LATEST)" + ("; `ckptguard prune --superseded` removes superseded directories" if aside else ""))
     return EXIT_OK
+
+
+_ASIDE_WHY = {
+    "superseded": "an older directory of this name, replaced by a newer save",
+    "corrupt": "failed verification right after it was written",
+    "unfinished": "LATEST could not be updated; the save was reported failed",
+}
 
 
 def _targets(path: Path) -> list[Path]:
@@ -103,8 +114,9 @@ def _targets(path: Path) -> list[Path]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not path.exists():
-        print(f"error: {path} does not exist", file=sys.stderr)
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a directory"
+        print(f"error: {path} {what}; give a checkpoint directory or a run directory", file=sys.stderr)
         return EXIT_USAGE
     reports = [verify_checkpoint(p, args.level) for p in _targets(path)]
     if args.json:
@@ -137,6 +149,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    """Can a run save here? Leaves the directory as it found it: the write probe removes what it made,
+    the lock is tested without creating a lock file, and nothing is probed inside a checkpoint."""
     run_dir = Path(args.run_dir).absolute()
     checks: list[dict[str, Any]] = []
 
@@ -144,6 +158,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         checks.append({"check": name, "ok": ok, "detail": detail})
 
     where = run_dir if run_dir.is_dir() else run_dir.parent
+    try:
+        preflight.refuse_inside_checkpoint(run_dir)
+    except CheckpointError as exc:
+        check("directory", False, f"{exc.message}; {exc.remedy}")
+    else:
+        _doctor_dir(run_dir, where, check)
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<12} {c['detail']}")
+    return EXIT_OK if all(c["ok"] for c in checks) else EXIT_FAILED
+
+
+def _doctor_dir(run_dir: Path, where: Path, check: Any) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         check("directory", False, f"{run_dir} is a file, not a directory")
     elif not where.is_dir():
@@ -161,12 +190,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         _doctor_space(run_dir, facts, check)
         if run_dir.is_dir():
             _doctor_run(run_dir, check)
-    if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
-    else:
-        for c in checks:
-            print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<12} {c['detail']}")
-    return EXIT_OK if all(c["ok"] for c in checks) else EXIT_FAILED
 
 
 def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
@@ -189,12 +212,10 @@ def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -
 
 def _doctor_run(run_dir: Path, check: Any) -> None:
     lock = preflight.RunLock(run_dir)
-    try:
-        lock.acquire()
-        lock.release()
-        check("lock", True, "no other process holds the run directory")
-    except CheckpointError:
+    if lock.held_elsewhere():
         check("lock", True, f"held by a running writer ({lock.holder()}); saves from a second writer would fail")
+    else:
+        check("lock", True, "no other process holds the run directory")
     leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX))]
     check(
         "leftovers",
@@ -233,6 +254,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         mode=args.mode,
         keep_every=args.keep_every,
     )
+    aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if args.superseded else []
     if args.dry_run:
         found = discovery.discover(run_dir)
         _, protected = _run_policy(run_dir)
@@ -240,13 +262,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         with CheckpointManager(run_dir, **policy_args) as mgr:
             doomed = mgr.prune()
+            aside = mgr.prune_superseded() if args.superseded else []
     if args.json:
-        print(json.dumps({"dry_run": args.dry_run, "removed": [c.name for c in doomed]}, indent=2))
+        removed = [c.name for c in doomed] + [a.name for a in aside]
+        print(json.dumps({"dry_run": args.dry_run, "removed": removed}, indent=2))
     else:
         verb = "would remove" if args.dry_run else "removed"
         for c in doomed:
             print(f"{verb} {c.name} ({format_bytes(c.bytes)})")
-        print(f"{verb} {len(doomed)} checkpoint(s)")
+        for a in aside:
+            print(f"{verb} {a.name} (superseded)")
+        print(f"{verb} {len(doomed)} checkpoint(s)" + (f" and {len(aside)} superseded directory(ies)" if aside else ""))
     return EXIT_OK
 
 
@@ -273,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None)
     p.add_argument("--mode", choices=("min", "max"), default="min")
     p.add_argument("--keep-every", type=int, default=None)
+    p.add_argument("--superseded", action="store_true", help="also remove directories set aside as superseded")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.layout import checkpoint_name, step_from_name
+from ckptguard.layout import checkpoint_name, set_aside_kind, step_from_name
 from ckptguard.verify import verify_checkpoint
 
 log = logging.getLogger("ckptguard")
@@ -63,6 +63,34 @@ def discover(run_dir: Path) -> list[CheckpointInfo]:
             )
         )
     return sorted(found, key=lambda c: c.step)
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A directory a save moved out of a checkpoint's name: never loaded, kept until pruned on purpose.
+
+    `kind`: "superseded" (an older directory of the same name, replaced by a newer save), "corrupt"
+    (failed verification right after writing) or "unfinished" (LATEST could not follow the commit).
+    """
+
+    name: str
+    path: Path
+    step: int
+    kind: str
+
+
+def set_aside(run_dir: Path) -> list[SetAside]:
+    """Every set-aside directory under `run_dir`, in name order."""
+    try:
+        entries = sorted(os.scandir(run_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        kind = set_aside_kind(entry.name)
+        if kind is not None and entry.is_dir(follow_symlinks=False):
+            found.append(SetAside(entry.name, Path(entry.path), *kind))
+    return found
 
 
 def restore_candidates(run_dir: Path, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:

@@ -93,6 +93,15 @@ class WriteError(CheckpointError):
     default_remedy = "Fix the cause above and save again; earlier checkpoints are intact."
 
 
+class UnsupportedStateError(CheckpointError, ValueError):
+    """The state cannot be saved as given (meta or sparse tensor, an object JSON cannot hold); nothing was written.
+
+    Also a ValueError, as these were before they were typed: `except ValueError` keeps working.
+    """
+
+    default_remedy = "Change the named entry so it holds dense tensors and JSON-able values, then save again."
+
+
 class VerificationError(CheckpointError):
     """A just-written checkpoint does not match what was in memory."""
 
@@ -126,6 +135,7 @@ _TYPES: dict[str, type[CheckpointError]] = {
         InsufficientSpaceError,
         LockedError,
         WriteError,
+        UnsupportedStateError,
         VerificationError,
         CorruptCheckpointError,
         CheckpointNotFoundError,

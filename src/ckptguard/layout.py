@@ -32,6 +32,7 @@ SUPERSEDED_MARK = ".superseded-"
 QUARANTINE_KINDS = ("corrupt", "unfinished")  # checkpoint-N.{kind}-<time>-<id>: a failed save, kept
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_SET_ASIDE_NAME = re.compile(r"^checkpoint-(\d+)\.(superseded|corrupt|unfinished)-")
 
 
 def checkpoint_name(step: int) -> str:
@@ -42,3 +43,9 @@ def step_from_name(name: str) -> int | None:
     """The step in `checkpoint-{step}`, or None for any other name (staging, superseded, foreign)."""
     match = _CHECKPOINT_NAME.match(name)
     return int(match.group(1)) if match else None
+
+
+def set_aside_kind(name: str) -> tuple[int, str] | None:
+    """(step, "superseded" | "corrupt" | "unfinished") for a directory a save moved aside, else None."""
+    match = _SET_ASIDE_NAME.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None

@@ -20,10 +20,10 @@ from ckptguard import discovery, preflight, publish, retention, snapshot, writer
 from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
-from ckptguard.errors import CheckpointError, WriteError, from_os_error
+from ckptguard.errors import CheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.events import EventLog
 from ckptguard.layout import checkpoint_name
-from ckptguard.manifest import Manifest, library_versions
+from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.restore import Restored, restore_into
 from ckptguard.verify import check_level
 
@@ -119,21 +119,23 @@ class CheckpointManager:
         """
         start = time.perf_counter()
         self._check_usable("save()")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_INT:
+            raise ValueError(f"step must be an int from 0 to 2**63-1, got {step!r}")
         self.wait()
         blocking = not self.async_save if blocking is None else blocking
         try:
+            metrics = _metrics(metrics)
             snap = snapshot.take(
                 state, step=step, metrics=metrics, rank=self._coord.rank, world_size=self._coord.world_size
             )
         except Exception as exc:  # user code (state_dict) can raise anything
+            error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"cannot snapshot the state: {exc}")
+            error.step = step
             if self._coord.world_size == 1:
-                raise
+                self._record_failure("save_failed", error, step=step)
+                raise error from (None if error is exc else exc)
             # other ranks are about to wait for this one: fail the save on all of them
-            error = CheckpointError(f"cannot snapshot the state: {exc}", step=step)
-            self._persist(step, snapshot.Snapshot(), metrics, start, 0.0, error)
+            self._persist(step, snapshot.Snapshot(), {}, start, 0.0, error)
             raise  # unreachable in practice: _persist raises the agreed error
         if blocking:
             return self._persist(step, snap, metrics, start, None, None)
@@ -283,7 +285,7 @@ class CheckpointManager:
         self.close()
 
     def _record_failure(self, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
-        log.error("%s: %s", type(exc).__name__, exc, exc_info=exc)
+        log.error("%s: %s", type(exc).__name__, exc)  # once: the traceback comes with the raise
         self._events.emit(
             event, step=step, error=type(exc).__name__, message=str(exc), errno=exc.errno, failed_rank=exc.rank
         )
@@ -339,6 +341,15 @@ class CheckpointManager:
         self._index = {c.name: c for c in found if c.valid}
         return self._prune_now(found, dry_run=dry_run)
 
+    def prune_superseded(self) -> list[discovery.SetAside]:
+        """Delete the directories earlier saves set aside as superseded (corrupt and unfinished ones are kept)."""
+        self._check_usable("prune_superseded()")
+        doomed = [a for a in discovery.set_aside(self.run_dir) if a.kind == "superseded"]
+        for a in doomed if self._coord.is_primary else []:
+            publish.remove(a.path)
+            self._events.emit("prune", step=a.step, path=a.path, set_aside=a.kind)
+        return doomed
+
     def _prune_now(self, found: list[CheckpointInfo], *, dry_run: bool = False) -> list[CheckpointInfo]:
         doomed = retention.doomed(found, self.policy, frozenset(self._protected))
         if dry_run or not self._coord.is_primary:
@@ -361,3 +372,14 @@ class CheckpointManager:
         except OSError as exc:
             log.warning("could not prune old checkpoints in %s: %s", self.run_dir, exc)
             self._events.emit("prune_failed", message=str(exc))
+
+
+def _metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """Metrics as floats; a non-finite one (a diverged loss) is kept, and retention never calls it best."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise UnsupportedStateError(f"metric {key!r} is {value!r}, not a number") from None
+    return out

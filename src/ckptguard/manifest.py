@@ -9,8 +9,10 @@ directory, every field type-checked, and its own checksum verified. Nothing here
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ class Manifest:
             "world_size": self.world_size,
             "total_bytes": self.total_bytes,
             "tensor_count": self.tensor_count,
-            "metrics": self.metrics,
+            "metrics": encode_metrics(self.metrics),
             "versions": self.versions,
             "files": {
                 path: {"size": e.size, "xxh3_128": e.xxh3_128, "tensors": e.tensors}
@@ -106,8 +108,50 @@ def check_relative_path(path: str) -> None:
         raise ManifestError("the manifest lists itself")
 
 
+MAX_JSON_DEPTH = 64  # an optimizer's state tree is about 6 deep; anything far deeper is hostile
+MAX_INT = 2**63 - 1  # sizes, steps, sequences and counts are int64 everywhere else (safetensors, torch)
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def _reject_constant(name: str) -> float:
     raise ManifestError(f"invalid JSON constant {name}")
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """Strict JSON from disk, bounded: UTF-8, no NaN/Infinity, at most MAX_JSON_DEPTH deep.
+
+    Every way hostile bytes can fail (bad encoding, recursion, digit-count limits, deep nesting)
+    becomes a ManifestError naming `what`, never another exception type.
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except ManifestError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON syntax, int digit limit
+        raise ManifestError(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    stack = [(doc, 1)]
+    while stack:  # iterative, so checking the depth cannot itself recurse too deep
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ManifestError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return doc
+
+
+def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
+    """Metrics for JSON: a non-finite value (a diverged loss) is kept, as "nan", "inf" or "-inf"."""
+    return {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}
+
+
+def _metric(key: str, value: Any) -> float:
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e308 <= value <= 1e308:
+        raise ManifestError(f"metric {key!r} is {str(value)[:40]!r}, not a number")
+    return float(value)
 
 
 def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -117,29 +161,32 @@ def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     return value
 
 
+def _int(value: Any, what: str, low: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_INT:
+        raise ManifestError(f"{what} is not an integer from {low} to 2**63-1")
+    return value
+
+
 def parse_manifest(data: bytes) -> Manifest:
     """Validate manifest bytes; raises ManifestError naming the first broken rule."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
-    try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"manifest is not valid JSON ({exc})") from None
+    body = parse_json(data, "manifest")
     if not isinstance(body, dict):
         raise ManifestError("manifest is not a JSON object")
     if body.get("format") != FORMAT:
-        raise ManifestError(f"format is {body.get('format')!r}, expected {FORMAT!r}")
+        raise ManifestError(f"format is {str(body.get('format'))[:40]!r}, expected {FORMAT!r}")
     version = _require(body, "format_version", int)
     if version != FORMAT_VERSION:
         raise ManifestError(
-            f"format_version {version} is not supported (this ckptguard reads {FORMAT_VERSION}); "
+            f"format_version {str(version)[:20]} is not supported (this ckptguard reads {FORMAT_VERSION}); "
             "upgrade ckptguard to read it"
         )
     if body.get("checksum") != _checksum(body):
         raise ManifestError("manifest checksum does not match its content (edited or damaged)")
     step = body.get("step")
-    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-        raise ManifestError("field 'step' is not a non-negative integer")
+    if step is not None:
+        _int(step, "field 'step'")
     files_raw = _require(body, "files", dict)
     if not files_raw:
         raise ManifestError("manifest lists no files")
@@ -148,24 +195,25 @@ def parse_manifest(data: bytes) -> Manifest:
         check_relative_path(path)
         if not isinstance(entry, dict):
             raise ManifestError(f"entry for {path!r} is not an object")
-        size, digest, tensors = entry.get("size"), entry.get("xxh3_128"), entry.get("tensors", 0)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestError(f"size of {path!r} is not a non-negative integer")
+        digest = entry.get("xxh3_128")
         if not isinstance(digest, str) or not _HEX128.match(digest):
             raise ManifestError(f"xxh3_128 of {path!r} is not 32 lowercase hex digits")
-        if not isinstance(tensors, int) or isinstance(tensors, bool) or tensors < 0:
-            raise ManifestError(f"tensor count of {path!r} is not a non-negative integer")
-        files[path] = FileEntry(size=size, xxh3_128=digest, tensors=tensors)
-    metrics = _require(body, "metrics", dict)
-    versions = _require(body, "versions", dict)
+        files[path] = FileEntry(
+            size=_int(entry.get("size"), f"size of {path!r}"),
+            xxh3_128=digest,
+            tensors=_int(entry.get("tensors", 0), f"tensor count of {path!r}"),
+        )
+    created = _require(body, "created", (int, float))
+    if not 0 <= created <= 1e12:  # seconds since 1970: up to the year 33658
+        raise ManifestError("field 'created' is not a plausible time")
     return Manifest(
         step=step,
-        sequence=_require(body, "sequence", int),
-        created=float(_require(body, "created", (int, float))),
-        world_size=_require(body, "world_size", int),
+        sequence=_int(body.get("sequence"), "field 'sequence'"),
+        created=float(created),
+        world_size=_int(body.get("world_size"), "field 'world_size'", low=1),
         files=files,
-        metrics={str(k): v for k, v in metrics.items() if isinstance(v, (int, float))},
-        versions={str(k): str(v) for k, v in versions.items()},
+        metrics={str(k): _metric(str(k), v) for k, v in _require(body, "metrics", dict).items()},
+        versions={str(k): str(v)[:200] for k, v in _require(body, "versions", dict).items()},
     )
 
 

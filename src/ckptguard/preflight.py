@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -27,10 +28,11 @@ from ckptguard.errors import (
     InsufficientSpaceError,
     LockedError,
     NotWritableError,
+    PreflightError,
     from_os_error,
 )
 from ckptguard.events import EventLog
-from ckptguard.layout import LOCK_NAME, OWNER_NAME, PROBE_PREFIX
+from ckptguard.layout import LOCK_NAME, MANIFEST_NAME, OWNER_NAME, PROBE_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 from ckptguard.publish import clean_leftovers
 from ckptguard.retention import RetentionPolicy
 from ckptguard.storage.durable import fsync_dir, write_all
@@ -91,6 +93,7 @@ def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
     A typo in a mount path (``/mnt/dta/run``) would otherwise silently write to the root disk.
     """
     run_dir = run_dir.absolute()
+    refuse_inside_checkpoint(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise NotWritableError(
             "the run directory path is a file, not a directory",
@@ -114,23 +117,47 @@ def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
     return run_dir
 
 
+def refuse_inside_checkpoint(run_dir: Path) -> None:
+    """A run directory inside a checkpoint would add files to it (lock, probe, events) and so invalidate it."""
+    for path in (run_dir, *run_dir.parents):
+        if (path / MANIFEST_NAME).is_file() or path.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            raise PreflightError(
+                f"{run_dir} is {'' if path == run_dir else 'inside '}the checkpoint directory {path}; "
+                "using it as a run directory would add files to that checkpoint and invalidate it",
+                path=run_dir,
+                remedy=f"Use the run directory that holds the checkpoint ({path.parent}) or a new directory.",
+            )
+
+
+# The longest names a save creates: directories such as ``checkpoint-<20 digits>.unfinished-<time>-<id>``
+# (under 64 characters) and files ``state/rank<r>/<entry, up to 64>.safetensors`` inside staging.
+_LONGEST_DIR_NAME = 64
+_LONGEST_FILE = ("state", "rank00000", "p" * 64 + ".safetensors")
+
+
 def probe_writable(run_dir: Path) -> None:
-    """Do what a save does on a tiny scale: mkdir, create, write, fsync, rename, read back, remove."""
-    probe_dir = run_dir / f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    """Do what a save does on a tiny scale: mkdir, create, write, fsync, rename, read back, remove.
+
+    The probe uses names as long as a save's longest, so a run directory whose path leaves no room
+    for them (ENAMETOOLONG) fails here, not at the first save.
+    """
+    name = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}-"
+    probe_dir = run_dir / name.ljust(_LONGEST_DIR_NAME, "p")
     payload = secrets.token_bytes(4096)
     try:
         probe_dir.mkdir()
         try:
-            path = probe_dir / "probe"
+            path = probe_dir.joinpath(*_LONGEST_FILE)
+            path.parent.mkdir(parents=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 write_all(fd, payload)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            renamed = probe_dir / "probe.renamed"
+            renamed = path.with_name("renamed")
             os.rename(path, renamed)
-            fsync_dir(probe_dir)
+            fsync_dir(path.parent)
             if renamed.read_bytes() != payload:
                 raise NotWritableError(
                     "data written to the run directory reads back different",
@@ -282,9 +309,15 @@ class RunLock:
         try:
             self._lock.acquire()
         except Timeout:
+            holder = self.holder()
+            if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):
+                raise LockedError(
+                    f"another CheckpointManager in this process holds the run directory lock ({holder})",
+                    path=self.run_dir / LOCK_NAME,
+                    remedy="close() the other manager first, or share one manager per run directory.",
+                ) from None
             raise LockedError(
-                f"another process holds the run directory lock ({self.holder()})",
-                path=self.run_dir / LOCK_NAME,
+                f"another process holds the run directory lock ({holder})", path=self.run_dir / LOCK_NAME
             ) from None
         except OSError as exc:
             raise from_os_error(NotWritableError, "cannot create the lock file", exc, path=self.run_dir) from exc
@@ -301,3 +334,17 @@ class RunLock:
     def release(self) -> None:
         if self._lock.is_locked:
             self._lock.release()
+
+    def held_elsewhere(self) -> bool:
+        """Whether a writer holds the lock now, found without creating or changing any file (for doctor)."""
+        try:
+            fd = os.open(self.run_dir / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return False  # no lock file: no writer has used this directory
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops the probe's own flock, if it took one
+        return False

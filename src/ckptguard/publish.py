@@ -187,13 +187,23 @@ def remove(path: Path) -> None:
 
 
 def clean_leftovers(run_dir: Path) -> list[str]:
-    """Remove staging and trash directories left by a crash; returns their names for the log."""
+    """Remove staging and trash directories and LATEST temp files left by a crash; returns their names.
+
+    Only what has the shape we leave is removed (a directory for staging and trash, a file for the
+    LATEST temp file); anything else that merely carries such a name is left alone, and nothing that
+    cannot be removed stops the start of a run.
+    """
     removed = []
     for entry in sorted(os.scandir(run_dir), key=lambda e: e.name):
-        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.name)
-        elif entry.name.startswith(LATEST_TMP_PREFIX):
-            os.unlink(entry.path)
-            removed.append(entry.name)
+        try:
+            if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            elif entry.name.startswith(LATEST_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+            else:
+                continue
+        except OSError as exc:
+            log.warning("could not remove the leftover %s: %s", entry.path, exc)
+            continue
+        removed.append(entry.name)
     return removed

@@ -10,7 +10,7 @@ to the previous checkpoint with the caller's objects unchanged. Nothing is unpic
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -24,9 +24,10 @@ from ckptguard import tree
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.events import EventLog
+from ckptguard.fit import check_fits
 from ckptguard.layout import ADAPTER_WEIGHTS, STATE_FILE
 from ckptguard.lora import apply_adapter, checked_adapter_tensors
-from ckptguard.manifest import Manifest, ManifestError
+from ckptguard.manifest import Manifest, ManifestError, parse_json
 from ckptguard.snapshot import PerRank, check_names, entry_kind
 from ckptguard.tensorfile import parse_tensors
 from ckptguard.verify import read_verified, verify_checkpoint
@@ -109,7 +110,10 @@ def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: in
             data = _bytes(path, manifest, ADAPTER_WEIGHTS)
             loaded.adapter = checked_adapter_tensors(value, data, ADAPTER_WEIGHTS, path)
         elif kind == "stateful":
-            loaded.objects[name] = _decode_entry(path, manifest, name, loaded.entries[name], rank)
+            record = loaded.entries[name]
+            loaded.objects[name] = saved = _decode_entry(path, manifest, name, record, rank)
+            obj = value.obj if isinstance(value, PerRank) else value
+            check_fits(name, obj, saved, record.get("class"), path)
 
 
 def _decode_entry(path: Path, manifest: Manifest, name: str, record: dict[str, Any], rank: int) -> Any:
@@ -149,9 +153,9 @@ def _bytes(path: Path, manifest: Manifest, relpath: str) -> bytes:
 
 def _json(path: Path, manifest: Manifest, relpath: str) -> Any:
     try:
-        doc = json.loads(_bytes(path, manifest, relpath))
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{relpath} is not valid JSON ({exc})", path=path / relpath) from exc
+        doc = parse_json(_bytes(path, manifest, relpath), relpath)
+    except ManifestError as exc:
+        raise CorruptCheckpointError(exc.reason, path=path / relpath) from exc
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{relpath} is not a JSON object", path=path / relpath)
     return doc
@@ -172,14 +176,36 @@ def read_values(path: str | os.PathLike[str], names: list[str]) -> dict[str, Any
 
 
 def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
-    """Phase 2: load into the caller's objects (modules, optimizers, adapters...)."""
-    for name, value in state.items():
-        obj = value.obj if isinstance(value, PerRank) else value
-        kind = entry_kind(value)
-        if kind == "peft":
-            apply_adapter(obj, loaded.adapter or {})
-        elif kind == "stateful":
-            obj.load_state_dict(loaded.objects[name])
+    """Phase 2: load into the caller's objects (modules, optimizers, adapters...).
+
+    Modules, optimizers and adapters were checked in phase 1 and load last. Other stateful objects
+    (schedulers, user classes) cannot be checked ahead: they load first, each one's previous state
+    kept, so if one refuses, those already loaded are put back and nothing of the caller's changed.
+    """
+    checked = (torch.nn.Module, torch.optim.Optimizer)
+    order = sorted(state, key=lambda n: entry_kind(state[n]) == "peft" or isinstance(_obj(state[n]), checked))
+    undo: list[tuple[Any, Any]] = []
+    for name in order:
+        obj, kind = _obj(state[name]), entry_kind(state[name])
+        try:
+            if kind == "peft":
+                apply_adapter(obj, loaded.adapter or {})
+            elif kind == "stateful":
+                if not isinstance(obj, checked):
+                    undo.append((obj, copy.deepcopy(obj.state_dict())))
+                obj.load_state_dict(loaded.objects[name])
+        except Exception as exc:  # user objects' load_state_dict can raise anything
+            for done, previous in reversed(undo):  # the failed one too: it may have half-loaded
+                done.load_state_dict(previous)
+            raise CheckpointError(
+                f"entry {name!r} refused the saved state ({type(exc).__name__}: {exc}); nothing was changed",
+                path=loaded.path,
+                remedy="Restore into objects built as the run that saved them built theirs.",
+            ) from exc
+
+
+def _obj(value: Any) -> Any:
+    return value.obj if isinstance(value, PerRank) else value
 
 
 def restore_into(

@@ -28,10 +28,15 @@ import numpy as np
 import torch
 
 from ckptguard import tree
+from ckptguard.errors import UnsupportedStateError
 from ckptguard.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE
 from ckptguard.lora import adapter_state, is_peft_model, unwrap_model
+from ckptguard.manifest import encode_metrics
+from ckptguard.tensorfile import tensor_problem
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MAX_ENTRY_NAME = 64
+_NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_ENTRY_NAME}}}$")
+_CLASS_CHECKED = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
 
 @dataclass(frozen=True)
@@ -91,61 +96,83 @@ def entry_kind(value: Any) -> str:
 
 
 def check_names(state: Mapping[str, Any]) -> None:
-    """Entry names become file names: keep them safe and unambiguous."""
+    """Entry names become file names: keep them safe, unambiguous and short (preflight probes 64 characters)."""
+    if not isinstance(state, Mapping):
+        raise UnsupportedStateError(f"the state must be a dict of named entries, not {type(state).__name__}")
     for name in state:
         if not isinstance(name, str) or not _NAME.match(name) or name in ("trainer_state", "values"):
-            raise ValueError(
-                f"state entry name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
-                "(and not 'trainer_state' or 'values')"
+            raise UnsupportedStateError(
+                f"state entry name {name!r} is not allowed: use up to {MAX_ENTRY_NAME} letters, digits, '_', '.', "
+                "'-' (and not 'trainer_state' or 'values')"
             )
     if sum(entry_kind(v) == "peft" for v in state.values()) > 1:
-        raise ValueError("state holds more than one PEFT model; save each in its own manager")
+        raise UnsupportedStateError("state holds more than one PEFT model; save each in its own manager")
+
+
+def class_name(obj: Any) -> str | None:
+    """The class recorded for optimizers and schedulers, whose state dicts look alike across classes."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}" if isinstance(obj, _CLASS_CHECKED) else None
 
 
 def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], rank: int, world_size: int) -> Snapshot:
-    """Flatten `state` into this rank's file plan. Rank 0 also writes replicated entries."""
+    """Flatten `state` into this rank's file plan. Rank 0 also writes replicated entries.
+
+    Everything that would make a write fail is checked here, before any file exists, the same way
+    for blocking and background saves: UnsupportedStateError names the entry and the tensor.
+    """
     check_names(state)
     snap = Snapshot()
     entries: dict[str, Any] = {}
     for name, value in state.items():
-        kind = entry_kind(value)
         is_per_rank = isinstance(value, PerRank)
-        obj = value.obj if is_per_rank else value
-        record: dict[str, Any] = {"kind": kind, "per_rank": is_per_rank}
+        record: dict[str, Any] = {"kind": entry_kind(value), "per_rank": is_per_rank}
         entries[name] = record
-        if not is_per_rank and rank != 0:
-            continue
-        if kind == "peft":
-            snap.peft_model = unwrap_model(obj)
-            snap.files.extend(peft_files(snap.peft_model))
-            continue
-        raw = obj.state_dict() if kind == "stateful" else obj
-        tensors: dict[str, torch.Tensor] = {}
-        encoded = tree.encode(raw, tensors)
-        prefix = f"state/rank{rank}/{name}" if is_per_rank else f"state/{name}"
-        if tensors:
-            snap.files.append(FilePlan(f"{prefix}.safetensors", tensors=tensors))
-        if is_per_rank:
-            snap.files.append(FilePlan(f"{prefix}.json", data=_json_bytes({"tree": encoded})))
-        else:
-            record["tree"] = encoded
+        if is_per_rank or rank == 0:
+            try:
+                _take_entry(snap, name, value.obj if is_per_rank else value, record, rank)
+            except (TypeError, ValueError) as exc:  # tree.encode / json.dumps on values they cannot hold
+                raise UnsupportedStateError(f"state entry {name!r} cannot be saved: {exc}") from exc
+    for plan in snap.files:
+        for key, tensor in (plan.tensors or {}).items():
+            problem = tensor_problem(tensor)
+            if problem is not None:
+                raise UnsupportedStateError(f"tensor {key!r} of {plan.relpath} {problem}")
     if rank == 0:
         doc = {
             "format_version": 1,
             "step": step,
             "world_size": world_size,
-            "metrics": dict(metrics),
+            "metrics": encode_metrics(metrics),
             "entries": entries,
         }
         snap.files.append(FilePlan(STATE_FILE, data=_json_bytes(doc)))
     return snap
 
 
+def _take_entry(snap: Snapshot, name: str, obj: Any, record: dict[str, Any], rank: int) -> None:
+    if record["kind"] == "peft":
+        snap.peft_model = unwrap_model(obj)
+        snap.files.extend(peft_files(snap.peft_model))
+        return
+    raw = obj.state_dict() if record["kind"] == "stateful" else obj
+    if class_name(obj) is not None:
+        record["class"] = class_name(obj)
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = tree.encode(raw, tensors)
+    prefix = f"state/rank{rank}/{name}" if record["per_rank"] else f"state/{name}"
+    if tensors:
+        snap.files.append(FilePlan(f"{prefix}.safetensors", tensors=tensors))
+    if record["per_rank"]:
+        snap.files.append(FilePlan(f"{prefix}.json", data=_json_bytes({"tree": encoded})))
+    else:
+        record["tree"] = encoded
+
+
 def _json_bytes(doc: Any) -> bytes:
     try:
         return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"state is not JSON-serialisable: {exc}") from None
+        raise ValueError(f"not JSON-serialisable: {exc}") from None
 
 
 def peft_files(model: Any) -> list[FilePlan]:

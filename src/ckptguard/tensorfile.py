@@ -33,6 +33,17 @@ _DTYPES = {
 }
 
 
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """Why `t` cannot be stored as it is (None if it can); checked for every tensor before a save writes."""
+    if t.layout != torch.strided:
+        return f"is sparse ({t.layout}); make it dense with `.to_dense()` before saving"
+    if t.device.type == "meta":
+        return "is on the meta device (it has no data); materialise it (e.g. `to_empty()` and load weights) first"
+    if t.dtype not in _DTYPES:
+        return f"has dtype {t.dtype}, which safetensors cannot store; convert it (e.g. `.view(torch.float32)`)"
+    return None
+
+
 def safetensors_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
     """The 8-byte length + JSON header, and the order the tensor bytes follow in.
 
@@ -44,10 +55,9 @@ def safetensors_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[st
     offset = 0
     for key in order:
         t = tensors[key]
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
-        if t.layout != torch.strided:
-            raise ValueError(f"tensor {key!r} is sparse; make it dense with `.to_dense()` before saving")
+        problem = tensor_problem(t)
+        if problem is not None:
+            raise ValueError(f"tensor {key!r} {problem}")
         size = t.numel() * t.element_size()
         header[key] = {
             "dtype": _DTYPES[t.dtype],

@@ -62,9 +62,18 @@ def _add(tensors: dict[str, torch.Tensor], path: str, tensor: torch.Tensor) -> s
 
 
 def decode(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`encode`."""
+    """Inverse of :func:`encode`. A tree read from disk is untrusted: whatever is wrong with it is a TreeError."""
+    try:
+        return _decode(tree, tensors)
+    except TreeError:
+        raise
+    except (TypeError, ValueError, RuntimeError, RecursionError) as exc:  # e.g. an "__ndarray__" of a bfloat16
+        raise TreeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _decode(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(tree, list):
-        return [decode(v, tensors) for v in tree]
+        return [_decode(v, tensors) for v in tree]
     if not isinstance(tree, dict):
         return tree
     if len(tree) == 1:
@@ -74,14 +83,14 @@ def decode(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         if tag == "__ndarray__":
             return _tensor(tensors, payload).numpy()
         if tag == "__tuple__":
-            return tuple(decode(v, tensors) for v in _list(payload))
+            return tuple(_decode(v, tensors) for v in _list(payload))
         if tag == "__dict__":
-            return {_hashable(decode(k, tensors)): decode(v, tensors) for k, v in _pairs(payload)}
+            return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in _pairs(payload)}
         if tag == "__float__":
             if payload not in ("nan", "inf", "-inf"):
                 raise TreeError(f"invalid float tag {payload!r}")
             return float(payload)
-    return {k: decode(v, tensors) for k, v in tree.items()}
+    return {k: _decode(v, tensors) for k, v in tree.items()}
 
 
 def _tensor(tensors: Mapping[str, torch.Tensor], key: Any) -> torch.Tensor:

@@ -14,7 +14,6 @@ Every problem names the file and the reason, so ``ckptguard verify`` output is a
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from ckptguard.errors import CorruptCheckpointError
 from ckptguard.hashing import hash_file
 from ckptguard.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE
 from ckptguard.lora import adapter_key_problems
-from ckptguard.manifest import FileEntry, Manifest, ManifestError, read_manifest
+from ckptguard.manifest import FileEntry, Manifest, ManifestError, parse_json, read_manifest
 from ckptguard.tensorfile import parse_tensors
 
 LEVELS = ("quick", "full", "deep")
@@ -94,11 +93,14 @@ def verify_checkpoint(
     check_level(level)
     start = time.perf_counter()
     report = VerifyReport(path=Path(path), level=level)
-    _check_structure(report)
-    if report.ok and level in ("full", "deep"):
-        _check_contents(report, deep=level == "deep", expected=expected or {})
-    if report.ok and level == "deep" and model is not None:
-        _check_adapter(report, model)
+    try:
+        _check_structure(report)
+        if report.ok and level in ("full", "deep"):
+            _check_contents(report, deep=level == "deep", expected=expected or {})
+        if report.ok and level == "deep" and model is not None:
+            _check_adapter(report, model)
+    except OSError as exc:  # a directory that cannot be listed, a file that vanished while we looked
+        report.problems.append(Problem(exc.filename or ".", f"cannot be read ({exc.strerror})"))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -178,9 +180,9 @@ def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool,
 def _parse_problems(report: VerifyReport, relpath: str, data: bytes, entry: FileEntry, expected: Any) -> list[Problem]:
     if relpath.endswith(".json"):
         try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            return [Problem(relpath, f"not valid JSON ({exc})")]
+            doc = parse_json(data, relpath)
+        except ManifestError as exc:
+            return [Problem(relpath, exc.reason)]
         return _step_problems(report, relpath, doc)
     if not relpath.endswith(".safetensors"):
         return []
