@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+# the hostile-input properties of `make test`, with 20,000 examples each instead of 150
+fuzz: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_hostile_inputs.py
 
 clean:
 	rm -rf $(VENV) runs bench/results

@@ -97,3 +97,42 @@ def test_doctor_reports_a_lock_held_by_another_process(run):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_verify_of_a_file_is_bad_input_not_a_traceback(run, capsys):
+    assert main(["verify", str(run / "LATEST")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory; give a checkpoint directory or a run directory" in err and "Traceback" not in err
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("target", ["run", "checkpoint"])
+def test_doctor_never_changes_what_it_inspects(tmp_path, target):
+    with CheckpointManager(tmp_path / "run") as mgr:
+        ckpt = mgr.save(1, {"w": torch.ones(4)}).path
+    (tmp_path / "run" / ".ckptguard.lock").unlink()  # as a run directory copied elsewhere would be
+    (tmp_path / "run" / ".ckptguard.lock.owner").unlink()
+    before = _tree(tmp_path)
+    code = main(["doctor", str(tmp_path / "run" if target == "run" else ckpt)])
+    assert _tree(tmp_path) == before, "doctor left or changed files"
+    assert code == (0 if target == "run" else 1)
+
+
+def test_ls_shows_set_aside_directories_and_prune_superseded_removes_them(run, capsys):
+    (run / "checkpoint-40").rename(run / "checkpoint-40.superseded-20261129T120000")
+    (run / "checkpoint-30").rename(run / "checkpoint-30.corrupt-20261129T120000-ab12")
+    assert main(["ls", str(run)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert "40 set aside: an older directory of this name" in " ".join(
+        rows["checkpoint-40.superseded-20261129T120000"].split()
+    )
+    assert "failed verification" in rows["checkpoint-30.corrupt-20261129T120000-ab12"]
+    assert rows["checkpoint-30.corrupt-20261129T120000-ab12"].rstrip().endswith("never loaded")
+    assert main(["prune", str(run), "--superseded", "--keep-last", "5"]) == 0
+    assert "removed checkpoint-40.superseded-20261129T120000 (superseded)" in capsys.readouterr().out
+    names = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-20", "checkpoint-30.corrupt-20261129T120000-ab12"]

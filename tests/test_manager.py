@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptguard import CheckpointManager, RNGState, per_rank, verify_checkpoint
+from ckptguard import CheckpointError, CheckpointManager, RNGState, per_rank, verify_checkpoint
 from ckptguard.events import read_events
 from conftest import make_training_state
 
@@ -151,3 +151,23 @@ def test_events_log_has_bytes_and_seconds_for_each_save(tmp_path):
         mgr.save(1, {"x": torch.ones(10)})
     saves = [e for e in read_events(tmp_path / "run") if e["event"] == "save"]
     assert saves and saves[0]["bytes"] > 0 and saves[0]["seconds"] > 0 and saves[0]["step"] == 1
+
+
+def test_a_closed_manager_refuses_to_change_the_run_directory(tmp_path):
+    mgr = CheckpointManager(tmp_path / "run", keep_last=1)
+    mgr.save(1, {"w": torch.ones(2)})
+    mgr.close()
+    with CheckpointManager(tmp_path / "run", keep_last=5) as owner:  # another writer now owns the directory
+        owner.save(2, {"w": torch.ones(2)})
+        for call in (lambda: mgr.prune(), lambda: mgr.restore({"w": torch.zeros(2)}), lambda: mgr.save(3, {})):
+            with pytest.raises(CheckpointError, match="closed CheckpointManager"):
+                call()
+        assert [c.step for c in owner.list()] == [1, 2], "the closed manager deleted nothing"
+    assert [c.step for c in mgr.list()] == [1, 2], "reading stays allowed"
+
+
+def test_a_failed_save_is_logged_once_without_a_second_traceback(tmp_path, caplog):
+    with CheckpointManager(tmp_path / "run") as mgr, pytest.raises(CheckpointError):
+        mgr.save(1, {"bad": {"fn": print}})
+    records = [r for r in caplog.records if r.name == "ckptguard" and r.levelname == "ERROR"]
+    assert len(records) == 1 and records[0].exc_info is None

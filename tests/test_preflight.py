@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptguard import CheckpointManager
 from ckptguard.errors import InsufficientSpaceError, LockedError, NotWritableError
@@ -151,3 +152,50 @@ def test_leftover_staging_is_removed_at_start_and_logged(tmp_path: Path) -> None
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     cleanups = [e for e in events if e["event"] == "cleanup"]
     assert len(cleanups) == 1 and sorted(cleanups[0]["removed"]) == sorted(leftovers)
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its content (None for directories): what 'unchanged' means."""
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["the checkpoint", "inside it"])
+def test_a_run_directory_in_a_checkpoint_is_refused_and_the_checkpoint_stays_valid(tmp_path: Path, where: str) -> None:
+    from ckptguard import PreflightError, verify_checkpoint
+
+    with CheckpointManager(tmp_path / "run") as mgr:
+        ckpt = mgr.save(1, {"w": torch.ones(4)}).path
+    before = _tree(ckpt)
+    target = ckpt if where == "the checkpoint" else ckpt / "state" / "nested"
+    with pytest.raises(PreflightError, match="would add files to that checkpoint") as info:
+        CheckpointManager(target, create_parents=True)
+    assert str(tmp_path / "run") in info.value.remedy
+    assert _tree(ckpt) == before and verify_checkpoint(ckpt, "full").ok
+
+
+def test_a_run_directory_whose_paths_would_be_too_long_fails_at_construction(tmp_path: Path) -> None:
+    # Leave room for the run directory itself but not for the longest path a save creates in it.
+    run = tmp_path
+    while len(str(run)) < 4096 - 120:
+        run = run / ("d" * min(200, 4096 - 120 - len(str(run)) - 1))
+    os.makedirs(run)
+    error = _not_writable(run)
+    assert error.errno == errno.ENAMETOOLONG, error
+    assert not [p for p in run.iterdir() if p.name.startswith(".ckptguard-probe-")], "the probe cleaned up"
+
+
+def test_a_second_manager_in_the_same_process_is_told_so(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path / "run"), pytest.raises(LockedError, match="another CheckpointManager in this"):
+        CheckpointManager(tmp_path / "run")
+
+
+def test_entries_that_only_look_like_leftovers_do_not_stop_the_start(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".LATEST.tmp-mine").mkdir()  # a directory where a temp *file* would be
+    (run / ".staging-notes").write_text("a file where a staging *directory* would be")
+    (run / ".trash-link").symlink_to(tmp_path)
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+    assert (run / ".LATEST.tmp-mine").is_dir() and (run / ".staging-notes").is_file()
+    assert (run / ".trash-link").is_symlink() and tmp_path.is_dir()

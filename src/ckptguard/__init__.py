@@ -16,6 +16,7 @@ from ckptguard.errors import (
     LockedError,
     NotWritableError,
     PreflightError,
+    UnsupportedStateError,
     VerificationError,
     WriteError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "RNGState",
     "Restored",
     "SaveResult",
+    "UnsupportedStateError",
     "VerificationError",
     "VerifyReport",
     "WriteError",

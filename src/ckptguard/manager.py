@@ -68,6 +68,7 @@ class CheckpointManager:
         self.verify_level = check_level(verify)
         self.async_save = async_save
         self.run_dir = Path(run_dir).absolute()
+        preflight.refuse_inside_checkpoint(self.run_dir)  # first: not even a log line goes into a checkpoint
         self.results: list[SaveResult] = []
         self._create_parents = create_parents
         self._coord = Coordinator(timeout_s)

@@ -196,7 +196,10 @@ def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
                 obj.load_state_dict(loaded.objects[name])
         except Exception as exc:  # user objects' load_state_dict can raise anything
             for done, previous in reversed(undo):  # the failed one too: it may have half-loaded
-                done.load_state_dict(previous)
+                try:
+                    done.load_state_dict(previous)
+                except Exception as again:  # an object that refuses even its own state: say so, go on
+                    log.warning("could not put back the previous state of %r: %s", done, again)
             raise CheckpointError(
                 f"entry {name!r} refused the saved state ({type(exc).__name__}: {exc}); nothing was changed",
                 path=loaded.path,
