@@ -20,10 +20,11 @@ from ckptguard import discovery, preflight, publish, retention, snapshot, writer
 from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
-from ckptguard.errors import CheckpointError, UnsupportedStateError, WriteError, from_os_error
+from ckptguard.errors import CheckpointError, WriteError, from_os_error
 from ckptguard.events import EventLog
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, Manifest, library_versions
+from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
 from ckptguard.verify import check_level
 
@@ -74,8 +75,7 @@ class CheckpointManager:
         self._coord = Coordinator(timeout_s)
         self._events = EventLog(self.run_dir, rank=self._coord.rank, enabled=self._coord.is_primary)
         self._lock = preflight.RunLock(self.run_dir)
-        self._protected: set[str] = set()
-        self._index: dict[str, CheckpointInfo] = {}  # valid checkpoints by name (rank 0)
+        self._pruner = Pruner(self.run_dir, self.policy, self._events, primary=self._coord.is_primary)
         self._buffers = snapshot.HostBuffers()
         self._background: BackgroundSaves[SaveResult] = BackgroundSaves()
         self._space_known = expected_bytes is not None
@@ -100,7 +100,7 @@ class CheckpointManager:
         except CheckpointError as exc:
             self._record_failure("preflight", exc)
             raise
-        self._index = {c.name: c for c in found if c.valid}
+        self._pruner.reindex(found)
         return max((c.sequence for c in found), default=0)
 
     # ---- save ------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class CheckpointManager:
         self.wait()
         blocking = not self.async_save if blocking is None else blocking
         try:
-            metrics = _metrics(metrics)
+            metrics = snapshot.check_metrics(metrics)
             snap = snapshot.take(
                 state, step=step, metrics=metrics, rank=self._coord.rank, world_size=self._coord.world_size
             )
@@ -202,7 +202,9 @@ class CheckpointManager:
             return local_error, ""
         try:
             # no size hint at construction: the first save measures it and checks the whole window
-            window = None if self._space_known else (self.policy.slots, sum(c.bytes for c in self._index.values()))
+            window = (
+                None if self._space_known else (self.policy.slots, sum(c.bytes for c in self._pruner.index.values()))
+            )
             preflight.check_space_for_save(
                 self.run_dir, snap.nbytes, snap.inodes(self._coord.world_size), step=step, run_window=window
             )
@@ -233,11 +235,12 @@ class CheckpointManager:
             expected=snap.tensor_files() if deep else None, model=snap.peft_model if deep else None,
             latest=True, events=self._events,
         ).path  # fmt: skip
-        self._index[path.name] = CheckpointInfo(
-            name=path.name, path=path, step=step, valid=True, bytes=manifest.total_bytes,
-            sequence=manifest.sequence, created=manifest.created, metrics=dict(metrics),
+        self._pruner.after_save(
+            CheckpointInfo(
+                name=path.name, path=path, step=step, valid=True, bytes=manifest.total_bytes,
+                sequence=manifest.sequence, created=manifest.created, metrics=dict(metrics),
+            )
         )  # fmt: skip
-        self._prune_quietly()
         return path
 
     # ---- waiting, errors, closing ------------------------------------------------------------------
@@ -296,7 +299,7 @@ class CheckpointManager:
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint directory with validity, reason, and why retention keeps it."""
         found = discovery.discover(self.run_dir)
-        keep = retention.plan(found, self.policy, frozenset(self._protected))
+        keep = retention.plan(found, self.policy, frozenset(self._pruner.protected))
         return [replace(c, keep_reasons=tuple(keep.get(c.name, []))) for c in found]
 
     def latest(self) -> CheckpointInfo | None:
@@ -331,7 +334,7 @@ class CheckpointManager:
             self._record_failure("resume_failed", exc)
             raise
         if result is not None:
-            self._protected.add(result.path.name)
+            self._pruner.protected.add(result.path.name)
         return result
 
     def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
@@ -339,48 +342,10 @@ class CheckpointManager:
         self._check_usable("prune()")
         self.wait()
         found = discovery.discover(self.run_dir)
-        self._index = {c.name: c for c in found if c.valid}
-        return self._prune_now(found, dry_run=dry_run)
+        self._pruner.reindex(found)
+        return self._pruner.prune(found, dry_run=dry_run)
 
     def prune_superseded(self) -> list[discovery.SetAside]:
         """Delete the directories earlier saves set aside as superseded (corrupt and unfinished ones are kept)."""
         self._check_usable("prune_superseded()")
-        doomed = [a for a in discovery.set_aside(self.run_dir) if a.kind == "superseded"]
-        for a in doomed if self._coord.is_primary else []:
-            publish.remove(a.path)
-            self._events.emit("prune", step=a.step, path=a.path, set_aside=a.kind)
-        return doomed
-
-    def _prune_now(self, found: list[CheckpointInfo], *, dry_run: bool = False) -> list[CheckpointInfo]:
-        doomed = retention.doomed(found, self.policy, frozenset(self._protected))
-        if dry_run or not self._coord.is_primary:
-            return doomed
-        for c in doomed:
-            publish.remove(c.path)
-            self._index.pop(c.name, None)
-            self._events.emit("prune", step=c.step, path=c.path, bytes=c.bytes)
-        return doomed
-
-    def _prune_quietly(self) -> None:
-        """Retention after a save: a failed delete is logged, never turned into a failed save.
-
-        Works from the manager's index of valid checkpoints (filled by the constructor's discovery,
-        kept current by commits and prunes): re-reading every manifest per save would make each
-        save slower as checkpoints pile up.
-        """
-        try:
-            self._prune_now(list(self._index.values()))
-        except OSError as exc:
-            log.warning("could not prune old checkpoints in %s: %s", self.run_dir, exc)
-            self._events.emit("prune_failed", message=str(exc))
-
-
-def _metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
-    """Metrics as floats; a non-finite one (a diverged loss) is kept, and retention never calls it best."""
-    out = {}
-    for key, value in (metrics or {}).items():
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            raise UnsupportedStateError(f"metric {key!r} is {value!r}, not a number") from None
-    return out
+        return self._pruner.prune_superseded()

@@ -114,6 +114,17 @@ def class_name(obj: Any) -> str | None:
     return f"{type(obj).__module__}.{type(obj).__qualname__}" if isinstance(obj, _CLASS_CHECKED) else None
 
 
+def check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """Metrics as floats; a non-finite one (a diverged loss) is kept, and retention never calls it best."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise UnsupportedStateError(f"metric {key!r} is {value!r}, not a number") from None
+    return out
+
+
 def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], rank: int, world_size: int) -> Snapshot:
     """Flatten `state` into this rank's file plan. Rank 0 also writes replicated entries.
 
