@@ -1,4 +1,4 @@
-"""``ckptguard ls | verify | doctor | prune`` (and ``train`` / ``export`` from the trainer).
+"""``ckptguard ls | verify | doctor | prune | report`` (and ``train`` / ``export`` from the trainer).
 
 Human tables by default, ``--json`` for scripts. Exit codes scripts can rely on:
 0 everything is fine; 1 a check failed (invalid checkpoint, doctor found a problem); 2 bad usage
@@ -24,7 +24,7 @@ from ckptguard.verify import LEVELS, verify_checkpoint
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -52,18 +52,39 @@ def _run_policy(run_dir: Path) -> tuple[retention.RetentionPolicy, frozenset[str
     return policy, protected
 
 
+LS_HEADER = ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]
+
+
+def keep_reasons(run_dir: Path, found: list[discovery.CheckpointInfo]) -> dict[str, list[str]]:
+    """Why the run's own retention policy keeps each valid checkpoint (an empty list: it would prune it)."""
+    policy, protected = _run_policy(run_dir)
+    return retention.plan(
+        [retention.Candidate(c.name, c.step, c.sequence, c.metrics) for c in found if c.valid],
+        policy,
+        protected,
+    )
+
+
+def ls_rows(found: list[discovery.CheckpointInfo], keep: dict[str, list[str]], latest: str | None) -> list[list[str]]:
+    """The rows of `ckptguard ls` (under LS_HEADER); the run report shows the same table."""
+    rows = []
+    for c in found:
+        status = "valid" if c.valid else f"INVALID: {c.reason}"
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
+        why = ", ".join(keep.get(c.name, [])) if c.valid else "never loaded"
+        rows.append(
+            [("* " if c.name == latest else "  ") + c.name, str(c.step), status, format_size(c.bytes), metrics, why]
+        )
+    return rows
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     found = discovery.discover(run_dir)
-    policy, protected = _run_policy(run_dir)
-    keep = retention.plan(
-        [retention.Candidate(c.name, c.step, c.sequence, c.metrics) for c in found if c.valid],
-        policy,
-        protected,
-    )
+    keep = keep_reasons(run_dir, found)
     latest = commit.read_latest(run_dir)
     if args.json:
         print(
@@ -92,13 +113,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not found:
         print(f"{run_dir}: no checkpoints")
         return EXIT_OK
-    rows = []
-    for c in found:
-        status = "valid" if c.valid else f"INVALID: {c.reason}"
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
-        why = ", ".join(keep.get(c.name, [])) if c.valid else "never loaded"
-        rows.append([("* " if c.name == latest else "  ") + c.name, str(c.step), status, _size(c.bytes), metrics, why])
-    print(_table(rows, ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]))
+    print(_table(ls_rows(found, keep, latest), LS_HEADER))
     print("(* = LATEST)")
     return EXIT_OK
 
@@ -137,7 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for r in reports:
             if r.ok:
                 rate = r.bytes_read / r.seconds / 2**20 if r.seconds and r.bytes_read else 0
-                print(f"OK       {r.path} ({r.level}, {_size(r.bytes_read)} checked, {rate:.0f} MiB/s)")
+                print(f"OK       {r.path} ({r.level}, {format_size(r.bytes_read)} checked, {rate:.0f} MiB/s)")
             else:
                 print(f"INVALID  {r.path} ({r.level})")
                 for p in r.problems:
@@ -181,7 +196,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
     found = discovery.discover(run_dir) if run_dir.is_dir() else []
     sizes = [c.bytes for c in found if c.valid]
-    detail = f"{_size(facts.free_bytes)} free of {_size(facts.total_bytes)}, {facts.free_inodes} inodes free"
+    detail = (
+        f"{format_size(facts.free_bytes)} free of {format_size(facts.total_bytes)}, {facts.free_inodes} inodes free"
+    )
     if not sizes:
         check("space", facts.free_bytes > 0, detail)
         return
@@ -191,7 +208,7 @@ def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -
     except CheckpointError as exc:
         check("space", False, f"{detail}; {exc.message}")
         return
-    check("space", True, f"{detail}; enough for the next saves of about {_size(max(sizes))} each")
+    check("space", True, f"{detail}; enough for the next saves of about {format_size(max(sizes))} each")
 
 
 def _doctor_run(run_dir: Path, check: Any) -> None:
@@ -257,8 +274,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         verb = "would remove" if args.dry_run else "removed"
         for c in doomed:
-            print(f"{verb} {c.name} ({_size(c.bytes)})")
+            print(f"{verb} {c.name} ({format_size(c.bytes)})")
         print(f"{verb} {len(doomed)} checkpoint(s)")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ckptguard.report import write_report  # matplotlib loads only for this command
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"error: {run_dir} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = write_report(run_dir, args.out)
+    except OSError as exc:
+        print(f"error: cannot write the report to {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(path)
     return EXIT_OK
 
 
@@ -288,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("report", help="one self-contained HTML page: losses, checkpoint timeline, disk use")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
     from ckptguard.train.commands import register
 
     register(sub)

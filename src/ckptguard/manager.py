@@ -249,8 +249,27 @@ class CheckpointManager:
             seconds=seconds,
             stall_seconds=result.stall_seconds,
             verify=self.verify_level,
+            **self._disk_use(),
         )
         return result
+
+    def _disk_use(self) -> dict[str, int]:
+        """After a save: bytes of the valid checkpoints kept, and the filesystem's free and total bytes.
+
+        For the run report's disk chart; from the manager's index and one statvfs, so it costs no
+        directory walk. Empty when the filesystem cannot say: the log never fails a save.
+        """
+        if not self._coord.is_primary:  # only rank 0 logs and holds the index
+            return {}
+        try:
+            fs = os.statvfs(self.run_dir)
+        except OSError:
+            return {}
+        return {
+            "checkpoint_bytes": sum(c.bytes for c in self._index.values()),
+            "free_bytes": fs.f_bavail * fs.f_frsize,
+            "total_bytes": fs.f_blocks * fs.f_frsize,
+        }
 
     def _begin(
         self, step: int, snap: snapshot.Snapshot, local_error: CheckpointError | None
@@ -354,6 +373,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
+            self._events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._lock.release()
