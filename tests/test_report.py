@@ -1,13 +1,15 @@
 """The run report: built from the run directory alone, showing every save, resume, kill and preemption,
 surviving damaged inputs, and rendering in a real browser without console errors.
 
-One trainer run is shared by the module: a real process SIGKILLed after checkpoint-10, a second one
+One trainer run is shared by the module: a real process SIGKILLed after checkpoint-4, a second one
 that resumes and is preempted with SIGTERM, a third that resumes and finishes (and writes the
 report). What each process printed is the independent record the report is checked against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -28,12 +30,12 @@ from ckptguard.report.collect import collect
 from conftest import make_training_state
 from test_train_resume import tiny
 
-MAX_STEPS = 20
+MAX_STEPS = 12
 TRAIN = [sys.executable, "-m", "ckptguard.train"]
 
 
 def _args(out: Path) -> list[str]:
-    return tiny(out, f"train.max_steps={MAX_STEPS}", "train.eval_every=5")
+    return tiny(out, f"train.max_steps={MAX_STEPS}", "checkpoint.save_every=4", "train.eval_every=4")
 
 
 def _killed_after(out: Path, name: str) -> str:
@@ -73,10 +75,12 @@ def _preempted_after_resume(out: Path) -> str:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A trainer run killed, resumed and preempted, resumed and finished; and what each process printed."""
     out = tmp_path_factory.mktemp("report") / "run"
-    printed = [_killed_after(out, "checkpoint-10"), _preempted_after_resume(out)]
-    done = subprocess.run([*TRAIN, *_args(out)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out, [*printed, done.stdout]
+    printed = [_killed_after(out, "checkpoint-4"), _preempted_after_resume(out)]
+    finished = io.StringIO()
+    with contextlib.redirect_stdout(finished):  # in this process: torch is already imported here
+        code = main(["train", *_args(out)])
+    assert code == 0, finished.getvalue()
+    return out, [*printed, finished.getvalue()]
 
 
 @pytest.fixture(scope="module")
