@@ -165,7 +165,8 @@ def _note(out: Rendered, event: dict[str, Any]) -> None:
     if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert", "warning"):
         out.errors.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
     elif method == "Runtime.exceptionThrown":
-        out.errors.append(f"exception: {params['exceptionDetails'].get('text')}")
+        details = params["exceptionDetails"]
+        out.errors.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
     elif method == "Log.entryAdded" and params["entry"].get("level") in ("error", "warning"):
         out.errors.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
     elif method == "Network.requestWillBeSent":

@@ -24,10 +24,12 @@ import pytest
 from browserkit import MISSING, chromium, render
 from ckptguard import CheckpointManager
 from ckptguard.cli import main
+from ckptguard.errors import CheckpointError
 from ckptguard.events import EVENTS_NAME
 from ckptguard.report import REPORT_NAME, write_report
 from ckptguard.report.collect import collect
 from conftest import make_training_state
+from faultkit import tmpfs
 from test_train_resume import tiny
 
 MAX_STEPS = 12
@@ -213,6 +215,22 @@ def test_a_missing_trainer_state_is_shown_and_the_config_read_from_an_older_chec
     data = collect(run)
     assert any(d.startswith(f"{newest.name} is invalid: ") and "trainer_state.json" in d for d in data.damage)
     assert data.config is not None and data.config_source == f"from {older.name}'s trainer state"
+
+
+def test_a_save_that_fails_on_a_full_disk_is_marked(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", size="64m", nr_inodes=40) as disk:  # inodes run out, bytes do not
+        run = disk / "run"
+        with CheckpointManager(run, create_parents=True) as mgr, pytest.raises(CheckpointError) as raised:
+            state = make_training_state()
+            for step in range(1, 40):  # keep every checkpoint: the disk fills
+                mgr.save(step, state)
+        data = collect(run)
+        page = write_report(run, tmp_path / "r.html").read_text()
+    failed = data.history.saves[-1]
+    assert failed.outcome == "failed" and failed.message == f"{type(raised.value).__name__}: {raised.value}"
+    assert [s.outcome for s in data.history.saves[:-1]] == ["verified"] * (len(data.history.saves) - 1)
+    assert any(m.kind == "failure" and m.step == failed.step for m in data.history.marks)
+    assert f'<tr class="failed"><td>{failed.name}</td>' in page and "save failed" in page
 
 
 def test_strings_from_the_run_directory_are_shown_as_text_never_markup(lib_copy: Path, tmp_path: Path) -> None:

@@ -73,14 +73,14 @@ def collect(run_dir: Path) -> RunData:
 
 def _trainer_config(checkpoints: list[CheckpointInfo], damage: list[str]) -> tuple[dict[str, Any] | None, str]:
     """The resolved run config stored in the newest readable checkpoint's trainer state, if any."""
-    from ckptguard.restore import read_values  # hash-checked JSON; imports torch, so only when needed
+    from ckptguard.restore import open_checkpoint, read_values  # hash-checked JSON; imports torch
 
     for c in discovery.newest_first(checkpoints):
         try:
+            if "config" not in open_checkpoint(c.path, {}, rank=0).entries:
+                return None, f"{c.name} holds no trainer config: a run saved from the library alone"
             config = read_values(c.path, ["config"])["config"]
         except CheckpointError as exc:
-            if "has no entry 'config'" in str(exc):
-                return None, f"{c.name} holds no trainer config: a run saved from the library alone"
             damage.append(f"{c.name}: trainer state unreadable ({exc.message})")
             continue
         if isinstance(config, dict):
