@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,23 +39,11 @@ def _args(out: Path) -> list[str]:
     return tiny(out, f"train.max_steps={MAX_STEPS}", "checkpoint.save_every=4", "train.eval_every=4")
 
 
-def _killed_after(out: Path, name: str) -> str:
-    """Train until LATEST names `name`, then SIGKILL the trainer; returns what it printed."""
-    child = subprocess.Popen([*TRAIN, *_args(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while child.poll() is None and time.monotonic() < deadline:
-        latest = out / "LATEST"
-        if latest.is_file() and latest.read_text().strip() == name:
-            break
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    printed = child.communicate(timeout=60)[0]
-    assert child.returncode == -signal.SIGKILL, printed
-    return printed
+def _signal_on(out: Path, line_pattern: str, sig: signal.Signals) -> tuple[int, str]:
+    """Start the trainer, send `sig` as soon as it prints a line matching `line_pattern`; returns (exit code, output).
 
-
-def _preempted_after_resume(out: Path) -> str:
-    """Resume, and send SIGTERM at the first step after the resume: the trainer saves and exits 75."""
+    The line is printed after the event it reports is logged, so the log holds at least what was printed.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen(
         [*TRAIN, *_args(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -65,24 +52,26 @@ def _preempted_after_resume(out: Path) -> str:
     lines = []
     for line in child.stdout:
         lines.append(line)
-        if line.startswith("step ") and "/" in line.split()[1]:
-            child.send_signal(signal.SIGTERM)
+        if re.match(line_pattern, line):
+            child.send_signal(sig)
             break
     lines.append(child.communicate(timeout=120)[0])
-    assert child.returncode == 75, "".join(lines)
-    return "".join(lines)
+    return child.returncode, "".join(lines)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A trainer run killed, resumed and preempted, resumed and finished; and what each process printed."""
     out = tmp_path_factory.mktemp("report") / "run"
-    printed = [_killed_after(out, "checkpoint-4"), _preempted_after_resume(out)]
+    code, killed = _signal_on(out, r"saved checkpoint-4 ", signal.SIGKILL)
+    assert code == -signal.SIGKILL, killed
+    code, preempted = _signal_on(out, r"step \d+/", signal.SIGTERM)  # the first step after the resume
+    assert code == 75, preempted
     finished = io.StringIO()
     with contextlib.redirect_stdout(finished):  # in this process: torch is already imported here
         code = main(["train", *_args(out)])
     assert code == 0, finished.getvalue()
-    return out, [*printed, finished.getvalue()]
+    return out, [killed, preempted, finished.getvalue()]
 
 
 @pytest.fixture(scope="module")
