@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterable
 
 import matplotlib
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -157,19 +158,19 @@ def timeline_chart(h: History) -> str | None:
     return _svg(fig)
 
 
-def _end_marker(ax: object, s: Session, y: int) -> None:
+def _end_marker(ax: Axes, s: Session, y: int) -> None:
     if s.preempted:
         marker, colour, text = "s", "#6a1b9a", "preempted"
     elif not s.ended_cleanly:
         marker, colour, text = "X", "#c62828", "killed" if s.end.startswith("ended without") else "no end logged"
     else:
         return
-    ax.plot(s.last_step, y, marker, color=colour, ms=13, mec="white", zorder=4)  # type: ignore[attr-defined]
+    ax.plot(s.last_step, y, marker, color=colour, ms=13, mec="white", zorder=4)
     ax.annotate(
         f"{text} at step {s.last_step}",
         (s.last_step, y),
         xytext=(8, -14),
-        textcoords="offset points",  # type: ignore[attr-defined]
+        textcoords="offset points",
         fontsize=8,
         color=colour,
         fontweight="bold",
@@ -191,7 +192,8 @@ def save_cost_chart(saves: list[Save]) -> str | None:
     x = range(len(timed))
     ax.bar([i - 0.2 for i in x], [s.seconds or 0 for s in timed], 0.4, color="#1565c0", label="save to verified")
     ax.bar([i + 0.2 for i in x], [s.stall_seconds or 0 for s in timed], 0.4, color="#ef6c00", label="stall")
-    ax.set_xticks(list(x), [f"{s.step}\nrun {s.session}" for s in timed], fontsize=7)
+    every = max(1, len(timed) // 30)  # at most ~30 labels, however many saves
+    ax.set_xticks(list(x)[::every], [f"{s.step}\nrun {s.session}" for s in timed][::every], fontsize=7)
     ax.set_xlabel("save (step, run)")
     ax.set_ylabel("seconds")
     ax.grid(axis="y", alpha=0.3)

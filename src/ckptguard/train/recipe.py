@@ -349,8 +349,8 @@ class LoRARecipe:
             print(summary(self.progress, outcome, time.perf_counter() - wall_start, self.manager, self.cfg), flush=True)
             try:
                 print(f"  report       {write_report(self.manager.run_dir)}", flush=True)
-            except OSError as exc:  # the run itself went well: say so, and why the page is missing
-                print(f"  report       not written: {exc}", file=sys.stderr, flush=True)
+            except Exception as exc:  # the page is an extra: it never turns a finished run into a failed one
+                print(f"  report       not written: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return code
 
     # ---- cleanup ---------------------------------------------------------------------------------
