@@ -108,7 +108,7 @@ def test_every_save_resume_kill_and_preemption_of_the_run_appears(trained: tuple
         assert session.resumed_from == (resumed[1] if resumed else None)
         assert session.first_step == (int(resumed[2]) if resumed else 0)
     killed, preempted, finished = data.history.sessions
-    assert killed.end == "ended without closing: killed or crashed" and not killed.ended_cleanly
+    assert killed.killed and killed.end == "ended without closing: killed or crashed"
     assert preempted.preempted and preempted.end.startswith("stopped by SIGTERM")
     assert finished.end == "done" and finished.last_step == MAX_STEPS
     assert {s.name for s in data.history.saves if s.kept} == {c.name for c in data.checkpoints if c.valid}
@@ -116,7 +116,7 @@ def test_every_save_resume_kill_and_preemption_of_the_run_appears(trained: tuple
     page = (out / REPORT_NAME).read_text()
     for save in data.history.saves:
         assert f"<td>{save.name}</td>" in page
-    assert "killed at step" in page and "preempted at step" in page
+    assert "killed after step" in page and "preempted at step" in page
     assert data.damage == []
 
 
@@ -139,7 +139,7 @@ def test_the_page_renders_in_chromium_without_console_errors_and_shows_its_chart
     charts = dict(seen.dom["charts"])
     assert set(charts) == {"chart-loss", "chart-timeline", "chart-save-cost", "chart-disk"}
     assert all(height > 150 for height in charts.values())  # drawn at a readable size, not collapsed
-    assert "killed at step" in seen.dom["timeline"] and "preempted at step" in seen.dom["timeline"]
+    assert "killed after step" in seen.dom["timeline"] and "preempted at step" in seen.dom["timeline"]
     assert "resumed from checkpoint-" in seen.dom["timeline"]
     data = collect(trained[0])
     assert seen.dom["saves"] == len(data.history.saves)

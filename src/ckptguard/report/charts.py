@@ -160,14 +160,16 @@ def timeline_chart(h: History) -> str | None:
 
 def _end_marker(ax: Axes, s: Session, y: int) -> None:
     if s.preempted:
-        marker, colour, text = "s", "#6a1b9a", "preempted"
+        marker, colour, text = "s", "#6a1b9a", f"preempted at step {s.last_step}"
+    elif s.killed:  # its last logged step: it may have trained a little further before it died
+        marker, colour, text = "X", "#c62828", f"killed after step {s.last_step}"
     elif not s.ended_cleanly:
-        marker, colour, text = "X", "#c62828", "killed" if s.end.startswith("ended without") else "no end logged"
+        marker, colour, text = "X", "#c62828", f"no end logged after step {s.last_step}"
     else:
         return
     ax.plot(s.last_step, y, marker, color=colour, ms=13, mec="white", zorder=4)
     ax.annotate(
-        f"{text} at step {s.last_step}",
+        text,
         (s.last_step, y),
         xytext=(8, -14),
         textcoords="offset points",

@@ -33,6 +33,7 @@ class Session:
     end: str = ""  # filled by replay: how it ended
     ended_cleanly: bool = False
     preempted: bool = False
+    killed: bool = False  # no clean end logged, and a later process opened the directory
 
 
 @dataclass
@@ -264,6 +265,7 @@ class _Replay:
             if s.ended_cleanly:
                 continue
             later = sessions[i + 1] if i + 1 < len(sessions) else None
+            s.killed = later is not None
             s.end = "ended without closing: killed or crashed" if later else "no end logged: still running, or killed"
             mark = Mark(
                 s.number, s.last_step, later.started if later else None, "killed", f"{s.end} after step {s.last_step}"
