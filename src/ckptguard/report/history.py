@@ -136,7 +136,7 @@ class _Replay:
         s = Session(len(self.h.sessions) + 1, pid if isinstance(pid, int) else None, parse_time(e.get("time")))
         self.h.sessions.append(s)
         self.verified_step, self.failed_verify = None, set()
-        self._mark(e, "start", f"process {s.pid} opened the run directory", 0)
+        self._mark(e, "start", f"process {s.pid} opened the run directory")
         if "error" in e:
             s.end, s.ended_cleanly = f"failed at preflight: {e.get('error')}: {e.get('message')}", True
             self._mark(e, "failure", s.end)
