@@ -24,7 +24,7 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bo
 .damage { background: #ffebee; border-left: 4px solid #c62828; padding: 0.5em 1em; }
 table { border-collapse: collapse; width: 100%; font-size: 12.5px; margin: 0.5em 0; }
 th, td { border-bottom: 1px solid #e0e0e0; padding: 3px 6px; text-align: left; vertical-align: top; }
-td:not(:last-child) { white-space: nowrap; } th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td:not(:last-child) { white-space: nowrap; } th { background: #f5f5f5; }
 tr.failed td, tr.quarantined td, tr.killed td, tr.failure td { background: #ffebee; }
 tr.pruned td { color: #757575; } tr.resume td, tr.end td { background: #e3f2fd; }
 figure { margin: 0.5em 0; } figure svg { max-width: 100%; height: auto; }
