@@ -120,11 +120,10 @@ def test_every_save_resume_kill_and_preemption_of_the_run_appears(trained: tuple
     assert data.damage == []
 
 
+@pytest.mark.skipif(chromium() is None, reason=MISSING)
 def test_the_page_renders_in_chromium_without_console_errors_and_shows_its_charts(
     trained: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
-    if chromium() is None:
-        pytest.skip(MISSING)
     page = trained[0] / REPORT_NAME
     probe = """({
         charts: [...document.querySelectorAll('figure.chart')].filter(f => f.querySelector('svg path'))
