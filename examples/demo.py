@@ -7,6 +7,8 @@
 3. Starts the same command again: `--resume auto` (the default) finds the newest *valid* checkpoint,
    removes what the killed save left behind, and continues exactly where that checkpoint was.
 4. Prints `ckptguard ls runs/demo`: every checkpoint, its status, size, metrics and why it is kept.
+5. Prints the path of the run report the trainer wrote (runs/demo/report.html): losses, the
+   checkpoint timeline with the kill and the resume, disk use; open it in a browser.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ckptguard.report import REPORT_NAME
 
 RUN_DIR = Path("runs/demo")
 TRAIN = [sys.executable, "-m", "ckptguard.train", "--set", f"checkpoint.output_dir={RUN_DIR}"]
@@ -57,6 +61,7 @@ def main() -> int:
     say(f"ckptguard ls {RUN_DIR}")
     listed = subprocess.run([sys.executable, "-m", "ckptguard.cli", "ls", str(RUN_DIR)], check=False)
     say(f"demo finished in {time.perf_counter() - start:.0f} s")
+    print(f"run report (open in a browser): {(RUN_DIR / REPORT_NAME).absolute()}", flush=True)
     return listed.returncode
 
 

@@ -1,4 +1,4 @@
-"""``ckptguard ls | verify | doctor | prune`` (and ``train`` / ``export`` from the trainer).
+"""``ckptguard ls | verify | doctor | prune | report`` (and ``train`` / ``export`` from the trainer).
 
 Human tables by default, ``--json`` for scripts. Exit codes scripts can rely on:
 0 everything is fine; 1 a check failed (invalid checkpoint, doctor found a problem); 2 bad usage
@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptguard import discovery, preflight, publish, retention
+from ckptguard import discovery, listing, preflight, publish, retention
 from ckptguard.errors import CheckpointError
-from ckptguard.events import read_events
 from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, step_from_name
 from ckptguard.units import format_bytes
 from ckptguard.verify import LEVELS, verify_checkpoint
@@ -31,28 +30,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _run_policy(run_dir: Path) -> tuple[retention.RetentionPolicy, frozenset[str]]:
-    """The retention policy and resumed-from checkpoint the run last recorded in events.jsonl."""
-    policy, protected = retention.RetentionPolicy(), frozenset()
-    for event in read_events(run_dir):
-        if event.get("event") == "preflight" and isinstance(event.get("policy"), dict):
-            try:
-                policy = retention.RetentionPolicy(**event["policy"])
-            except (TypeError, ValueError):
-                continue
-        elif event.get("event") == "resume" and isinstance(event.get("path"), str):
-            protected = frozenset({Path(event["path"]).name})
-    return policy, protected
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     found = discovery.discover(run_dir)
-    policy, protected = _run_policy(run_dir)
-    keep = retention.plan(found, policy, protected)
+    keep = listing.keep_reasons(run_dir, found)
     latest = publish.read_latest(run_dir)
     aside = discovery.set_aside(run_dir)
     if args.json:
@@ -83,26 +67,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not found and not aside:
         print(f"{run_dir}: no checkpoints")
         return EXIT_OK
-    rows = []
-    for c in found:
-        status = "valid" if c.valid else f"INVALID: {c.reason}"
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
-        why = ", ".join(keep.get(c.name, [])) if c.valid else "never loaded"
-        rows.append(
-            [("* " if c.name == latest else "  ") + c.name, str(c.step), status, format_bytes(c.bytes), metrics, why]
-        )
-    for a in aside:
-        rows.append(["  " + a.name, str(a.step), f"set aside: {_ASIDE_WHY[a.kind]}", "", "", "never loaded"])
-    print(_table(rows, ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]))
+    print(_table(listing.ls_rows(found, keep, latest, aside), listing.LS_HEADER))
     print("(* = LATEST)" + ("; `ckptguard prune --superseded` removes superseded directories" if aside else ""))
     return EXIT_OK
-
-
-_ASIDE_WHY = {
-    "superseded": "an older directory of this name, replaced by a newer save",
-    "corrupt": "failed verification right after it was written",
-    "unfinished": "LATEST could not be updated; the save was reported failed",
-}
 
 
 def _targets(path: Path) -> list[Path]:
@@ -201,7 +168,7 @@ def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -
     if not sizes:
         check("space", facts.free_bytes > 0, detail)
         return
-    policy, _ = _run_policy(run_dir)
+    policy, _ = listing.run_policy(run_dir)
     try:
         preflight.check_space_for_run(run_dir, max(sizes), policy.slots, sum(sizes))
     except CheckpointError as exc:
@@ -257,7 +224,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if args.superseded else []
     if args.dry_run:
         found = discovery.discover(run_dir)
-        _, protected = _run_policy(run_dir)
+        _, protected = listing.run_policy(run_dir)
         doomed = retention.doomed(found, retention.RetentionPolicy(**policy_args), protected)
     else:
         with CheckpointManager(run_dir, **policy_args) as mgr:
@@ -273,6 +240,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for a in aside:
             print(f"{verb} {a.name} (superseded)")
         print(f"{verb} {len(doomed)} checkpoint(s)" + (f" and {len(aside)} superseded directory(ies)" if aside else ""))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ckptguard.report import write_report  # matplotlib loads only for this command
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"error: {run_dir} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = write_report(run_dir, args.out)
+    except OSError as exc:
+        print(f"error: cannot write the report to {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(path)
     return EXIT_OK
 
 
@@ -303,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("report", help="one self-contained HTML page: losses, checkpoint timeline, disk use")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
     from ckptguard.train.commands import register
 
     register(sub)

@@ -60,14 +60,23 @@ def _jsonable(value: Any) -> Any:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """All parseable events (a torn last line after a crash is skipped)."""
+    return read_events_and_damage(run_dir)[0]
+
+
+def read_events_and_damage(run_dir: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The events, and the numbers (from 1) of the lines that are not a JSON object: torn or damaged."""
     try:
         lines = (run_dir / EVENTS_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return []
-    events = []
-    for line in lines:
+        return [], []
+    events, damaged = [], []
+    for number, line in enumerate(lines, start=1):
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except ValueError:
-            continue
-    return events
+            event = None
+        if isinstance(event, dict):
+            events.append(event)
+        else:
+            damaged.append(number)
+    return events, damaged

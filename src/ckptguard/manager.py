@@ -191,7 +191,7 @@ class CheckpointManager:
         self.results.append(result)
         self._events.emit(
             "save", step=step, path=path, bytes=result.bytes, seconds=seconds,
-            stall_seconds=result.stall_seconds, verify=self.verify_level,
+            stall_seconds=result.stall_seconds, verify=self.verify_level, **self._pruner.disk_use(),
         )  # fmt: skip
         return result
 
@@ -264,6 +264,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
+            self._events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
             self._background.shutdown()
             self._lock.release()
 

@@ -9,6 +9,7 @@ never turned into a failed save.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ckptguard import discovery, publish, retention
@@ -51,6 +52,24 @@ class Pruner:
         except OSError as exc:
             log.warning("could not prune old checkpoints in %s: %s", self.run_dir, exc)
             self._events.emit("prune_failed", message=str(exc))
+
+    def disk_use(self) -> dict[str, int]:
+        """Bytes of the valid checkpoints kept, and the filesystem's free and total bytes (for the report).
+
+        From the index and one statvfs, so it costs no directory walk; empty where the filesystem
+        cannot say, or on a rank that keeps no index: a log line never fails a save.
+        """
+        if not self._primary:
+            return {}
+        try:
+            fs = os.statvfs(self.run_dir)
+        except OSError:
+            return {}
+        return {
+            "checkpoint_bytes": sum(c.bytes for c in self.index.values()),
+            "free_bytes": fs.f_bavail * fs.f_frsize,
+            "total_bytes": fs.f_blocks * fs.f_frsize,
+        }
 
     def prune_superseded(self) -> list[SetAside]:
         """Remove directories earlier saves set aside as superseded (corrupt and unfinished ones are kept)."""

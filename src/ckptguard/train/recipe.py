@@ -23,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 from ckptguard import CheckpointManager, RNGState, SaveResult, per_rank
+from ckptguard.events import EventLog
 from ckptguard.preemption import PreemptionWatcher
+from ckptguard.report import write_report
 from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
 from ckptguard.train.config import RESUME_KEYS, ConfigError, RunConfig, config_diff
@@ -80,6 +82,8 @@ class LoRARecipe:
             create_parents=True,
             timeout_s=cfg.checkpoint.timeout_s,
         )
+        # loss, lr and eval loss go to the run's events.jsonl too, for the run report
+        self.events = EventLog(self.manager.run_dir, rank=rt.rank, enabled=rt.is_primary)
         # 4. Model: the LoRA init draws from train.seed on every rank alike; dropout then draws per rank.
         runtime.seed_everything(cfg.train.seed)
         self.model = self._peft_model(self.backend.build_model(rt.device))
@@ -214,6 +218,7 @@ class LoRARecipe:
         if p.first_eval is None:  # the loss before training, the baseline of the summary
             p.first_eval = (p.step, self.evaluate())
             self._log(bar, f"step {p.step}: eval_loss {p.first_eval[1]:.4f}")
+            self.events.emit("eval", step=p.step, eval_loss=p.first_eval[1])
         loss_sum, loss_tokens = 0.0, 0.0  # since the last log line, on this rank
         with PreemptionWatcher() as stop, bar:
             while p.step < cfg.max_steps:
@@ -234,11 +239,13 @@ class LoRARecipe:
                     s, n = rt.all_reduce_sum([loss_sum, loss_tokens])
                     p.train_loss, loss_sum, loss_tokens = s / max(n, 1), 0.0, 0.0
                     self._log(bar, f"step {step}/{cfg.max_steps}  loss {p.train_loss:.4f}  lr {self._lr():.2e}")
+                    self.events.emit("train", step=step, loss=p.train_loss, lr=self._lr())
                     self._postfix(bar)
                 bar.update(1)
                 if is_save or step % cfg.eval_every == 0:
                     p.last_eval = (step, self.evaluate())
                     self._log(bar, f"step {step}: eval_loss {p.last_eval[1]:.4f}")
+                    self.events.emit("eval", step=step, eval_loss=p.last_eval[1])
                 if is_save:
                     self.save_checkpoint(step, {"eval_loss": p.last_eval[1], "train_loss": p.train_loss})
                     self._postfix(bar)
@@ -337,8 +344,13 @@ class LoRARecipe:
         self.manager.wait()
         self.progress.save_seconds += time.perf_counter() - start
         self.progress.saves = list(self.manager.results)
+        self.events.emit("run_end", step=self.progress.step, outcome=outcome, exit_code=code)
         if self.rt.is_primary:
             print(summary(self.progress, outcome, time.perf_counter() - wall_start, self.manager, self.cfg), flush=True)
+            try:
+                print(f"  report       {write_report(self.manager.run_dir)}", flush=True)
+            except Exception as exc:  # the page is an extra: it never turns a finished run into a failed one
+                print(f"  report       not written: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return code
 
     # ---- cleanup ---------------------------------------------------------------------------------

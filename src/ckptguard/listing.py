@@ -1,0 +1,59 @@
+"""A run's checkpoints as ``ckptguard ls`` shows them; the run report shows the same table.
+
+Which checkpoints exist comes from discovery, why each is kept from the run's own retention policy
+(as its last preflight recorded it in events.jsonl) and from the checkpoint it resumed from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptguard import retention
+from ckptguard.discovery import CheckpointInfo, SetAside
+from ckptguard.events import read_events
+from ckptguard.units import format_bytes
+
+LS_HEADER = ["  NAME", "STEP", "STATUS", "SIZE", "METRICS", "KEPT BECAUSE"]
+
+ASIDE_WHY = {
+    "superseded": "an older directory of this name, replaced by a newer save",
+    "corrupt": "failed verification right after it was written",
+    "unfinished": "LATEST could not be updated; the save was reported failed",
+}
+
+
+def run_policy(run_dir: Path) -> tuple[retention.RetentionPolicy, frozenset[str]]:
+    """The retention policy and resumed-from checkpoint the run last recorded in events.jsonl."""
+    policy, protected = retention.RetentionPolicy(), frozenset()
+    for event in read_events(run_dir):
+        if event.get("event") == "preflight" and isinstance(event.get("policy"), dict):
+            try:
+                policy = retention.RetentionPolicy(**event["policy"])
+            except (TypeError, ValueError):
+                continue
+        elif event.get("event") == "resume" and isinstance(event.get("path"), str):
+            protected = frozenset({Path(event["path"]).name})
+    return policy, protected
+
+
+def keep_reasons(run_dir: Path, found: list[CheckpointInfo]) -> dict[str, list[str]]:
+    """Why the run's own retention policy keeps each valid checkpoint (an empty list: it would prune it)."""
+    policy, protected = run_policy(run_dir)
+    return retention.plan(found, policy, protected)
+
+
+def ls_rows(
+    found: list[CheckpointInfo], keep: dict[str, list[str]], latest: str | None, aside: list[SetAside] | None = None
+) -> list[list[str]]:
+    """The rows of `ckptguard ls` under LS_HEADER: checkpoints, then directories set aside."""
+    rows = []
+    for c in found:
+        status = "valid" if c.valid else f"INVALID: {c.reason}"
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
+        why = ", ".join(keep.get(c.name, [])) if c.valid else "never loaded"
+        rows.append(
+            [("* " if c.name == latest else "  ") + c.name, str(c.step), status, format_bytes(c.bytes), metrics, why]
+        )
+    for a in aside or []:
+        rows.append(["  " + a.name, str(a.step), f"set aside: {ASIDE_WHY[a.kind]}", "", "", "never loaded"])
+    return rows
