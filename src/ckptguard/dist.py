@@ -99,6 +99,7 @@ class Coordinator:
                 step=step,
                 rank=absent[0] if absent and len(absent) == 1 else None,
             ) from exc
+        self._store_call(lambda store: store.delete_key(f"{key}{self.rank}"))  # a long run leaves no keys behind
 
     def _store_call(self, fn: Callable[[Any], T]) -> T | None:
         """A store operation for diagnosis only: never the reason a save fails or hangs."""
