@@ -1,4 +1,4 @@
-"""Shared pieces of the Higgs Audio tests: the tiny run config and a seeded data set written once per session."""
+"""Shared pieces of the Higgs Audio tests (imported first: the whole module skips outside the Higgs environment)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("boson_multimodal", reason="the Higgs Audio tests run in the Higgs environment (make test-higgs)")
 
-from ckptguard.train.higgs.synthetic import write_dataset  # noqa: E402
 
 HIGGS_CONFIG = Path(__file__).parent.parent / "src" / "ckptguard" / "train" / "configs" / "higgs-audio.toml"
 
@@ -32,9 +31,3 @@ def tiny_higgs(data: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:
         *extra,
     ]
     return ["--config", str(HIGGS_CONFIG), *(arg for v in values for arg in ("--set", v))]
-
-
-@pytest.fixture(scope="session")
-def higgs_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic data set (40 records), shared by every Higgs test of the session."""
-    return write_dataset(tmp_path_factory.mktemp("higgs-data"), records=40, seed=0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from higgs_kit import higgs_data  # noqa: F401  (fixture)
 
+import higgs_kit  # noqa: F401  (skips this module outside the Higgs environment)
 from ckptguard.train.config import load_config
 from ckptguard.train.data import DataError
 from ckptguard.train.higgs.backend import HiggsAudioBackend

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from higgs_kit import higgs_data  # noqa: F401  (fixture)
 
+import higgs_kit  # noqa: F401  (skips this module outside the Higgs environment)
 from ckptguard.train.config import load_config
 from ckptguard.train.higgs.backend import HiggsAudioBackend
 from ckptguard.train.higgs.loss import higgs_loss

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("boson_multimodal", reason="the Higgs Audio tests run in the Higgs environment (make test-higgs)")
 
-from ckptguard.train.higgs.model import DEFAULT_TARGETS  # noqa: E402
-from ckptguard.train.higgs.sizing import RELEASED_3B, lora_size  # noqa: E402
+from ckptguard.train.higgs.model import DEFAULT_TARGETS
+from ckptguard.train.higgs.sizing import RELEASED_3B, lora_size
 
 
 @pytest.mark.parametrize(("r", "targets"), [(16, DEFAULT_TARGETS), (4, ("q_proj", "down_proj", "audio_lm_head"))])
