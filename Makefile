@@ -40,7 +40,7 @@ test-core: $(VENV)/.installed lint
 
 # The Higgs tests and the core and trainer tests again, on the older transformers/peft stack.
 test-higgs: $(HVENV)/.installed
-	$(HPY) -m pytest -q -ra -m "not slow" tests
+	$(HPY) -m pytest -q -ra
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench examples
