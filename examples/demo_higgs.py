@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from demo import say, train_until_killed
-
 from ckptguard.train.higgs.synthetic import write_dataset
+from demo import say, train_until_killed
 
 DATA_DIR = Path("runs/higgs-data")
 RUN_DIR = Path("runs/higgs-demo")
