@@ -131,3 +131,41 @@ def test_export_adapter_and_merged_model(trained: Path, tmp_path: Path) -> None:
     backend = HiggsAudioBackend(config_from_dict(_saved_config(trained), "test").model)
     assert not any("lora" in k for k in merged.state_dict())
     assert backend.probe_logits(merged).isfinite().all()
+
+
+def test_preflight_estimate_covers_a_real_higgs_checkpoint(trained: Path, higgs_data: Path) -> None:
+    """Preflight sizes checkpoints from the model built on the meta device; a real one must fit in it."""
+    from ckptguard.train.config import load_config
+    from ckptguard.train.recipe import LoRARecipe
+
+    args = tiny_higgs(higgs_data, trained.parent, steps=3)
+    cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
+    recipe = LoRARecipe(cfg)
+    recipe.backend = HiggsAudioBackend(cfg.model)
+    estimate = recipe._checkpoint_bytes()
+    written = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file())
+    assert written <= estimate < 2 * written + 256 * 1024
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path: Path, higgs_data: Path) -> None:
+    args = tiny_higgs(higgs_data, tmp_path / "run", "checkpoint.save_every=100", steps=40)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ckptguard.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith("step 2/"):
+                child.send_signal(signal.SIGTERM)
+                break
+        text = child.communicate(timeout=120)[0]
+    finally:
+        child.kill()
+    assert child.returncode == 75, text
+    stopped = int(text.split("stopped by SIGTERM: step ")[1].split("/")[0])
+    assert (tmp_path / "run" / f"checkpoint-{stopped}" / "adapter_model.safetensors").is_file() and stopped < 40
