@@ -14,6 +14,8 @@ An ``audio_url`` names a code file (``.npy`` or ``.safetensors`` holding one ``8
 codes in [0, 1024)), relative to the JSONL file. Training never runs the audio tokenizer: a waveform
 is an error naming the line and the ``encode`` step that turns it into codes once. Code files are read
 without pickle. The assistant's audio is what the model learns to produce; at least one is required.
+``speaker`` is checked and kept with the record, as the Higgs tools keep it; the model takes no speaker
+input (the voice comes from the reference audio).
 """
 
 from __future__ import annotations
