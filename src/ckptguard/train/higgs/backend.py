@@ -13,6 +13,7 @@ from ckptguard.train.higgs import model as higgs_model
 from ckptguard.train.higgs.loss import higgs_loss
 from ckptguard.train.higgs.records import read_records
 from ckptguard.train.higgs.samples import HiggsBatch, HiggsSamples, collate, make_collator, render
+from ckptguard.train.higgs.synthetic import probe_record
 
 DEMO_HINT = "python -m ckptguard.train.higgs.synthetic DIR writes a small seeded data set to try it with"
 
@@ -78,8 +79,5 @@ class HiggsAudioBackend(Backend):
 
     def probe_batch(self) -> HiggsBatch:
         """A fixed two-turn sample with reference and target audio, independent of any data file."""
-        from ckptguard.train.higgs.records import HiggsRecord
-        from ckptguard.train.higgs.synthetic import probe_record
-
-        record: HiggsRecord = probe_record()
-        return collate(self.collator, [render(record, self.tokenizer, self.config, 1 << 30)], torch.device("cpu"))
+        sample = render(probe_record(), self.tokenizer, self.config, seq_len=1 << 30)
+        return collate(self.collator, [sample], torch.device("cpu"))
