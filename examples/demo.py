@@ -31,10 +31,10 @@ def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def train_until_killed(after: str, delay: float) -> None:
+def train_until_killed(after: str, delay: float, train: list[str] = TRAIN, run_dir: Path = RUN_DIR) -> None:
     """Run the trainer; once LATEST names `after`, wait `delay` seconds and SIGKILL it."""
-    child = subprocess.Popen(TRAIN)
-    latest = RUN_DIR / "LATEST"
+    child = subprocess.Popen(train)
+    latest = run_dir / "LATEST"
     while child.poll() is None:
         if latest.is_file() and latest.read_text().strip() == after:
             time.sleep(delay)

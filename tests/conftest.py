@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,6 +51,14 @@ def make_lora_model(seed: int = 0, r: int = 4) -> Any:
 @pytest.fixture
 def training_state() -> dict[str, Any]:
     return make_training_state()
+
+
+@pytest.fixture(scope="session")
+def higgs_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded synthetic Higgs Audio data set (40 records), written once for every Higgs test."""
+    from ckptguard.train.higgs.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("higgs-data"), records=40, seed=0)
 
 
 @pytest.fixture(autouse=True)

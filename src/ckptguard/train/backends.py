@@ -5,8 +5,10 @@
                    the same config always gives the very same base weights (so a checkpoint's adapter
                    can be loaded back onto it anywhere).
 * ``hf-causal-lm`` any Hugging Face causal LM in a local directory, tokenizer from the same directory.
+* ``higgs-audio``  Higgs Audio v2 (text + 8 audio codebooks), in ``ckptguard.train.higgs``; it needs
+                   boson-multimodal, so it is imported only when chosen.
 
-Both train with the same next-token loss; the trainer and export only ever talk to :class:`Backend`.
+The first two train with the same next-token loss; the trainer and export only ever talk to :class:`Backend`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ckptguard.train.config import ConfigError, ModelConfig
-from ckptguard.train.data import Blocks
+from ckptguard.train.config import ConfigError, DataConfig, ModelConfig
+from ckptguard.train.data import Blocks, make_blocks, read_jsonl, shipped_corpus, split
 from ckptguard.train.tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _MAX_POSITIONS = 4096  # RoPE has no weights: this bounds seq_len without changing the model
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Backend:
     """A causal LM and its tokenizer; subclasses only say how to build the base model."""
 
     name = ""
+    peft_task_type: str | None = "CAUSAL_LM"  # PEFT's wrapper class for this model family
 
     def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer) -> None:
         self.cfg = cfg
@@ -67,6 +78,24 @@ class Backend:
         """The frozen base model (PEFT adds the adapter); ``device="meta"`` only describes its shapes."""
         raise NotImplementedError
 
+    def load_pretrained(self, path: str) -> torch.nn.Module:
+        """A base model saved in Hugging Face layout at `path` (export's ``--base``, the merged model's reload)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(_DTYPES[self.cfg.dtype]))
+
+    def load_data(self, data: DataConfig) -> tuple[Blocks, Blocks]:
+        """(train, eval) data: JSONL text or chat records, held-out split, tokenized into blocks."""
+        records = read_jsonl(data.train or shipped_corpus())
+        if data.eval:
+            train, held_out = records, read_jsonl(data.eval)
+        else:
+            train, held_out = split(records, data.eval_fraction, data.seed)
+        tok = self.tokenizer
+        return make_blocks(train, tok, data.seq_len, data.packing), make_blocks(
+            held_out, tok, data.seq_len, data.packing
+        )
+
     def batch(self, blocks: Blocks, indices: list[int], device: torch.device) -> Batch:
         idx = torch.tensor(indices, dtype=torch.long)
         return Batch(
@@ -75,10 +104,20 @@ class Backend:
             blocks.attention_mask[idx].to(device, non_blocking=True),
         )
 
+    def trained_tokens(self, batch: Batch) -> int:
+        """Targets the loss of `batch` trains on, counted before the forward (the step's normaliser)."""
+        return int(batch.labels[:, 1:].ne(IGNORE_INDEX).sum())
+
     def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, token count); the forward goes through `model`, wrappers (DDP) included."""
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return next_token_loss(out.logits, batch.labels)
+
+    @torch.no_grad()
+    def probe_logits(self, model: Any) -> torch.Tensor:
+        """The logits of a fixed probe input (export checks that a merged model reproduces them)."""
+        probe = torch.arange(min(64, self.tokenizer.vocab_size), dtype=torch.long).unsqueeze(0)
+        return model(input_ids=probe).logits
 
 
 class TinyLlamaBackend(Backend):
@@ -140,11 +179,20 @@ class HFCausalLMBackend(Backend):
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config)
         model = AutoModelForCausalLM.from_pretrained(
-            self.cfg.path, dtype=_DTYPES[self.cfg.dtype], local_files_only=True
+            self.cfg.path, local_files_only=True, **dtype_kwarg(_DTYPES[self.cfg.dtype])
         )
         return model.to(device)
 
 
 def build_backend(cfg: ModelConfig) -> Backend:
     """The backend named by ``model.backend`` (the config has already checked the name)."""
+    if cfg.backend == "higgs-audio":
+        try:
+            from ckptguard.train.higgs.backend import HiggsAudioBackend
+        except ImportError as exc:
+            raise ConfigError(
+                f"model.backend: higgs-audio needs boson-multimodal and transformers 4.46 ({exc}); "
+                "set up its environment with `make .venv-higgs/.installed` and run the trainer from there"
+            ) from None
+        return HiggsAudioBackend(cfg)
     return {"tiny-llama": TinyLlamaBackend, "hf-causal-lm": HFCausalLMBackend}[cfg.backend](cfg)

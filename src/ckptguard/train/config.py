@@ -120,7 +120,7 @@ class RunConfig:
 
 # Fields whose values are a closed set.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.backend": ("tiny-llama", "hf-causal-lm"),
+    "model.backend": ("tiny-llama", "hf-causal-lm", "higgs-audio"),
     "model.dtype": ("float32", "bfloat16"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -53,12 +53,11 @@ def _saved_config(ckpt: Path) -> dict[str, Any]:
 def _load(ckpt: Path, backend: Backend, base: str | None) -> Any:
     """Base model (from --base, else rebuilt as the run built it) plus the checkpoint's verified adapter."""
     from peft import PeftConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     if base is not None:
         if not (Path(base) / "config.json").is_file():
             raise ConfigError(f"--base {base} is not a local Hugging Face model directory (no config.json there)")
-        base_model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+        base_model = backend.load_pretrained(base)
     else:
         base_model = backend.build_model("cpu")
     model = get_peft_model(base_model, PeftConfig.from_pretrained(ckpt))
@@ -68,8 +67,7 @@ def _load(ckpt: Path, backend: Backend, base: str | None) -> Any:
 
 @torch.no_grad()
 def _export_merged(model: Any, backend: Backend, out: Path) -> Path:
-    probe = torch.arange(min(64, backend.tokenizer.vocab_size), dtype=torch.long).unsqueeze(0)
-    expected = model(input_ids=probe).logits
+    expected = backend.probe_logits(model)
     merged = model.merge_and_unload()
     staging = None
     try:
@@ -78,7 +76,7 @@ def _export_merged(model: Any, backend: Backend, out: Path) -> Path:
         merged.save_pretrained(staging, safe_serialization=True)
         if hasattr(backend.tokenizer, "hf"):
             backend.tokenizer.hf.save_pretrained(staging)
-        _check_merged(staging, merged, probe, expected)
+        _check_merged(staging, merged, backend, expected)
         files = writer.adopt_files(staging)
     except (OSError, ValueError, CheckpointError) as exc:
         if staging is not None:
@@ -94,15 +92,13 @@ def _export_merged(model: Any, backend: Backend, out: Path) -> Path:
     return publish.publish(staging, out, manifest, level="full").path
 
 
-def _check_merged(staging: Path, merged: Any, probe: torch.Tensor, expected: torch.Tensor) -> None:
+def _check_merged(staging: Path, merged: Any, backend: Backend, expected: torch.Tensor) -> None:
     """Reload what was written: same tensors as in memory, and the adapter's outputs within float tolerance."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, local_files_only=True, dtype=merged.dtype).eval()
+    reloaded = backend.load_pretrained(str(staging)).to(merged.dtype).eval()
     written, live = reloaded.state_dict(), merged.state_dict()
     differing = sorted(k for k in live if k not in written or not torch.equal(written[k], live[k]))
     if differing:
         raise VerificationError(f"merged model reloads with different tensors, e.g. {differing[0]!r}", path=staging)
-    drift = (reloaded(input_ids=probe).logits - expected).abs().max().item()
+    drift = (backend.probe_logits(reloaded) - expected).abs().max().item()
     if drift > 1e-3:
         raise VerificationError(f"merged model's logits differ from the adapter's by {drift:.2e}", path=staging)

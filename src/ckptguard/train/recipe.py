@@ -29,8 +29,7 @@ from ckptguard.report import write_report
 from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
 from ckptguard.train.config import RESUME_KEYS, ConfigError, RunConfig, config_diff
-from ckptguard.train.data import Blocks, SampleOrder, make_blocks, read_jsonl, shipped_corpus, split
-from ckptguard.train.tokenizer import IGNORE_INDEX
+from ckptguard.train.data import Blocks, SampleOrder
 
 
 class ResumeMismatchError(ConfigError):
@@ -101,14 +100,7 @@ class LoRARecipe:
         self._resume()
 
     def _load_data(self) -> tuple[Blocks, Blocks]:
-        d = self.cfg.data
-        records = read_jsonl(d.train or shipped_corpus())
-        if d.eval:
-            train, held_out = records, read_jsonl(d.eval)
-        else:
-            train, held_out = split(records, d.eval_fraction, d.seed)
-        tok = self.backend.tokenizer
-        return make_blocks(train, tok, d.seq_len, d.packing), make_blocks(held_out, tok, d.seq_len, d.packing)
+        return self.backend.load_data(self.cfg.data)  # each model family reads its own data format
 
     def _peft_model(self, base: torch.nn.Module) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -119,7 +111,7 @@ class LoRARecipe:
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
+            task_type=self.backend.peft_task_type,
         )
         try:
             return get_peft_model(base, config)
@@ -228,7 +220,7 @@ class LoRARecipe:
                 batches = self._next_batches()
                 # 2. Trained tokens of the whole step on all ranks (and any stop request): the loss is a sum
                 #    over tokens divided by this count, so accumulation and DDP equal one big batch.
-                local = sum(float(b.labels[:, 1:].ne(IGNORE_INDEX).sum()) for b in batches)
+                local = float(sum(self.backend.trained_tokens(b) for b in batches))
                 total_tokens, stops = rt.all_reduce_sum([local, float(stop.received is not None)])
                 # 3. Forward, backward, clip, step, schedule.
                 loss_sum += self._train_step(batches, total_tokens)
