@@ -129,6 +129,8 @@ def parse_json(data: bytes, what: str) -> Any:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON syntax, int digit limit
         raise ManifestError(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return doc  # cannot nest deeper than it has brackets: most manifests stop here, cheaply
     stack = [(doc, 1)]
     while stack:  # iterative, so checking the depth cannot itself recurse too deep
         value, depth = stack.pop()
