@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +47,32 @@ def make_lora_model(seed: int = 0, r: int = 4) -> Any:
             if "lora_B" in name:
                 p.normal_()
     return model
+
+
+def save_tiny_hf_model(path: Path, poisoned: str = "") -> None:
+    """A local Hugging Face causal LM directory: tiny Llama weights and a byte-level BPE tokenizer.
+
+    The input embedding of each character in `poisoned` is inf: a sequence holding one has a
+    non-finite loss and gradient, as a diverging model would, while the others train normally.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf_tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, bos_token_id=256, eos_token_id=257)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for token_id in hf_tok.convert_tokens_to_ids(list(poisoned)):
+            model.model.embed_tokens.weight[token_id] = math.inf
+    model.save_pretrained(path)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ Both train with the same next-token loss; the trainer and export only ever talk 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +141,25 @@ class HFCausalLMBackend(Backend):
             config = AutoConfig.from_pretrained(self.cfg.path, local_files_only=True)
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.cfg.path, dtype=_DTYPES[self.cfg.dtype], local_files_only=True
-        )
+        with no_hf_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                self.cfg.path, dtype=_DTYPES[self.cfg.dtype], local_files_only=True
+            )
         return model.to(device)
+
+
+@contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """Transformers draws progress bars on stderr while it loads and saves weights; the CLI reports itself."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_backend(cfg: ModelConfig) -> Backend:

@@ -13,6 +13,7 @@ the message names the field, what it got, and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -84,6 +85,7 @@ class TrainConfig:
     precision: str
     device: str
     progress_bar: bool
+    on_nonfinite: str
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("stop", "skip"),
     "checkpoint.mode": ("min", "max"),
     "checkpoint.verify": ("quick", "full", "deep"),
 }
@@ -156,6 +159,8 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "checkpoint.keep_best": (0, None),
     "checkpoint.timeout_s": (1, None),
 }
+# Numbers that may not be 0: LoRA's output is scaled by alpha and each update by lr, so 0 trains nothing.
+_NOT_ZERO = ("lora.alpha", "optim.lr")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -243,6 +248,10 @@ def _check(name: str, value: Any, hint: Any) -> Any:
         return tuple(value)
     if type(value) is not hint:
         raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if name in _NOT_ZERO and value == 0:
+        raise ConfigError(f"{name}: expected a value > 0, got {value!r}; with 0 training changes nothing")
     if name in _CHOICES and value not in _CHOICES[name]:
         allowed = ", ".join(repr(c) for c in _CHOICES[name])
         raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}")

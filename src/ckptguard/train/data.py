@@ -66,17 +66,29 @@ def read_jsonl(path: str | Path) -> list[Record]:
     """Read and validate every line; the first bad line raises DataError naming the file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f'{path}: no such file; expected a JSONL file of {{"text": ...}} records') from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it as UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    lines = [_decode_line(str(path), n, line) for n, line in enumerate(raw.split(b"\n"), 1)]
     records = [_parse_line(str(path), n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if not records:
         raise DataError(
             f'{path}: the file is empty; expected one JSON object per line, e.g. {{"text": "Once upon a time"}}'
         )
     return records
+
+
+def _decode_line(source: str, n: int, line: bytes) -> str:
+    """One line as text; bad UTF-8 is reported by line and column, where an editor can find it."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{source}:{n}: invalid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def _parse_line(source: str, n: int, line: str) -> Record:
@@ -107,11 +119,16 @@ def _check_messages(where: str, messages: Any) -> tuple[dict[str, str], ...]:
             )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f'{where}: no "assistant" message; chat records train on the assistant\'s replies')
+    for i, m in enumerate(messages):  # as an empty "text" is: there would be nothing to learn but the EOS
+        if m["role"] == "assistant" and not m["content"]:
+            raise DataError(f'{where}: messages[{i}] is an empty "assistant" message; its "content" must not be empty')
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
 def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out a seeded random ``eval_fraction`` of the records (at least one) for the eval loss."""
+    """Hold out a seeded random ``eval_fraction`` of the records (at least one; none when it is 0)."""
+    if eval_fraction == 0:
+        return records, []
     if len(records) < 2:
         raise DataError(
             f"{records[0].source}: only {len(records)} record; holding out eval records needs at least 2 "

@@ -6,7 +6,11 @@ the LR schedule, every rank's RNG streams, the data position, the step and the r
 On CPU a run killed with SIGKILL and resumed ends with the same adapter, bit for bit, as a run that
 was never interrupted.
 
-``train()`` returns EXIT_OK, or EXIT_PREEMPTED after SIGTERM/SIGUSR1 and a final save; errors raise.
+A step's update is applied only when every rank's loss and gradient norm are finite, so nothing
+non-finite is ever trained into the adapter or saved; by default such a step stops the run.
+
+``train()`` returns EXIT_OK, or EXIT_PREEMPTED after SIGTERM/SIGUSR1/SIGINT (watched from start-up
+on, by the caller's PreemptionWatcher) and a final save; errors raise.
 """
 
 from __future__ import annotations
@@ -15,43 +19,29 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ckptguard import CheckpointManager, RNGState, SaveResult, per_rank
+from ckptguard import CheckpointManager, RNGState, per_rank
 from ckptguard.preemption import PreemptionWatcher
-from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, runtime
+from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
-from ckptguard.train.config import RESUME_KEYS, ConfigError, RunConfig, config_diff
+from ckptguard.train.config import ConfigError, RunConfig, config_diff
 from ckptguard.train.data import Blocks, SampleOrder, make_blocks, read_jsonl, shipped_corpus, split
+from ckptguard.train.resume import apply_optim_settings, check_resumable
+from ckptguard.train.summary import Progress, already_finished, resume_hint, summary
 from ckptguard.train.tokenizer import IGNORE_INDEX
 
 
-class ResumeMismatchError(ConfigError):
-    """The checkpoint was written for another model, adapter shape or training data."""
-
-
-@dataclass
-class Progress:
-    """What the summary reports about this invocation (a resumed run counts from its resume step)."""
-
-    start_step: int = 0
-    step: int = 0
-    train_loss: float = math.nan
-    first_eval: tuple[int, float] | None = None
-    last_eval: tuple[int, float] | None = None
-    save_seconds: float = 0.0
-    saves: list[SaveResult] = field(default_factory=list)
-
-
 class LoRARecipe:
-    def __init__(self, cfg: RunConfig, resume: str = "auto") -> None:
+    def __init__(self, cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timeline: bool = False):
         self.cfg = cfg
+        self.stop = stop
         self.resume = resume
+        self.new_timeline = new_timeline
         self.progress = Progress()
         self.manager: CheckpointManager | None = None
         self.rt: runtime.Runtime | None = None
@@ -66,8 +56,15 @@ class LoRARecipe:
         # 2. Data before the model: a bad line fails in a second, not after loading weights.
         self.train_blocks, self.eval_blocks = self._load_data()
         self.order = SampleOrder(len(self.train_blocks), cfg.data.seed)
-        # 3. Preflight before the weights load: an unusable output_dir stops the run now, with its
-        #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state).
+        t = cfg.train
+        self._warn(guards.repeated_blocks(len(self.train_blocks), t.batch_size * t.grad_accum * rt.world_size))
+        # 3. The model's shapes alone (meta device, no weights): every lora.target_modules entry must
+        #    match a module, since PEFT would silently leave one out and train a smaller adapter.
+        meta = self.backend.build_model("meta")
+        guards.check_lora_targets(meta, cfg.lora.target_modules)
+        # 4. Preflight before the weights load: an unusable output_dir stops the run now, with its
+        #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state); so does
+        #    a --resume that names no checkpoint or would start over among another run's checkpoints.
         self.manager = CheckpointManager(
             cfg.checkpoint.output_dir,
             keep_last=cfg.checkpoint.keep_last or None,
@@ -75,12 +72,13 @@ class LoRARecipe:
             metric=cfg.checkpoint.metric or None,
             mode=cfg.checkpoint.mode,
             verify=cfg.checkpoint.verify,
-            expected_bytes=self._checkpoint_bytes(),
+            expected_bytes=self._checkpoint_bytes(meta),
             async_save=cfg.checkpoint.async_save,
             create_parents=True,
             timeout_s=cfg.checkpoint.timeout_s,
         )
-        # 4. Model: the LoRA init draws from train.seed on every rank alike; dropout then draws per rank.
+        self._check_resume_request()
+        # 5. Model: the LoRA init draws from train.seed on every rank alike; dropout then draws per rank.
         runtime.seed_everything(cfg.train.seed)
         self.model = self._peft_model(self.backend.build_model(rt.device))
         runtime.seed_everything(cfg.train.seed + rt.rank)
@@ -93,10 +91,11 @@ class LoRARecipe:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        # 5. Resume (or not) into the objects just built.
+        # 6. Resume (or not) into the objects just built.
         self._resume()
 
-    def _load_data(self) -> tuple[Blocks, Blocks]:
+    def _load_data(self) -> tuple[Blocks, Blocks | None]:
+        """Train and eval blocks; no eval blocks (eval off) when data.eval_fraction is 0 and data.eval unset."""
         d = self.cfg.data
         records = read_jsonl(d.train or shipped_corpus())
         if d.eval:
@@ -104,7 +103,16 @@ class LoRARecipe:
         else:
             train, held_out = split(records, d.eval_fraction, d.seed)
         tok = self.backend.tokenizer
-        return make_blocks(train, tok, d.seq_len, d.packing), make_blocks(held_out, tok, d.seq_len, d.packing)
+        eval_blocks = make_blocks(held_out, tok, d.seq_len, d.packing) if held_out else None
+        return make_blocks(train, tok, d.seq_len, d.packing), eval_blocks
+
+    def _check_resume_request(self) -> None:
+        """An explicit checkpoint must be one; a fresh start over another run's checkpoints must be meant."""
+        assert self.manager is not None
+        if self.resume == "none":
+            self._warn(guards.check_fresh_start(self.manager.run_dir, self.manager.list(), self.new_timeline))
+        elif self.resume != "auto":
+            guards.check_resume_path(Path(self.resume))
 
     def _peft_model(self, base: torch.nn.Module) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -122,9 +130,9 @@ class LoRARecipe:
         except ValueError as exc:  # PEFT's own message lists what it could not find
             raise ConfigError(f"lora.target_modules: {exc}") from None
 
-    def _checkpoint_bytes(self) -> int:
-        """Bytes of one checkpoint, from the model's shapes alone (built on the meta device, no weights)."""
-        model = self._peft_model(self.backend.build_model("meta"))
+    def _checkpoint_bytes(self, meta: torch.nn.Module) -> int:
+        """Bytes of one checkpoint, from the model's shapes alone (`meta`: on the meta device, no weights)."""
+        model = self._peft_model(meta)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         return 3 * trainable + 256 * 1024  # adapter, AdamW exp_avg and exp_avg_sq, JSON and RNG state
 
@@ -159,97 +167,89 @@ class LoRARecipe:
         # The identity is checked after the checkpoint is read and verified, before anything loads:
         # a mismatch is refused with a diff and the freshly built objects stay as they are.
         restored = self.manager.restore(
-            self._state(), path=path, check=lambda r: self._check_resumable(r.values, r.path)
+            self._state(), path=path, check=lambda r: check_resumable(r.values, self._identity(), r.path)
         )
         if restored is None:
             return
-        self._apply_changed_settings(restored.values["config"])
+        # Other changes take effect on resume.
+        self._report_changed_settings(restored.values["config"])
+        apply_optim_settings(self.optimizer, self.scheduler, self.cfg.optim)
         self.progress.start_step = self.progress.step = restored.step
         if "eval_loss" in restored.metrics:
             self.progress.first_eval = (restored.step, restored.metrics["eval_loss"])
         if self.rt and self.rt.is_primary:
             tqdm.write(f"resumed from {restored.path} at step {restored.step}")
 
-    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        current = self._identity()
-        breaking = config_diff(
-            {k: saved["config"].get(k) for k in RESUME_KEYS}, {k: current["config"][k] for k in RESUME_KEYS}
-        )
-        lines = [f"  {key}: checkpoint has {old!r}, this run has {new!r}" for key, old, new in breaking]
-        if saved["train_data"] != current["train_data"]:
-            lines.append(
-                f"  training data: checkpoint has blocks {saved['train_data']}, this run has {current['train_data']} "
-                "(data.train, data.eval, data.seq_len, data.packing, data.eval_fraction or data.seed changed, "
-                "or the file was edited)"
-            )
-        if lines:
-            raise ResumeMismatchError(
-                f"cannot resume from {path}: this run's config differs in what the checkpoint's state "
-                "depends on:\n" + "\n".join(lines) + "\nRestore those values (--set key=value), resume from "
-                "another checkpoint (--resume PATH), or start afresh in another checkpoint.output_dir."
-            )
-
-    def _apply_changed_settings(self, saved_config: dict[str, Any]) -> None:
-        """Other changes take effect on resume: this run's optimizer settings replace the restored ones."""
+    def _report_changed_settings(self, saved_config: dict[str, Any]) -> None:
         changed = config_diff(saved_config, self.cfg.to_dict())
         if changed and self.rt and self.rt.is_primary:
             tqdm.write("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
-        o = self.cfg.optim
-        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group.update(betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
 
     # ---- train -----------------------------------------------------------------------------------
 
     def train(self) -> int:
-        cfg, rt, p = self.cfg.train, self.rt, self.progress
+        cfg, rt, p, stop = self.cfg.train, self.rt, self.progress, self.stop
         assert rt is not None
         wall_start = time.perf_counter()
+        # A signal during start-up (config, data, model, resume): stop before the first step, every
+        # rank alike; there is nothing new to save.
+        if rt.all_reduce_sum([float(stop.received is not None)])[0] > 0:
+            return self._stopped_before_training()
         if p.step >= cfg.max_steps:
-            return self._finish(wall_start, f"nothing to do: the run is already at step {p.step}")
+            return self._already_finished()
         bar = tqdm(
             total=cfg.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
             disable=not (cfg.progress_bar and rt.is_primary and sys.stderr.isatty()),  # logs stay readable
         )  # fmt: skip
-        if p.first_eval is None:  # the loss before training, the baseline of the summary
-            p.first_eval = (p.step, self.evaluate())
-            self._log(bar, f"step {p.step}: eval_loss {p.first_eval[1]:.4f}")
-        loss_sum, loss_tokens = 0.0, 0.0  # since the last log line, on this rank
-        with PreemptionWatcher() as stop, bar:
+        if p.first_eval is None and self.eval_blocks is not None:  # the loss before training: the baseline
+            p.first_eval = (p.step, self._evaluate_finite(bar, p.step))
+        loss_sum, loss_tokens = 0.0, 0.0  # of the applied steps since the last log line, all ranks
+        with bar:
             while p.step < cfg.max_steps:
                 p.step += 1
                 step = p.step
-                # 1. This step's blocks: every rank takes its own slice of each micro-batch.
-                batches = self._next_batches()
-                # 2. Trained tokens of the whole step on all ranks (and any stop request): the loss is a sum
-                #    over tokens divided by this count, so accumulation and DDP equal one big batch.
-                local = sum(float(b.labels[:, 1:].ne(IGNORE_INDEX).sum()) for b in batches)
-                total_tokens, stops = rt.all_reduce_sum([local, float(stop.received is not None)])
-                # 3. Forward, backward, clip, step, schedule.
-                loss_sum += self._train_step(batches, total_tokens)
-                loss_tokens += local
-                # 4. Log, eval, save (an eval before every save, so each checkpoint carries its eval_loss).
+                # 1. This step's blocks (this rank's slice of each micro-batch), and the trained tokens of
+                #    the whole step on all ranks, counted from the shared order without a collective.
+                batches, total_tokens = self._next_batches()
+                # 2. Forward and backward: the loss is a sum over tokens divided by the step's count, so
+                #    accumulation and DDP equal one big batch. Gradients are clipped, not yet applied.
+                local_loss, grad_norm = self._forward_backward(batches, total_tokens)
+                # 3. The step's one collective: its loss, whether any rank saw a non-finite loss or
+                #    gradient norm, and whether any rank got a stop signal; every rank decides alike.
+                nonfinite = float(not guards.is_finite(local_loss, grad_norm))
+                loss, bad, stops = rt.all_reduce_sum([local_loss, nonfinite, float(stop.received is not None)])
+                # 4. Apply the update only from finite numbers; otherwise stop (raises) or skip it.
+                if bad:
+                    self._nonfinite_step(bar, step, loss / total_tokens, grad_norm)
+                else:
+                    self.optimizer.step()
+                    loss_sum, loss_tokens = loss_sum + loss, loss_tokens + total_tokens
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                # 5. Log, eval, save (an eval before every save, so each checkpoint carries its eval_loss).
                 is_save = step % self.cfg.checkpoint.save_every == 0 or step == cfg.max_steps or stops > 0
                 if step % cfg.log_every == 0 or is_save:
-                    s, n = rt.all_reduce_sum([loss_sum, loss_tokens])
-                    p.train_loss, loss_sum, loss_tokens = s / max(n, 1), 0.0, 0.0
+                    p.train_loss = loss_sum / loss_tokens if loss_tokens else math.nan  # nan: all skipped
+                    loss_sum, loss_tokens = 0.0, 0.0
                     self._log(bar, f"step {step}/{cfg.max_steps}  loss {p.train_loss:.4f}  lr {self._lr():.2e}")
                     self._postfix(bar)
                 bar.update(1)
-                if is_save or step % cfg.eval_every == 0:
-                    p.last_eval = (step, self.evaluate())
-                    self._log(bar, f"step {step}: eval_loss {p.last_eval[1]:.4f}")
+                if self.eval_blocks is not None and (is_save or step % cfg.eval_every == 0):
+                    p.last_eval = (step, self._evaluate_finite(bar, step))
                 if is_save:
-                    self.save_checkpoint(step, {"eval_loss": p.last_eval[1], "train_loss": p.train_loss})
+                    self.save_checkpoint(step, self._metrics())
                     self._postfix(bar)
-                # 5. A preemption notice on any rank: we just saved, so stop with the distinct exit code.
+                # 6. A stop signal on any rank: we just saved, so stop with the distinct exit code.
                 if stops > 0:
                     by = stop.received.name if stop.received else "a signal on another rank"
                     return self._finish(wall_start, f"stopped by {by}", EXIT_PREEMPTED)
         return self._finish(wall_start, "done")
 
-    def _train_step(self, batches: list[Batch], total_tokens: float) -> float:
-        """One optimizer step over `batches`; returns this rank's summed token loss (for logging)."""
+    def _forward_backward(self, batches: list[Batch], total_tokens: float) -> tuple[float, float]:
+        """Gradients of one step over `batches`, clipped; returns this rank's summed token loss and the norm.
+
+        The norm is taken after DDP averaged the gradients, so it is the same number on every rank.
+        """
         rt = self.rt
         assert rt is not None
         loss_sum = 0.0
@@ -262,40 +262,64 @@ class LoRARecipe:
                 (total * rt.world_size / total_tokens).backward()
             loss_sum += total.item()  # a CPU-GPU sync point; cheap next to the step at this scale
         if self.cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return loss_sum, float(norm)
 
-    def _next_batches(self) -> list[Batch]:
-        """``grad_accum`` micro-batches of ``batch_size`` for this rank from the global order.
+    def _nonfinite_step(self, bar: tqdm, step: int, loss: float, grad_norm: float) -> None:
+        """A step whose update was not applied: raise (train.on_nonfinite = "stop") or count it as skipped."""
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        if self.cfg.train.on_nonfinite == "stop":
+            assert self.manager is not None
+            raise guards.diverged(step, what, self.manager.latest(), self.cfg.optim)
+        self.progress.skipped += 1
+        self._log(bar, f"step {step}: skipped ({what}): no update applied (train.on_nonfinite = skip)")
+
+    def _next_batches(self) -> tuple[list[Batch], float]:
+        """``grad_accum`` micro-batches of ``batch_size`` for this rank, and the step's trained tokens on all ranks.
 
         The global order is consumed ``world_size * batch_size`` blocks per micro-batch, rank r taking
         the r-th slice: 2 ranks x b blocks see exactly what 1 rank x 2b blocks would.
         """
         rt, b = self.rt, self.cfg.train.batch_size
         assert rt is not None
-        out = []
+        out, tokens = [], 0
         for _ in range(self.cfg.train.grad_accum):
             indices = self.order.take(b * rt.world_size)
+            tokens += int(self.train_blocks.labels[indices, 1:].ne(IGNORE_INDEX).sum())
             out.append(self.backend.batch(self.train_blocks, indices[rt.rank * b : (rt.rank + 1) * b], rt.device))
-        return out
+        return out, float(tokens)
+
+    def _evaluate_finite(self, bar: tqdm, step: int) -> float:
+        """The eval loss, logged; a non-finite one stops the run, as it could not be a checkpoint's metric."""
+        loss = self.evaluate()
+        self._log(bar, f"step {step}: eval_loss {loss:.4f}")
+        if not guards.is_finite(loss):
+            assert self.manager is not None
+            raise guards.diverged(step, f"eval loss {loss}", self.manager.latest(), self.cfg.optim, in_eval=True)
+        return loss
+
+    def _metrics(self) -> dict[str, float]:
+        """What a checkpoint records of its step: finite numbers only (no train loss if every step was skipped)."""
+        p = self.progress
+        metrics = {"eval_loss": p.last_eval[1]} if p.last_eval and self.eval_blocks is not None else {}
+        if guards.is_finite(p.train_loss):
+            metrics["train_loss"] = p.train_loss
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss over the first ``eval_batches`` batches of the eval set, all ranks together."""
-        rt, b = self.rt, self.cfg.train.batch_size
-        assert rt is not None
-        n = min(len(self.eval_blocks), self.cfg.train.eval_batches * b)
+        rt, b, blocks = self.rt, self.cfg.train.batch_size, self.eval_blocks
+        assert rt is not None and blocks is not None
+        n = min(len(blocks), self.cfg.train.eval_batches * b)
         mine = list(range(rt.rank, n, rt.world_size))
         total, count = 0.0, 0.0
         self.model.eval()
         for start in range(0, len(mine), b):
             with rt.autocast():
-                s, c = self.backend.loss(
-                    self.model, self.backend.batch(self.eval_blocks, mine[start : start + b], rt.device)
-                )
+                s, c = self.backend.loss(self.model, self.backend.batch(blocks, mine[start : start + b], rt.device))
             total, count = total + s.item(), count + c.item()
         self.model.train()
         total, count = rt.all_reduce_sum([total, count])
@@ -311,6 +335,11 @@ class LoRARecipe:
     def _log(self, bar: tqdm, line: str) -> None:
         if self.rt and self.rt.is_primary:
             bar.write(line)
+
+    def _warn(self, line: str | None) -> None:
+        """A start-up warning, on stderr, once (from the primary rank)."""
+        if line and self.rt and self.rt.is_primary:
+            print(line, file=sys.stderr, flush=True)
 
     # ---- save_checkpoint -------------------------------------------------------------------------
 
@@ -338,8 +367,27 @@ class LoRARecipe:
         self.progress.save_seconds += time.perf_counter() - start
         self.progress.saves = list(self.manager.results)
         if self.rt.is_primary:
-            print(summary(self.progress, outcome, time.perf_counter() - wall_start, self.manager, self.cfg), flush=True)
+            wall, eval_on = time.perf_counter() - wall_start, self.eval_blocks is not None
+            print(summary(self.progress, outcome, wall, self.manager, self.cfg, eval_on), flush=True)
+            if code == EXIT_PREEMPTED:
+                print(resume_hint(self.manager.latest()), flush=True)
         return code
+
+    def _stopped_before_training(self) -> int:
+        """A stop signal during start-up: no step was taken, so there is nothing new to save."""
+        assert self.manager is not None and self.rt is not None
+        if self.rt.is_primary:
+            by = self.stop.received.name if self.stop.received else "a signal on another rank"
+            print(f"stopped by {by} during start-up, before step {self.progress.step + 1}", flush=True)
+            print(resume_hint(self.manager.latest()), flush=True)
+        return EXIT_PREEMPTED
+
+    def _already_finished(self) -> int:
+        assert self.manager is not None and self.rt is not None
+        if self.rt.is_primary:
+            step, max_steps = self.progress.step, self.cfg.train.max_steps
+            print(already_finished(step, max_steps, self.manager.latest()), flush=True)
+        return EXIT_OK
 
     # ---- cleanup ---------------------------------------------------------------------------------
 
@@ -353,37 +401,9 @@ class LoRARecipe:
                 runtime.stop(self.rt)
 
 
-def summary(p: Progress, outcome: str, wall: float, mgr: CheckpointManager, cfg: RunConfig) -> str:
-    """The closing report: steps, losses, checkpoints, time spent saving, where the adapter is."""
-    kept = [c.name for c in mgr.list() if c.valid]
-    final = mgr.latest()
-    resumed = f" (resumed at step {p.start_step})" if p.start_step else ""
-    evals = " -> ".join(f"{loss:.4f} at step {s}" for s, loss in filter(None, (p.first_eval, p.last_eval))) or "-"
-    share = 100 * p.save_seconds / wall if wall > 0 else 0.0
-    return "\n".join(
-        [
-            f"{outcome}: step {p.step}/{cfg.train.max_steps}{resumed}, {wall:.1f} s",
-            f"  train loss   {p.train_loss:.4f}",
-            f"  eval loss    {evals}",
-            f"  checkpoints  {len(p.saves)} written and verified ({cfg.checkpoint.verify}) by this run; "
-            f"{len(kept)} valid in {mgr.run_dir}",
-            f"  saving       {p.save_seconds:.2f} s = {share:.1f}% of the training loop's wall time "
-            f"(per save: stall {_per_save(p.saves, 'stall_seconds')}, "
-            f"save to verified {_per_save(p.saves, 'seconds')})",
-            f"  adapter      {final.path if final else '-'}",
-        ]
-    )
-
-
-def _per_save(saves: list[SaveResult], field: str) -> str:
-    """Mean and max of one SaveResult timing; for async saves stall and save-to-verified differ."""
-    values = [getattr(s, field) for s in saves]
-    return f"mean {sum(values) / len(values):.3f} s, max {max(values):.3f} s" if values else "-"
-
-
-def run(cfg: RunConfig, resume: str = "auto") -> int:
+def run(cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timeline: bool = False) -> int:
     """Set up, train, clean up; errors propagate to the caller (commands.py maps them to exit codes)."""
-    recipe = LoRARecipe(cfg, resume)
+    recipe = LoRARecipe(cfg, stop, resume, new_timeline)
     try:
         recipe.setup()
         return recipe.train()
