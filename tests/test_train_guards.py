@@ -65,19 +65,26 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_good_checkpo
         assert_all_finite(out / f"checkpoint-{s}")
 
 
-def _poisoned_run(tmp_path: Path, *extra: str) -> list[str]:
-    """A Hugging Face model that cannot take POISON, 12 clean records and 2 holding POISON, one per step."""
+def poisoned_setup(tmp_path: Path, clean: int = 12) -> tuple[str, ...]:
+    """Config values: a Hugging Face model that cannot take POISON, `clean` records and 2 holding POISON.
+
+    Unpacked, each record is its own block; the eval file is clean.
+    """
     model_dir, data, held_out = tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     save_tiny_hf_model(model_dir, poisoned=POISON)
-    texts = [f"line {i}: all is well" for i in range(12)] + [f"line {POISON} one", f"line two {POISON}"]
+    texts = [f"line {i}: all is well" for i in range(clean)] + [f"line {POISON} one", f"line two {POISON}"]
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     held_out.write_text(json.dumps({"text": "a clean line to evaluate on"}) + "\n")
-    return tiny(
-        tmp_path / "run",
+    return (
         "model.backend=hf-causal-lm", f"model.path={model_dir}", f"data.train={data}", f"data.eval={held_out}",
-        "data.packing=false", "data.seq_len=24", "train.batch_size=1", f"train.max_steps={len(texts)}",
-        "checkpoint.save_every=7", 'lora.target_modules=["q_proj", "v_proj"]', *extra,
+        "data.packing=false", "data.seq_len=24", 'lora.target_modules=["q_proj", "v_proj"]',
     )  # fmt: skip
+
+
+def _poisoned_run(tmp_path: Path, *extra: str) -> list[str]:
+    """One poisoned run on one process, one record per step for one epoch."""
+    values = ("train.batch_size=1", "train.max_steps=14", "checkpoint.save_every=7", *extra)
+    return tiny(tmp_path / "run", *poisoned_setup(tmp_path), *values)
 
 
 def test_skip_mode_skips_exactly_the_non_finite_steps_and_trains_on_the_rest(

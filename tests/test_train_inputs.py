@@ -17,6 +17,7 @@ from ckptguard.train.backends import next_token_loss
 from ckptguard.train.config import load_config
 from ckptguard.train.data import SampleOrder, make_blocks, read_jsonl
 from ckptguard.train.tokenizer import IGNORE_INDEX, ByteTokenizer, encode_chat
+from conftest import save_tiny_hf_model
 
 
 def train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -73,6 +74,16 @@ def test_hf_model_path_that_is_no_model_directory(tmp_path: Path, capsys: pytest
         f"error: model.path: {tmp_path} is not a local Hugging Face model directory (no config.json there); "
         "point it at a directory written by save_pretrained"
     )
+    save_tiny_hf_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # config and tokenizer, but no weights
+    capsys.readouterr()
+    out = tmp_path / "run"
+    err = train_error(
+        capsys, "--set", "model.backend=hf-causal-lm", "--set", f"model.path={tmp_path}",
+        "--set", 'lora.target_modules=["q_proj"]', "--set", f"checkpoint.output_dir={out}",
+    )  # fmt: skip
+    assert err.startswith(f"error: model.path: cannot load a causal LM from {tmp_path}: ")
+    assert "no file named model.safetensors" in err
 
 
 def test_config_file_and_overrides_layer_on_the_default(tmp_path: Path) -> None:

@@ -137,14 +137,17 @@ class HFCausalLMBackend(Backend):
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if str(device) == "meta":
-            config = AutoConfig.from_pretrained(self.cfg.path, local_files_only=True)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config)
-        with no_hf_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(
-                self.cfg.path, dtype=_DTYPES[self.cfg.dtype], local_files_only=True
-            )
+        try:
+            if str(device) == "meta":
+                config = AutoConfig.from_pretrained(self.cfg.path, local_files_only=True)
+                with torch.device("meta"):
+                    return AutoModelForCausalLM.from_config(config)
+            with no_hf_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.cfg.path, dtype=_DTYPES[self.cfg.dtype], local_files_only=True
+                )
+        except (OSError, ValueError) as exc:  # no weights, a config transformers cannot read
+            raise ConfigError(f"model.path: cannot load a causal LM from {self.cfg.path}: {exc}") from None
         return model.to(device)
 
 
