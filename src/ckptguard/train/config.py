@@ -60,6 +60,7 @@ class DataConfig:
     seq_len: int
     packing: bool
     seed: int
+    chat_template: str
 
 
 @dataclass(frozen=True)

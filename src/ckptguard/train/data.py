@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import xxhash
 
-from ckptguard.train.tokenizer import CHAT_ROLES, IGNORE_INDEX, Tokenizer, encode_chat, encode_text
+from ckptguard.train.chat import ChatFormat, ChatTemplateError
+from ckptguard.train.tokenizer import CHAT_ROLES, IGNORE_INDEX, Tokenizer, encode_text
 
 SHIPPED_CORPUS = "shakespeare.jsonl"
 
@@ -140,11 +141,23 @@ def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def make_blocks(records: list[Record], tok: Tokenizer, seq_len: int, packing: bool) -> Blocks:
-    """Tokenize records into ``[N, seq_len]`` blocks (see the module docstring for packing)."""
-    pairs = [
-        encode_text(r.text, tok) if r.text is not None else encode_chat(list(r.messages or ()), tok) for r in records
-    ]
+def make_blocks(
+    records: list[Record], tok: Tokenizer, seq_len: int, packing: bool, chat: ChatFormat | None = None
+) -> Blocks:
+    """Tokenize records into ``[N, seq_len]`` blocks (see the module docstring for packing).
+
+    Chat records are rendered by `chat` (default: the plain format).
+    """
+    chat = chat or ChatFormat(None, "plain")
+    try:
+        pairs = [
+            encode_text(r.text, tok)
+            if r.text is not None
+            else chat.encode(list(r.messages or ()), tok, f"{r.source}:{r.line}")
+            for r in records
+        ]
+    except ChatTemplateError as exc:
+        raise DataError(str(exc)) from None
     if packing:
         ids = [t for p in pairs for t in p[0]]
         labels = [t for p in pairs for t in p[1]]

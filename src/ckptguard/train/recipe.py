@@ -29,6 +29,7 @@ from ckptguard import CheckpointManager, RNGState, per_rank
 from ckptguard.preemption import PreemptionWatcher
 from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
+from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import ConfigError, RunConfig, config_diff
 from ckptguard.train.data import Blocks, SampleOrder, make_blocks, read_jsonl, shipped_corpus, split
 from ckptguard.train.resume import apply_optim_settings, check_resumable
@@ -53,7 +54,9 @@ class LoRARecipe:
         # 1. Process group and device first: every later step is the same on every rank.
         self.rt = rt = runtime.start(cfg.train.device, cfg.train.precision, cfg.checkpoint.timeout_s)
         self.backend: Backend = build_backend(cfg.model)
-        # 2. Data before the model: a bad line fails in a second, not after loading weights.
+        # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
+        #    records are rendered the way the model will be prompted (its chat template, if any).
+        self.chat = resolve_chat_format(self.backend.tokenizer, cfg.data.chat_template)
         self.train_blocks, self.eval_blocks = self._load_data()
         self.order = SampleOrder(len(self.train_blocks), cfg.data.seed)
         t = cfg.train
@@ -102,9 +105,11 @@ class LoRARecipe:
             train, held_out = records, read_jsonl(d.eval)
         else:
             train, held_out = split(records, d.eval_fraction, d.seed)
+        if any(r.messages is not None for r in records) and self.rt and self.rt.is_primary:
+            tqdm.write(self.chat.describe())
         tok = self.backend.tokenizer
-        eval_blocks = make_blocks(held_out, tok, d.seq_len, d.packing) if held_out else None
-        return make_blocks(train, tok, d.seq_len, d.packing), eval_blocks
+        eval_blocks = make_blocks(held_out, tok, d.seq_len, d.packing, self.chat) if held_out else None
+        return make_blocks(train, tok, d.seq_len, d.packing, self.chat), eval_blocks
 
     def _check_resume_request(self) -> None:
         """An explicit checkpoint must be one; a fresh start over another run's checkpoints must be meant."""
@@ -157,7 +162,11 @@ class LoRARecipe:
 
     def _identity(self) -> dict[str, Any]:
         """Plain values that say what this state belongs to; checked before anything is loaded."""
-        return {"config": self.cfg.to_dict(), "train_data": self.train_blocks.fingerprint()}
+        return {
+            "config": self.cfg.to_dict(),
+            "train_data": self.train_blocks.fingerprint(),
+            "chat_format": self.chat.fingerprint,
+        }
 
     def _resume(self) -> None:
         assert self.manager is not None

@@ -26,6 +26,11 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
         {k: saved["config"].get(k) for k in RESUME_KEYS}, {k: current["config"][k] for k in RESUME_KEYS}
     )
     lines = [f"  {key}: checkpoint has {old!r}, this run has {new!r}" for key, old, new in breaking]
+    if saved["chat_format"] != current["chat_format"]:
+        lines.append(
+            f"  chat format: checkpoint has {saved['chat_format']}, this run has {current['chat_format']} "
+            "(data.chat_template changed, or the tokenizer's own chat template did)"
+        )
     if saved["train_data"] != current["train_data"]:
         lines.append(
             f"  training data: checkpoint has blocks {saved['train_data']}, this run has {current['train_data']} "
