@@ -158,3 +158,24 @@ def test_the_template_trained_adapter_answers_better_when_prompted_as_at_inferen
     plain = _reply_loss_at_inference(tmp_path / "plain" / "checkpoint-30", tmp_path / "model")
     print(f"reply loss at inference: template-trained {with_template:.3f}, plain-trained {plain:.3f}")
     assert with_template < plain
+
+
+def test_data_command_shows_records_as_the_model_sees_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir, data = tmp_path / "model", tmp_path / "chat.jsonl"
+    save_tiny_hf_model(model_dir, chat_template=CHATML)
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    sets = ["--set", "model.backend=hf-causal-lm", "--set", f"model.path={model_dir}", "--set", f"data.train={data}"]
+    capsys.readouterr()
+    assert main(["data", *sets, "--show", "1"]) == 0
+    assert capsys.readouterr().out == (
+        "chat format: the tokenizer's own chat template (template sha256:d49f4fefa2bc8e95); trained tokens between "
+        f"[[ and ]]\n--- {data}:1: 44 tokens, 7 trained\n"
+        "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n[[Paris<|im_end|>\n]]\n"
+    )
+    assert main(["data", *sets, "--show", "5", "--json"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["source"], r["line"]) for r in shown] == [(str(data), n) for n in (1, 2, 3)]
+    tok = tiny_hf_tokenizer(CHATML)
+    for record, messages in zip(shown, CONVERSATIONS, strict=True):
+        assert record["input_ids"] == list(tok.apply_chat_template(messages)["input_ids"])
+        assert len(record["labels"]) == len(record["input_ids"]) and IGNORE_INDEX in record["labels"]

@@ -40,9 +40,19 @@ def register(subparsers: Any) -> None:
         "--base", default=None, help="base model directory (default: rebuild the base the run was trained on)"
     )
     p.set_defaults(func=cmd_export)
+    p = subparsers.add_parser(
+        "data",
+        help="show the first training records as the model sees them (token ids, trained spans)",
+        description="Tokenize the first records of data.train exactly as training does (the chat template "
+        "included) and print them with the trained tokens between [[ and ]]; only the tokenizer is loaded.",
+    )
+    _add_config_arguments(p)
+    p.add_argument("--show", type=int, default=3, metavar="N", help="how many records (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON line per record: source, line, input_ids, labels")
+    p.set_defaults(func=cmd_data)
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML run config (default: the embedded tiny demo config)")
     p.add_argument(
         "--set",
@@ -52,6 +62,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.max_steps=100 (repeatable)",
     )
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p)
     p.add_argument(
         "--resume",
         default="auto",
@@ -107,6 +121,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail(exc, EXIT_BAD_INPUT)
     what = "merged model (Hugging Face layout, safetensors)" if args.merge else "LoRA adapter (PEFT layout)"
     print(f"exported {what} to {path}; reloaded and verified")
+    return EXIT_OK
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from ckptguard.train.data import DataError
+    from ckptguard.train.preview import preview
+
+    _quiet_known_warnings()
+    try:
+        for line in preview(load_config(args.config, args.overrides), max(args.show, 0), args.json):
+            print(line)
+    except (ConfigError, DataError) as exc:
+        return _fail(exc, EXIT_BAD_INPUT)
     return EXIT_OK
 
 

@@ -141,6 +141,16 @@ def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def encode_record(record: Record, tok: Tokenizer, chat: ChatFormat) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record, as training sees it (before packing or padding)."""
+    if record.text is not None:
+        return encode_text(record.text, tok)
+    try:
+        return chat.encode(list(record.messages or ()), tok, f"{record.source}:{record.line}")
+    except ChatTemplateError as exc:
+        raise DataError(str(exc)) from None
+
+
 def make_blocks(
     records: list[Record], tok: Tokenizer, seq_len: int, packing: bool, chat: ChatFormat | None = None
 ) -> Blocks:
@@ -149,15 +159,7 @@ def make_blocks(
     Chat records are rendered by `chat` (default: the plain format).
     """
     chat = chat or ChatFormat(None, "plain")
-    try:
-        pairs = [
-            encode_text(r.text, tok)
-            if r.text is not None
-            else chat.encode(list(r.messages or ()), tok, f"{r.source}:{r.line}")
-            for r in records
-        ]
-    except ChatTemplateError as exc:
-        raise DataError(str(exc)) from None
+    pairs = [encode_record(r, tok, chat) for r in records]
     if packing:
         ids = [t for p in pairs for t in p[0]]
         labels = [t for p in pairs for t in p[1]]
