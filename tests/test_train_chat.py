@@ -174,7 +174,7 @@ def test_data_command_shows_records_as_the_model_sees_them(tmp_path: Path, capsy
     )
     assert main(["data", *sets, "--show", "5", "--json"]) == 0
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["source"], r["line"]) for r in shown] == [(str(data), n) for n in (1, 2, 3)]
+    assert [r["where"] for r in shown] == [f"{data}:{n}" for n in (1, 2, 3)]
     tok = tiny_hf_tokenizer(CHATML)
     for record, messages in zip(shown, CONVERSATIONS, strict=True):
         assert record["input_ids"] == list(tok.apply_chat_template(messages)["input_ids"])

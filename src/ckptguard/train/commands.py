@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     )
     _add_config_arguments(p)
     p.add_argument("--show", type=int, default=3, metavar="N", help="how many records (default 3)")
-    p.add_argument("--json", action="store_true", help="one JSON line per record: source, line, input_ids, labels")
+    p.add_argument("--json", action="store_true", help="one JSON line per record: where, input_ids, labels")
     p.set_defaults(func=cmd_data)
 
 

@@ -31,12 +31,17 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One validated record and where it came from (for messages that name the line)."""
+    """One validated record and where it came from (for messages that name the line or row)."""
 
     source: str
-    line: int
+    line: int  # the line of a JSONL file (from 1), or the row of a table (from 0, as dataset[row])
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    unit: str = ""  # "row " for a table
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.unit}{self.line}"
 
 
 @dataclass(frozen=True)
@@ -93,19 +98,24 @@ def _decode_line(source: str, n: int, line: bytes) -> str:
 
 
 def _parse_line(source: str, n: int, line: str) -> Record:
-    where = f"{source}:{n}"
     try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{source}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    return record_from(obj, Record(source, n))
+
+
+def record_from(obj: Any, at: Record) -> Record:
+    """Validate one decoded record (a JSON line or a table row); `at` says where it is."""
+    where = at.where
     if not isinstance(obj, dict):
         raise DataError(f'{where}: expected a JSON object with "text" or "messages", got {type(obj).__name__}')
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"]:
             raise DataError(f'{where}: "text" must be a non-empty string')
-        return Record(source, n, text=obj["text"])
+        return Record(at.source, at.line, text=obj["text"], unit=at.unit)
     if "messages" in obj:
-        return Record(source, n, messages=_check_messages(where, obj["messages"]))
+        return Record(at.source, at.line, messages=_check_messages(where, obj["messages"]), unit=at.unit)
     raise DataError(f'{where}: missing field "text" (or "messages" for chat); found keys {sorted(obj)}')
 
 
@@ -146,7 +156,7 @@ def encode_record(record: Record, tok: Tokenizer, chat: ChatFormat) -> tuple[lis
     if record.text is not None:
         return encode_text(record.text, tok)
     try:
-        return chat.encode(list(record.messages or ()), tok, f"{record.source}:{record.line}")
+        return chat.encode(list(record.messages or ()), tok, record.where)
     except ChatTemplateError as exc:
         raise DataError(str(exc)) from None
 

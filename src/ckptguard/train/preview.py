@@ -2,7 +2,7 @@
 
 Before spending GPU hours, check the format: each record is tokenized exactly as training does it
 (the chat template included) and printed with the trained spans between ``[[`` and ``]]``; with
-``--json``, one JSON line per record with its token ids and labels (-100 where nothing is trained).
+``--json``, one JSON line per record with where it is, its token ids and labels (-100 where nothing is trained).
 Only the tokenizer is loaded, never the weights.
 """
 
@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from ckptguard.train.backends import build_backend
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import RunConfig
-from ckptguard.train.data import encode_record, read_jsonl, shipped_corpus
+from ckptguard.train.data import encode_record, shipped_corpus
+from ckptguard.train.sources import read_records
 from ckptguard.train.tokenizer import IGNORE_INDEX, Tokenizer
 
 
@@ -22,16 +23,16 @@ def preview(cfg: RunConfig, show: int, as_json: bool) -> Iterator[str]:
     """Lines to print for the first `show` records of data.train."""
     tok = build_backend(cfg.model).tokenizer
     chat = resolve_chat_format(tok, cfg.data.chat_template)
-    records = read_jsonl(cfg.data.train or shipped_corpus())[:show]
+    records = read_records(cfg.data.train or shipped_corpus())[:show]
     if not as_json:
         yield f"{chat.describe()}; trained tokens between [[ and ]]"
     for record in records:
         ids, labels = encode_record(record, tok, chat)
         if as_json:
-            yield json.dumps({"source": record.source, "line": record.line, "input_ids": ids, "labels": labels})
+            yield json.dumps({"where": record.where, "input_ids": ids, "labels": labels})
             continue
         trained = sum(label != IGNORE_INDEX for label in labels)
-        yield f"--- {record.source}:{record.line}: {len(ids)} tokens, {trained} trained"
+        yield f"--- {record.where}: {len(ids)} tokens, {trained} trained"
         yield marked(ids, labels, tok)
 
 

@@ -31,8 +31,9 @@ from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import ConfigError, RunConfig, config_diff
-from ckptguard.train.data import Blocks, SampleOrder, make_blocks, read_jsonl, shipped_corpus, split
+from ckptguard.train.data import Blocks, SampleOrder, make_blocks, shipped_corpus, split
 from ckptguard.train.resume import apply_optim_settings, check_resumable
+from ckptguard.train.sources import read_records
 from ckptguard.train.summary import Progress, already_finished, resume_hint, summary
 from ckptguard.train.tokenizer import IGNORE_INDEX
 
@@ -100,9 +101,9 @@ class LoRARecipe:
     def _load_data(self) -> tuple[Blocks, Blocks | None]:
         """Train and eval blocks; no eval blocks (eval off) when data.eval_fraction is 0 and data.eval unset."""
         d = self.cfg.data
-        records = read_jsonl(d.train or shipped_corpus())
+        records = read_records(d.train or shipped_corpus())
         if d.eval:
-            train, held_out = records, read_jsonl(d.eval)
+            train, held_out = records, read_records(d.eval)
         else:
             train, held_out = split(records, d.eval_fraction, d.seed)
         if any(r.messages is not None for r in records) and self.rt and self.rt.is_primary:
