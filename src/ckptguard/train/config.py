@@ -278,6 +278,14 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError('checkpoint.metric: keep_best > 0 needs a metric name, e.g. "eval_loss"')
 
 
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """The LR schedule: linear warmup to optim.lr, then cosine down to lr * min_lr_ratio at max_steps."""
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 # What a checkpoint's adapter and optimizer state are only valid for: change one of these and a
 # resumed run would load tensors of another shape, or onto another base model.
 RESUME_KEYS = ("model", "lora")

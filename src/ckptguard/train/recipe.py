@@ -6,15 +6,15 @@ the LR schedule, every rank's RNG streams, the data position, the step and the r
 On CPU a run killed with SIGKILL and resumed ends with the same adapter, bit for bit, as a run that
 was never interrupted.
 
-A step's update is applied only when every rank's loss and gradient norm are finite, so nothing
-non-finite is ever trained into the adapter or saved; by default such a step stops the run.
-
-``train()`` returns EXIT_OK, or EXIT_PREEMPTED after SIGTERM/SIGUSR1/SIGINT (watched from start-up
-on, by the caller's PreemptionWatcher) and a final save; errors raise.
+A step's update is applied only when every rank's loss and gradient norm are finite (by default
+such a step stops the run): nothing non-finite is ever trained or saved. ``train()`` returns EXIT_OK,
+or EXIT_PREEMPTED after a stop signal (watched from start-up on by the caller's PreemptionWatcher)
+and a final save; errors raise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -30,11 +30,11 @@ from ckptguard.preemption import PreemptionWatcher
 from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
 from ckptguard.train.chat import resolve_chat_format
-from ckptguard.train.config import ConfigError, RunConfig, config_diff
+from ckptguard.train.config import ConfigError, RunConfig, lr_factor
 from ckptguard.train.data import Blocks, SampleOrder, make_blocks, shipped_corpus, split
-from ckptguard.train.resume import apply_optim_settings, check_resumable
+from ckptguard.train.resume import apply_optim_settings, changed_settings, check_resumable
 from ckptguard.train.sources import read_records
-from ckptguard.train.summary import Progress, already_finished, resume_hint, summary
+from ckptguard.train.summary import Progress, already_finished, resume_hint, stopped_in_start_up, summary
 from ckptguard.train.tokenizer import IGNORE_INDEX
 
 
@@ -94,7 +94,8 @@ class LoRARecipe:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        schedule = functools.partial(lr_factor, optim=o, max_steps=cfg.train.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         # 6. Resume (or not) into the objects just built.
         self._resume()
 
@@ -142,14 +143,6 @@ class LoRARecipe:
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         return 3 * trainable + 256 * 1024  # adapter, AdamW exp_avg and exp_avg_sq, JSON and RNG state
 
-    def _lr_factor(self, step: int) -> float:
-        """Linear warmup to optim.lr, then cosine down to lr * min_lr_ratio at max_steps."""
-        o, total = self.cfg.optim, self.cfg.train.max_steps
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
     def _state(self) -> dict[str, Any]:
         """The full training state, by name: what save writes and restore loads back in place."""
         return {
@@ -182,18 +175,13 @@ class LoRARecipe:
         if restored is None:
             return
         # Other changes take effect on resume.
-        self._report_changed_settings(restored.values["config"])
+        changed = changed_settings(restored.values["config"], self.cfg.to_dict())
         apply_optim_settings(self.optimizer, self.scheduler, self.cfg.optim)
         self.progress.start_step = self.progress.step = restored.step
         if "eval_loss" in restored.metrics:
             self.progress.first_eval = (restored.step, restored.metrics["eval_loss"])
         if self.rt and self.rt.is_primary:
-            tqdm.write(f"resumed from {restored.path} at step {restored.step}")
-
-    def _report_changed_settings(self, saved_config: dict[str, Any]) -> None:
-        changed = config_diff(saved_config, self.cfg.to_dict())
-        if changed and self.rt and self.rt.is_primary:
-            tqdm.write("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
+            tqdm.write(f"{changed}\nresumed from {restored.path} at step {restored.step}".lstrip())
 
     # ---- train -----------------------------------------------------------------------------------
 
@@ -201,12 +189,14 @@ class LoRARecipe:
         cfg, rt, p, stop = self.cfg.train, self.rt, self.progress, self.stop
         assert rt is not None
         wall_start = time.perf_counter()
+        assert self.manager is not None
         # A signal during start-up (config, data, model, resume): stop before the first step, every
         # rank alike; there is nothing new to save.
         if rt.all_reduce_sum([float(stop.received is not None)])[0] > 0:
-            return self._stopped_before_training()
+            by = stop.received.name if stop.received else "a signal on another rank"
+            return self._end_before_training(stopped_in_start_up(by, p.step, self.manager.latest()), EXIT_PREEMPTED)
         if p.step >= cfg.max_steps:
-            return self._already_finished()
+            return self._end_before_training(already_finished(p.step, cfg.max_steps, self.manager.latest()), EXIT_OK)
         bar = tqdm(
             total=cfg.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
             disable=not (cfg.progress_bar and rt.is_primary and sys.stderr.isatty()),  # logs stay readable
@@ -313,10 +303,8 @@ class LoRARecipe:
     def _metrics(self) -> dict[str, float]:
         """What a checkpoint records of its step: finite numbers only (no train loss if every step was skipped)."""
         p = self.progress
-        metrics = {"eval_loss": p.last_eval[1]} if p.last_eval and self.eval_blocks is not None else {}
-        if guards.is_finite(p.train_loss):
-            metrics["train_loss"] = p.train_loss
-        return metrics
+        metrics = {"eval_loss": p.last_eval[1]} if p.last_eval else {}
+        return {**metrics, "train_loss": p.train_loss} if guards.is_finite(p.train_loss) else metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -383,21 +371,11 @@ class LoRARecipe:
                 print(resume_hint(self.manager.latest()), flush=True)
         return code
 
-    def _stopped_before_training(self) -> int:
-        """A stop signal during start-up: no step was taken, so there is nothing new to save."""
-        assert self.manager is not None and self.rt is not None
-        if self.rt.is_primary:
-            by = self.stop.received.name if self.stop.received else "a signal on another rank"
-            print(f"stopped by {by} during start-up, before step {self.progress.step + 1}", flush=True)
-            print(resume_hint(self.manager.latest()), flush=True)
-        return EXIT_PREEMPTED
-
-    def _already_finished(self) -> int:
-        assert self.manager is not None and self.rt is not None
-        if self.rt.is_primary:
-            step, max_steps = self.progress.step, self.cfg.train.max_steps
-            print(already_finished(step, max_steps, self.manager.latest()), flush=True)
-        return EXIT_OK
+    def _end_before_training(self, message: str, code: int) -> int:
+        """Nothing to train (a stop during start-up, or a finished run): say why, once."""
+        if self.rt and self.rt.is_primary:
+            print(message, flush=True)
+        return code
 
     # ---- cleanup ---------------------------------------------------------------------------------
 

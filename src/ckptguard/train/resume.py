@@ -45,6 +45,14 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
         )
 
 
+def changed_settings(saved_config: dict[str, Any], current_config: dict[str, Any]) -> str:
+    """The line that lists what this run changes on resume ("" when nothing)."""
+    changed = config_diff(saved_config, current_config)
+    return (
+        "resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed) if changed else ""
+    )
+
+
 def apply_optim_settings(optimizer: torch.optim.Optimizer, scheduler: Any, o: OptimConfig) -> None:
     """This run's optimizer settings replace the restored ones (the moments and the step stay)."""
     scheduler.base_lrs = [o.lr for _ in optimizer.param_groups]

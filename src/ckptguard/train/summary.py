@@ -68,6 +68,11 @@ def already_finished(step: int, max_steps: int, latest: CheckpointInfo | None) -
     )
 
 
+def stopped_in_start_up(by: str, step: int, latest: CheckpointInfo | None) -> str:
+    """A stop signal before the first step: nothing was trained, so nothing new was saved."""
+    return f"stopped by {by} during start-up, before step {step + 1}\n{resume_hint(latest)}"
+
+
 def resume_hint(latest: CheckpointInfo | None) -> str:
     """The line after a stop: how to go on (exit code 75 means: run the same command again)."""
     if latest is None:
