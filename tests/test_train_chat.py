@@ -15,8 +15,9 @@ import torch
 
 from ckptguard.cli import main
 from ckptguard.train.chat import ChatFormat, resolve_chat_format
-from ckptguard.train.config import ConfigError
+from ckptguard.train.config import ConfigError, load_config
 from ckptguard.train.data import DataError, make_blocks, read_jsonl
+from ckptguard.train.resume import ResumeMismatchError, check_resumable
 from ckptguard.train.tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer
 from conftest import CHATML, CHATML_GENERATION, LLAMA3, save_tiny_hf_model, tiny_hf_tokenizer
 from test_train_resume import tiny
@@ -179,3 +180,13 @@ def test_data_command_shows_records_as_the_model_sees_them(tmp_path: Path, capsy
     for record, messages in zip(shown, CONVERSATIONS, strict=True):
         assert record["input_ids"] == list(tok.apply_chat_template(messages)["input_ids"])
         assert len(record["labels"]) == len(record["input_ids"]) and IGNORE_INDEX in record["labels"]
+
+
+def test_a_checkpoint_from_before_chat_formats_were_recorded_counts_as_plain(tmp_path: Path) -> None:
+    config = load_config(None).to_dict()
+    older = {"config": config, "train_data": "12x32:0123abcd"}  # the blocks fingerprint alone
+    plain = {"config": config, "train_data": {"blocks": "12x32:0123abcd", "chat_format": "plain"}}
+    check_resumable(older, plain, tmp_path)  # resumes: its chat records were rendered plain
+    templated = {"config": config, "train_data": {"blocks": "12x32:0123abcd", "chat_format": "template sha256:ab"}}
+    with pytest.raises(ResumeMismatchError, match="chat format: checkpoint has plain, this run has template sha256:ab"):
+        check_resumable(older, templated, tmp_path)

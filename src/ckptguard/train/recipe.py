@@ -156,11 +156,8 @@ class LoRARecipe:
 
     def _identity(self) -> dict[str, Any]:
         """Plain values that say what this state belongs to; checked before anything is loaded."""
-        return {
-            "config": self.cfg.to_dict(),
-            "train_data": self.train_blocks.fingerprint(),
-            "chat_format": self.chat.fingerprint,
-        }
+        train_data = {"blocks": self.train_blocks.fingerprint(), "chat_format": self.chat.fingerprint}
+        return {"config": self.cfg.to_dict(), "train_data": train_data}
 
     def _resume(self) -> None:
         assert self.manager is not None

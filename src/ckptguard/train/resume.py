@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ckptguard.train.chat import PLAIN
 from ckptguard.train.config import RESUME_KEYS, ConfigError, OptimConfig, config_diff
 
 
@@ -26,14 +27,15 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
         {k: saved["config"].get(k) for k in RESUME_KEYS}, {k: current["config"][k] for k in RESUME_KEYS}
     )
     lines = [f"  {key}: checkpoint has {old!r}, this run has {new!r}" for key, old, new in breaking]
-    if saved["chat_format"] != current["chat_format"]:
+    old_data, new_data = _train_data(saved["train_data"]), current["train_data"]
+    if old_data["chat_format"] != new_data["chat_format"]:
         lines.append(
-            f"  chat format: checkpoint has {saved['chat_format']}, this run has {current['chat_format']} "
+            f"  chat format: checkpoint has {old_data['chat_format']}, this run has {new_data['chat_format']} "
             "(data.chat_template changed, or the tokenizer's own chat template did)"
         )
-    if saved["train_data"] != current["train_data"]:
+    if old_data["blocks"] != new_data["blocks"]:
         lines.append(
-            f"  training data: checkpoint has blocks {saved['train_data']}, this run has {current['train_data']} "
+            f"  training data: checkpoint has blocks {old_data['blocks']}, this run has {new_data['blocks']} "
             "(data.train, data.eval, data.seq_len, data.packing, data.eval_fraction or data.seed changed, "
             "or the file was edited)"
         )
@@ -43,6 +45,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
             "depends on:\n" + "\n".join(lines) + "\nRestore those values (--set key=value), resume from "
             "another checkpoint (--resume PATH), or start afresh in another checkpoint.output_dir."
         )
+
+
+def _train_data(saved: Any) -> dict[str, Any]:
+    """A checkpoint's training-data identity; before chat formats were recorded it was the blocks
+    fingerprint alone, and every chat record was rendered in the plain format."""
+    return saved if isinstance(saved, dict) else {"blocks": saved, "chat_format": PLAIN}
 
 
 def changed_settings(saved_config: dict[str, Any], current_config: dict[str, Any]) -> str:
