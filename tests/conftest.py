@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,61 @@ def make_lora_model(seed: int = 0, r: int = 4) -> Any:
             if "lora_B" in name:
                 p.normal_()
     return model
+
+
+# Chat templates in the styles real models ship (written here: nothing is downloaded).
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_GENERATION = (  # the same, with the assistant's tokens marked for return_assistant_tokens_mask
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+    "+ (m['content'] | trim) + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def tiny_hf_tokenizer(chat_template: str | None = None) -> Any:
+    """A byte-level BPE tokenizer (every byte a token, no merges) with the chat special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_SPECIALS])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf_tok.chat_template = chat_template
+    return hf_tok
+
+
+def save_tiny_hf_model(path: Path, poisoned: str = "", chat_template: str | None = None) -> None:
+    """A local Hugging Face causal LM directory: tiny Llama weights and a byte-level BPE tokenizer.
+
+    The input embedding of each character in `poisoned` is inf: a sequence holding one has a
+    non-finite loss and gradient, as a diverging model would, while the others train normally.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_tok = tiny_hf_tokenizer(chat_template)
+    hf_tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, bos_token_id=256, eos_token_id=257)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for token_id in hf_tok.convert_tokens_to_ids(list(poisoned)):
+            model.model.embed_tokens.weight[token_id] = math.inf
+    model.save_pretrained(path)
 
 
 @pytest.fixture

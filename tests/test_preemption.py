@@ -1,5 +1,6 @@
 """preemption.py: a real SIGTERM mid-training ends in a verified checkpoint and exit code 75."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import textwrap
 import pytest
 
 from ckptguard import CheckpointManager, verify_checkpoint
-from ckptguard.preemption import PREEMPTED_EXIT_CODE
+from ckptguard.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 
 LOOP = textwrap.dedent(
     """
@@ -42,3 +43,15 @@ def test_preemption_signal_saves_at_next_step_boundary_and_exits_75(tmp_path, si
         restored = mgr.restore({"w": None, "step": None})
     assert restored.step == last and restored.values["w"].tolist() == [float(last)] * 4
     assert verify_checkpoint(restored.path).ok
+
+
+def test_a_repeated_abort_signal_raises_keyboard_interrupt_at_once(capfd):
+    with PreemptionWatcher(abort_on_repeat=(signal.SIGINT,)) as watcher:
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: a stop request, noted on stderr
+        assert watcher.received is signal.SIGINT
+        assert (
+            "SIGINT: saving at the next step boundary, then exiting (SIGINT again: abort now)" in capfd.readouterr().err
+        )
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from ckptguard import verify_checkpoint
 from ckptguard.cli import main
 from faultkit import Filler, tmpfs
+from test_train_guards import poisoned_setup
 
 STEPS = 6
 
@@ -172,3 +173,22 @@ def test_disk_filling_up_between_saves_fails_the_next_save_on_every_rank(tmp_pat
         assert not list(run_dir.glob(".staging-*"))
         assert (run_dir / "LATEST").read_text().strip() == "checkpoint-3"
         assert verify_checkpoint(run_dir / "checkpoint-3").ok
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path: Path) -> None:
+    # One record per rank and step: the step that meets a poisoned record meets it on one rank only.
+    values = (*poisoned_setup(tmp_path, clean=6), "train.max_steps=4", "checkpoint.save_every=100",
+              "checkpoint.timeout_s=60")  # fmt: skip
+    args = [sys.executable, "-m", "ckptguard.train", *tiny(tmp_path / "run", 1, *values)]
+    start = time.monotonic()
+    procs = _launch([args, args])
+    outputs = _finish(procs)
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    errors = _error_lines(outputs)
+    assert errors[0] == errors[1], "ranks disagree on the failure"
+    assert (
+        errors[0].startswith("error: training diverged at step ") and "no checkpoint was saved before it" in errors[0]
+    )
+    assert time.monotonic() - start < 150
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

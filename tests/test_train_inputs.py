@@ -17,6 +17,7 @@ from ckptguard.train.backends import next_token_loss
 from ckptguard.train.config import load_config
 from ckptguard.train.data import SampleOrder, make_blocks, read_jsonl
 from ckptguard.train.tokenizer import IGNORE_INDEX, ByteTokenizer, encode_chat
+from conftest import save_tiny_hf_model
 
 
 def train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -29,7 +30,7 @@ def train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     ("override", "message"),
     [
         ("train.max_step=5", "error: --set train.max_step: unknown key train.max_step; allowed keys in [train]: "
-         "batch_size, device, eval_batches, eval_every, grad_accum, log_every, max_steps, precision, "
+         "batch_size, device, eval_batches, eval_every, grad_accum, log_every, max_steps, on_nonfinite, precision, "
          "progress_bar, seed"),
         ("trainer.max_steps=5", "error: --set trainer.max_steps: unknown section [trainer]; allowed sections: "
          "checkpoint, data, lora, model, optim, train"),
@@ -37,6 +38,9 @@ def train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
         ("train.batch_size=0", "error: train.batch_size: expected a value >= 1, got 0"),
         ("train.precision=fp16", "error: train.precision: expected one of 'auto', 'fp32', 'bf16', got 'fp16'"),
         ("data.eval_fraction=0.9", "error: data.eval_fraction: expected a value between 0 and 0.5, got 0.9"),
+        ("optim.lr=0", "error: optim.lr: expected a value > 0, got 0.0; with 0 training changes nothing"),
+        ("lora.alpha=0", "error: lora.alpha: expected a value > 0, got 0.0; with 0 training changes nothing"),
+        ("optim.lr=inf", "error: optim.lr: expected a finite number, got inf"),
         ("lora.target_modules=[]", "error: lora.target_modules: expected a non-empty list of strings, got []"),
         ("model.num_heads=5", "error: model.num_heads: must divide model.hidden_size (64), got 5"),
         ("model.backend=hf-causal-lm", "error: model.path: the hf-causal-lm backend needs the local directory of "
@@ -55,7 +59,7 @@ def test_bad_config_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFi
     run.write_text("[train]\nmax_steps = 10\nlearning_rate = 0.1\n")
     assert train_error(capsys, "--config", str(run)) == (
         f"error: {run}: unknown key train.learning_rate; allowed keys in [train]: batch_size, device, "
-        "eval_batches, eval_every, grad_accum, log_every, max_steps, precision, progress_bar, seed"
+        "eval_batches, eval_every, grad_accum, log_every, max_steps, on_nonfinite, precision, progress_bar, seed"
     )
     run.write_text("[train\n")
     assert train_error(capsys, "--config", str(run)).startswith(f"error: {run} is not valid TOML: ")
@@ -70,6 +74,16 @@ def test_hf_model_path_that_is_no_model_directory(tmp_path: Path, capsys: pytest
         f"error: model.path: {tmp_path} is not a local Hugging Face model directory (no config.json there); "
         "point it at a directory written by save_pretrained"
     )
+    save_tiny_hf_model(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # config and tokenizer, but no weights
+    capsys.readouterr()
+    out = tmp_path / "run"
+    err = train_error(
+        capsys, "--set", "model.backend=hf-causal-lm", "--set", f"model.path={tmp_path}",
+        "--set", 'lora.target_modules=["q_proj"]', "--set", f"checkpoint.output_dir={out}",
+    )  # fmt: skip
+    assert err.startswith(f"error: model.path: cannot load a causal LM from {tmp_path}: ")
+    assert "no file named model.safetensors" in err
 
 
 def test_config_file_and_overrides_layer_on_the_default(tmp_path: Path) -> None:
@@ -93,6 +107,9 @@ def test_config_file_and_overrides_layer_on_the_default(tmp_path: Path) -> None:
          "on the assistant's replies"),
         (['{"messages": [{"role": "bot", "content": "hi"}]}'], 1, 'messages[0] must be {"role": one of system, '
          'user, assistant, "content": a string}, got {"role": "bot", "content": "hi"}'),
+        (['{"text": "fine"}', '{"messages": [{"role": "user", "content": "hi"}, '
+          '{"role": "assistant", "content": ""}]}'], 2, 'messages[1] is an empty "assistant" message; '
+         'its "content" must not be empty'),
     ],
 )  # fmt: skip
 def test_bad_data_names_the_file_and_line(
@@ -101,6 +118,14 @@ def test_bad_data_names_the_file_and_line(
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(lines) + "\n")
     assert train_error(capsys, "--set", f"data.train={data}") == f"error: {data}:{line_no}: {message}"
+
+
+def test_invalid_utf8_is_reported_by_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    assert train_error(capsys, "--set", f"data.train={data}") == (
+        f"error: {data}:3: invalid UTF-8 (byte 0xe9 at column 14); save the file as UTF-8"
+    )
 
 
 def test_empty_data_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ from ckptguard.cli import main
 from ckptguard.train.backends import build_backend
 from ckptguard.train.config import load_config
 from ckptguard.train.data import make_blocks, read_jsonl, shipped_corpus, split
+from conftest import save_tiny_hf_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -101,8 +102,11 @@ def test_export_adapter_and_merged_model_round_trip(
     exported = PeftModel.from_pretrained(backend.build_model(), tmp_path / "adapter").eval()
     assert torch.equal(_logits(exported), trained)
 
+    capsys.readouterr()
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "merged"), "--merge"]) == 0
-    assert "reloaded and verified" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "reloaded and verified" in captured.out
+    assert captured.err == ""  # no progress bars of the libraries underneath
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(_logits(merged), trained, rtol=1e-4, atol=1e-4)
@@ -120,26 +124,9 @@ def test_export_adapter_and_merged_model_round_trip(
     assert not (tmp_path / "never").exists()
 
 
-def _save_tiny_hf_model(path: Path) -> None:
-    """A local Hugging Face causal LM directory: tiny Llama weights and a byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({"<s>": 256, "</s>": 257})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, bos_token_id=256, eos_token_id=257)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-
-
 def test_hf_causal_lm_backend_trains_on_chat_data_and_exports_with_its_tokenizer(tmp_path: Path) -> None:
     model_dir, data = tmp_path / "model", tmp_path / "chat.jsonl"
-    _save_tiny_hf_model(model_dir)
+    save_tiny_hf_model(model_dir)
     chats = [
         {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]}
         for i in range(40)

@@ -121,15 +121,33 @@ def test_resume_from_explicit_path_and_none(tmp_path: Path, capsys: pytest.Captu
     assert f"resumed from {out / 'checkpoint-5'} at step 5" in text
     assert "step 6/12" in text
 
-    # none: a fresh start from step 0 in the same directory.
-    assert main(["train", *tiny(out, "train.max_steps=2"), "--resume", "none"]) == 0
-    text = capsys.readouterr().out
-    assert "resumed from" not in text and "step 1/2" in text
+    # none over these checkpoints: refused, naming what is there, unless --new-timeline says so.
+    assert main(["train", *tiny(out, "train.max_steps=2"), "--resume", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume none: checkpoint.output_dir {out} already holds 3 valid checkpoint(s)")
+    assert "checkpoint-10 (step 10), checkpoint-12 (step 12)" in err and "pass --new-timeline" in err
+    assert main(["train", *tiny(out, "train.max_steps=2"), "--resume", "none", "--new-timeline"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed from" not in captured.out and "step 1/2" in captured.out
+    assert "--new-timeline: starting a new run at step 0 among them" in captured.err
 
 
-def test_resume_from_a_path_that_is_no_checkpoint_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", *tiny(tmp_path / "run"), "--resume", str(tmp_path / "nowhere")]) == 1
-    assert "CheckpointNotFoundError" in capsys.readouterr().err
+@pytest.mark.parametrize("where", ["nowhere", "run", "run/checkpoint-5"])
+def test_resume_from_a_path_that_is_no_checkpoint_is_refused_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)  # a directory of that name, never a checkpoint
+    assert main(["train", *tiny(tmp_path / "out"), "--resume", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    found = {
+        "nowhere": "there is nothing at that path",
+        "run": "it is not a checkpoint directory (no MANIFEST.json); it holds checkpoints, so it looks like a run "
+        f"directory: pass one of them, or --resume auto with checkpoint.output_dir={tmp_path / 'run'}",
+        "run/checkpoint-5": "it is not a checkpoint directory (no MANIFEST.json)",
+    }[where]
+    assert (
+        err == f"error: --resume {tmp_path / where}: {found}. `ckptguard ls RUN_DIR` lists the checkpoints of a run\n"
+    )
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_75_then_resume_finishes(
@@ -154,3 +172,18 @@ def test_sigterm_saves_at_the_next_step_and_exits_75_then_resume_finishes(
 
     assert main(["train", *tiny(out, "checkpoint.save_every=100")]) == 0
     assert f"resumed from {out / f'checkpoint-{stopped}'} at step {stopped}" in capsys.readouterr().out
+
+
+def test_a_damaged_named_checkpoint_is_refused_with_its_reason_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *tiny(out, "train.max_steps=2")]) == 0
+    adapter_file = out / "checkpoint-2" / "adapter_model.safetensors"
+    adapter_file.write_bytes(adapter_file.read_bytes()[:-10])  # truncated
+    capsys.readouterr()
+
+    assert main(["train", *tiny(out, "train.max_steps=4"), "--resume", str(out / "checkpoint-2")]) == 1
+    assert capsys.readouterr().err.startswith("error: CorruptCheckpointError: checkpoint is not valid: ")
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert logged and all(r.exc_info is None for r in logged)  # the typed message, not a traceback

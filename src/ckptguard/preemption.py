@@ -10,6 +10,7 @@ OR-reduced across ranks, so all ranks stop at the same step even if only one got
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from types import FrameType
 from typing import Any
@@ -28,16 +29,33 @@ class PreemptionWatcher:
 
     A training loop that already all-reduces something each step can fold ``received is not None``
     into that collective instead of calling :meth:`should_stop` (the trainer does).
+
+    A signal in `abort_on_repeat` (SIGINT, for a person at a terminal) is watched too, acknowledged on stderr the
+    first time; once any signal was received, it raises KeyboardInterrupt at once: the way out
+    when the save at the next step boundary is not worth waiting for.
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    def __init__(
+        self,
+        signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1),
+        *,
+        abort_on_repeat: tuple[signal.Signals, ...] = (),
+    ) -> None:
         self.received: signal.Signals | None = None
+        self._abort_on_repeat = abort_on_repeat
         self._previous: dict[signal.Signals, Any] = {}
-        for sig in signals:
+        for sig in dict.fromkeys((*signals, *abort_on_repeat)):  # each once: close() restores the first
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
+        sig, repeated = signal.Signals(signum), self.received is not None
+        if sig in self._abort_on_repeat and repeated:
+            raise KeyboardInterrupt(f"{sig.name} while already stopping")
+        self.received = sig  # before the notice: a handler can run again inside this one
+        if sig in self._abort_on_repeat:
+            # os.write, not print: the handler may run in the middle of a print to the same stream.
+            notice = f"\n{sig.name}: saving at the next step boundary, then exiting ({sig.name} again: abort now)\n"
+            os.write(2, notice.encode())
 
     def should_stop(self) -> bool:
         """True on every rank once any rank received a preemption signal (a collective when distributed)."""

@@ -6,9 +6,10 @@
 """
 
 # Exit codes of `ckptguard train` / `export`: 0 done; 1 a checkpoint could not be written, verified or
-# read (a CheckpointError, the preflight included); 2 bad config, data or usage; 75 (EX_TEMPFAIL)
-# stopped by SIGTERM/SIGUSR1 after saving a checkpoint: run the same command again to resume.
+# read (a CheckpointError, the preflight included); 2 bad config, data or usage, or a diverged run;
+# 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint: run the same command
+# again to resume; 130 (128 + SIGINT) aborted by a second Ctrl-C without saving.
 from ckptguard.preemption import PREEMPTED_EXIT_CODE as EXIT_PREEMPTED
 
-EXIT_OK, EXIT_CHECKPOINT, EXIT_BAD_INPUT = 0, 1, 2
-__all__ = ["EXIT_BAD_INPUT", "EXIT_CHECKPOINT", "EXIT_OK", "EXIT_PREEMPTED"]
+EXIT_OK, EXIT_CHECKPOINT, EXIT_BAD_INPUT, EXIT_ABORTED = 0, 1, 2, 130
+__all__ = ["EXIT_ABORTED", "EXIT_BAD_INPUT", "EXIT_CHECKPOINT", "EXIT_OK", "EXIT_PREEMPTED"]

@@ -13,6 +13,8 @@ The first two train with the same next-token loss; the trainer and export only e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ckptguard.train.chat import ChatFormat
 from ckptguard.train.config import ConfigError, DataConfig, ModelConfig
-from ckptguard.train.data import Blocks, make_blocks, read_jsonl, shipped_corpus, split
+from ckptguard.train.data import Blocks, make_blocks, shipped_corpus, split
+from ckptguard.train.sources import read_records
 from ckptguard.train.tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer, Tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -84,17 +88,17 @@ class Backend:
 
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(_DTYPES[self.cfg.dtype]))
 
-    def load_data(self, data: DataConfig) -> tuple[Blocks, Blocks]:
-        """(train, eval) data: JSONL text or chat records, held-out split, tokenized into blocks."""
-        records = read_jsonl(data.train or shipped_corpus())
+    def load_data(self, data: DataConfig, chat: ChatFormat) -> tuple[Blocks, Blocks | None, bool]:
+        """(train, eval, whether any record is a chat): text or chat records (JSONL, Parquet, a saved
+        dataset), a held-out split, tokenized into blocks; eval is None (off) when nothing is held out."""
+        records = read_records(data.train or shipped_corpus())
         if data.eval:
-            train, held_out = records, read_jsonl(data.eval)
+            train, held_out = records, read_records(data.eval)
         else:
             train, held_out = split(records, data.eval_fraction, data.seed)
-        tok = self.tokenizer
-        return make_blocks(train, tok, data.seq_len, data.packing), make_blocks(
-            held_out, tok, data.seq_len, data.packing
-        )
+        tok, has_chat = self.tokenizer, any(r.messages is not None for r in records)
+        eval_blocks = make_blocks(held_out, tok, data.seq_len, data.packing, chat) if held_out else None
+        return make_blocks(train, tok, data.seq_len, data.packing, chat), eval_blocks, has_chat
 
     def batch(self, blocks: Blocks, indices: list[int], device: torch.device) -> Batch:
         idx = torch.tensor(indices, dtype=torch.long)
@@ -104,9 +108,10 @@ class Backend:
             blocks.attention_mask[idx].to(device, non_blocking=True),
         )
 
-    def trained_tokens(self, batch: Batch) -> int:
-        """Targets the loss of `batch` trains on, counted before the forward (the step's normaliser)."""
-        return int(batch.labels[:, 1:].ne(IGNORE_INDEX).sum())
+    def step_tokens(self, blocks: Blocks, indices: list[int]) -> int:
+        """Targets the loss trains on in these blocks (all ranks' share of a micro-batch), counted before
+        the forward without a collective: the step's normaliser."""
+        return int(blocks.labels[indices, 1:].ne(IGNORE_INDEX).sum())
 
     def loss(self, model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, token count); the forward goes through `model`, wrappers (DDP) included."""
@@ -174,14 +179,32 @@ class HFCausalLMBackend(Backend):
     def build_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if str(device) == "meta":
-            config = AutoConfig.from_pretrained(self.cfg.path, local_files_only=True)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.cfg.path, local_files_only=True, **dtype_kwarg(_DTYPES[self.cfg.dtype])
-        )
+        try:
+            if str(device) == "meta":
+                config = AutoConfig.from_pretrained(self.cfg.path, local_files_only=True)
+                with torch.device("meta"):
+                    return AutoModelForCausalLM.from_config(config)
+            with no_hf_progress_bars():
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.cfg.path, local_files_only=True, **dtype_kwarg(_DTYPES[self.cfg.dtype])
+                )
+        except (OSError, ValueError) as exc:  # no weights, a config transformers cannot read
+            raise ConfigError(f"model.path: cannot load a causal LM from {self.cfg.path}: {exc}") from None
         return model.to(device)
+
+
+@contextmanager
+def no_hf_progress_bars() -> Iterator[None]:
+    """Transformers draws progress bars on stderr while it loads and saves weights; the CLI reports itself."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_backend(cfg: ModelConfig) -> Backend:

@@ -1,18 +1,22 @@
 """The ``train`` and ``export`` subcommands of the ``ckptguard`` CLI (and ``python -m ckptguard.train``).
 
 Imports stay light here (no torch) so ``ckptguard ls`` starts fast; the trainer loads on first use.
-Exit codes: see ``ckptguard.train`` (0 done, 1 checkpoint error, 2 bad input, 75 preempted after saving).
+Exit codes: see ``ckptguard.train`` (0 done, 1 checkpoint error, 2 bad input, 75 stopped after saving,
+130 aborted).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 import warnings
 from typing import Any
 
 from ckptguard.errors import CheckpointError
-from ckptguard.train import EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_OK
+from ckptguard.preemption import PreemptionWatcher
+from ckptguard.train import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_OK
 from ckptguard.train.config import ConfigError, load_config
 
 
@@ -22,8 +26,9 @@ def register(subparsers: Any) -> None:
         "train",
         help="LoRA fine-tune a causal LM with verified, resumable checkpoints",
         description="LoRA fine-tune a causal LM; every checkpoint is verified, and the run resumes from the "
-        "newest valid one. Exit codes: 0 done, 1 checkpoint error (preflight included), 2 bad config or data, "
-        "75 stopped by SIGTERM/SIGUSR1 after saving (run the same command again to resume).",
+        "newest valid one. Exit codes: 0 done, 1 checkpoint error (preflight included), 2 bad config or data "
+        "(a diverged run included), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after saving (run the same command "
+        "again to resume), 130 aborted by a second Ctrl-C without saving.",
     )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -35,9 +40,19 @@ def register(subparsers: Any) -> None:
         "--base", default=None, help="base model directory (default: rebuild the base the run was trained on)"
     )
     p.set_defaults(func=cmd_export)
+    p = subparsers.add_parser(
+        "data",
+        help="show the first training records as the model sees them (token ids, trained spans)",
+        description="Tokenize the first records of data.train exactly as training does (the chat template "
+        "included) and print them with the trained tokens between [[ and ]]; only the tokenizer is loaded.",
+    )
+    _add_config_arguments(p)
+    p.add_argument("--show", type=int, default=3, metavar="N", help="how many records (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON line per record: where, input_ids, labels")
+    p.set_defaults(func=cmd_data)
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML run config (default: the embedded tiny demo config)")
     p.add_argument(
         "--set",
@@ -47,6 +62,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.max_steps=100 (repeatable)",
     )
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_config_arguments(p)
     p.add_argument(
         "--resume",
         default="auto",
@@ -54,23 +73,38 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: newest valid checkpoint in checkpoint.output_dir (default); none: start at step 0; "
         "PATH: that checkpoint",
     )
+    p.add_argument(
+        "--new-timeline",
+        action="store_true",
+        help="with --resume none: start at step 0 even where checkpoint.output_dir holds checkpoints already",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_known_warnings()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        return _fail(exc, EXIT_BAD_INPUT)
-    from ckptguard.train.data import DataError
-    from ckptguard.train.recipe import run
+    if args.new_timeline and args.resume != "none":
+        return _fail(ValueError("--new-timeline only applies with --resume none"), EXIT_BAD_INPUT)
+    # Signals are watched from here on, so a SIGTERM or Ctrl-C during start-up (config, data, model,
+    # resume) stops the run cleanly before its first step instead of killing it without a word.
+    # SIGTERM/SIGUSR1 from a scheduler and a first Ctrl-C save at the next step boundary, then exit 75.
+    with PreemptionWatcher(abort_on_repeat=(signal.SIGINT,)) as stop:
+        from ckptguard.train.data import DataError
+        from ckptguard.train.recipe import run
 
-    try:
-        return run(cfg, args.resume)
-    except CheckpointError as exc:
-        return _fail(exc, EXIT_CHECKPOINT)
-    except (ConfigError, DataError) as exc:  # a resume mismatch is a ConfigError too
-        return _fail(exc, EXIT_BAD_INPUT)
+        try:
+            cfg = load_config(args.config, args.overrides)
+            return run(cfg, stop, args.resume, args.new_timeline)
+        except CheckpointError as exc:
+            return _fail(exc, EXIT_CHECKPOINT)
+        except (ConfigError, DataError) as exc:  # a resume mismatch or a diverged run is a ConfigError too
+            return _fail(exc, EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            print(
+                "error: aborted by a second SIGINT (Ctrl-C) without saving; the steps since the last checkpoint "
+                "are lost. Run the same command again to resume from it",
+                file=sys.stderr,
+            )
+            return EXIT_ABORTED
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -90,8 +124,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from ckptguard.train.data import DataError
+    from ckptguard.train.preview import preview
+
+    _quiet_known_warnings()
+    try:
+        for line in preview(load_config(args.config, args.overrides), max(args.show, 0), args.json):
+            print(line)
+    except (ConfigError, DataError) as exc:
+        return _fail(exc, EXIT_BAD_INPUT)
+    return EXIT_OK
+
+
+def _typed_error_without_traceback(record: logging.LogRecord) -> bool:
+    """The store logs a failed save or resume with its traceback; a typed error already says it all."""
+    if record.exc_info and isinstance(record.exc_info[1], CheckpointError):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def _quiet_known_warnings() -> None:
-    """Two library notices that would repeat on every run and say nothing the user can act on."""
+    """Library notices that would repeat on every run and say nothing the user can act on."""
+    logging.getLogger("ckptguard").addFilter(_typed_error_without_traceback)  # added once: same function
     # lm_head is a LoRA target on purpose; PEFT then stores the base embedding weights with the
     # adapter, exactly as its own save_pretrained does, and says so at every save.
     warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True`")

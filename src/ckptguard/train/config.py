@@ -13,6 +13,7 @@ the message names the field, what it got, and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -59,6 +60,7 @@ class DataConfig:
     seq_len: int
     packing: bool
     seed: int
+    chat_template: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class TrainConfig:
     precision: str
     device: str
     progress_bar: bool
+    on_nonfinite: str
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("stop", "skip"),
     "checkpoint.mode": ("min", "max"),
     "checkpoint.verify": ("quick", "full", "deep"),
 }
@@ -156,6 +160,8 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "checkpoint.keep_best": (0, None),
     "checkpoint.timeout_s": (1, None),
 }
+# Numbers that may not be 0: LoRA's output is scaled by alpha and each update by lr, so 0 trains nothing.
+_NOT_ZERO = ("lora.alpha", "optim.lr")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -243,6 +249,10 @@ def _check(name: str, value: Any, hint: Any) -> Any:
         return tuple(value)
     if type(value) is not hint:
         raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if name in _NOT_ZERO and value == 0:
+        raise ConfigError(f"{name}: expected a value > 0, got {value!r}; with 0 training changes nothing")
     if name in _CHOICES and value not in _CHOICES[name]:
         allowed = ", ".join(repr(c) for c in _CHOICES[name])
         raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}")
@@ -266,6 +276,14 @@ def _check_combinations(cfg: RunConfig) -> None:
         )
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
         raise ConfigError('checkpoint.metric: keep_best > 0 needs a metric name, e.g. "eval_loss"')
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """The LR schedule: linear warmup to optim.lr, then cosine down to lr * min_lr_ratio at max_steps."""
+    if step < optim.warmup_steps:
+        return (step + 1) / (optim.warmup_steps + 1)
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # What a checkpoint's adapter and optimizer state are only valid for: change one of these and a

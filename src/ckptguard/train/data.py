@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import xxhash
 
-from ckptguard.train.tokenizer import CHAT_ROLES, IGNORE_INDEX, Tokenizer, encode_chat, encode_text
+from ckptguard.train.chat import ChatFormat, ChatTemplateError
+from ckptguard.train.tokenizer import CHAT_ROLES, IGNORE_INDEX, Tokenizer, encode_text
 
 SHIPPED_CORPUS = "shakespeare.jsonl"
 
@@ -30,12 +31,17 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One validated record and where it came from (for messages that name the line)."""
+    """One validated record and where it came from (for messages that name the line or row)."""
 
     source: str
-    line: int
+    line: int  # the line of a JSONL file (from 1), or the row of a table (from 0, as dataset[row])
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    unit: str = ""  # "row " for a table
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.unit}{self.line}"
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,12 @@ def read_jsonl(path: str | Path) -> list[Record]:
     """Read and validate every line; the first bad line raises DataError naming the file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f'{path}: no such file; expected a JSONL file of {{"text": ...}} records') from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it as UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    lines = [_decode_line(str(path), n, line) for n, line in enumerate(raw.split(b"\n"), 1)]
     records = [_parse_line(str(path), n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if not records:
         raise DataError(
@@ -79,20 +86,36 @@ def read_jsonl(path: str | Path) -> list[Record]:
     return records
 
 
+def _decode_line(source: str, n: int, line: bytes) -> str:
+    """One line as text; bad UTF-8 is reported by line and column, where an editor can find it."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{source}:{n}: invalid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _parse_line(source: str, n: int, line: str) -> Record:
-    where = f"{source}:{n}"
     try:
         obj: Any = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{source}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    return record_from(obj, Record(source, n))
+
+
+def record_from(obj: Any, at: Record) -> Record:
+    """Validate one decoded record (a JSON line or a table row); `at` says where it is."""
+    where = at.where
     if not isinstance(obj, dict):
         raise DataError(f'{where}: expected a JSON object with "text" or "messages", got {type(obj).__name__}')
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"]:
             raise DataError(f'{where}: "text" must be a non-empty string')
-        return Record(source, n, text=obj["text"])
+        return Record(at.source, at.line, text=obj["text"], unit=at.unit)
     if "messages" in obj:
-        return Record(source, n, messages=_check_messages(where, obj["messages"]))
+        return Record(at.source, at.line, messages=_check_messages(where, obj["messages"]), unit=at.unit)
     raise DataError(f'{where}: missing field "text" (or "messages" for chat); found keys {sorted(obj)}')
 
 
@@ -107,11 +130,16 @@ def _check_messages(where: str, messages: Any) -> tuple[dict[str, str], ...]:
             )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f'{where}: no "assistant" message; chat records train on the assistant\'s replies')
+    for i, m in enumerate(messages):  # as an empty "text" is: there would be nothing to learn but the EOS
+        if m["role"] == "assistant" and not m["content"]:
+            raise DataError(f'{where}: messages[{i}] is an empty "assistant" message; its "content" must not be empty')
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
 def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out a seeded random ``eval_fraction`` of the records (at least one) for the eval loss."""
+    """Hold out a seeded random ``eval_fraction`` of the records (at least one; none when it is 0)."""
+    if eval_fraction == 0:
+        return records, []
     if len(records) < 2:
         raise DataError(
             f"{records[0].source}: only {len(records)} record; holding out eval records needs at least 2 "
@@ -123,11 +151,25 @@ def split(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def make_blocks(records: list[Record], tok: Tokenizer, seq_len: int, packing: bool) -> Blocks:
-    """Tokenize records into ``[N, seq_len]`` blocks (see the module docstring for packing)."""
-    pairs = [
-        encode_text(r.text, tok) if r.text is not None else encode_chat(list(r.messages or ()), tok) for r in records
-    ]
+def encode_record(record: Record, tok: Tokenizer, chat: ChatFormat) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record, as training sees it (before packing or padding)."""
+    if record.text is not None:
+        return encode_text(record.text, tok)
+    try:
+        return chat.encode(list(record.messages or ()), tok, record.where)
+    except ChatTemplateError as exc:
+        raise DataError(str(exc)) from None
+
+
+def make_blocks(
+    records: list[Record], tok: Tokenizer, seq_len: int, packing: bool, chat: ChatFormat | None = None
+) -> Blocks:
+    """Tokenize records into ``[N, seq_len]`` blocks (see the module docstring for packing).
+
+    Chat records are rendered by `chat` (default: the plain format).
+    """
+    chat = chat or ChatFormat(None, "plain")
+    pairs = [encode_record(r, tok, chat) for r in records]
     if packing:
         ids = [t for p in pairs for t in p[0]]
         labels = [t for p in pairs for t in p[1]]

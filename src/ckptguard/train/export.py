@@ -21,7 +21,7 @@ from ckptguard import load_lora_adapters, publish, save_lora_adapters, verify_ch
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
 from ckptguard.manifest import Manifest, library_versions
 from ckptguard.restore import read_values
-from ckptguard.train.backends import Backend, build_backend
+from ckptguard.train.backends import Backend, build_backend, no_hf_progress_bars
 from ckptguard.train.config import ConfigError, config_from_dict
 
 
@@ -36,10 +36,11 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *, m
             f"--out {out} already exists and is not empty", path=out, remedy="Choose a new --out directory."
         )
     backend = build_backend(config_from_dict(_saved_config(ckpt), f"{ckpt}/state/trainer_state.json").model)
-    model = _load(ckpt, backend, base)
-    if not merge:
-        return save_lora_adapters(model, out)
-    return _export_merged(model, backend, out)
+    with no_hf_progress_bars():
+        model = _load(ckpt, backend, base)
+        if not merge:
+            return save_lora_adapters(model, out)
+        return _export_merged(model, backend, out)
 
 
 def _saved_config(ckpt: Path) -> dict[str, Any]:

@@ -6,53 +6,44 @@ the LR schedule, every rank's RNG streams, the data position, the step and the r
 On CPU a run killed with SIGKILL and resumed ends with the same adapter, bit for bit, as a run that
 was never interrupted.
 
-``train()`` returns EXIT_OK, or EXIT_PREEMPTED after SIGTERM/SIGUSR1 and a final save; errors raise.
+A step's update is applied only when every rank's loss and gradient norm are finite (by default
+such a step stops the run): nothing non-finite is ever trained or saved. ``train()`` returns EXIT_OK,
+or EXIT_PREEMPTED after a stop signal (watched from start-up on by the caller's PreemptionWatcher)
+and a final save; errors raise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ckptguard import CheckpointManager, RNGState, SaveResult, per_rank
+from ckptguard import CheckpointManager, RNGState, per_rank
 from ckptguard.events import EventLog
 from ckptguard.preemption import PreemptionWatcher
 from ckptguard.report import write_report
-from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, runtime
+from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
 from ckptguard.train.backends import Backend, Batch, build_backend
-from ckptguard.train.config import RESUME_KEYS, ConfigError, RunConfig, config_diff
+from ckptguard.train.chat import resolve_chat_format
+from ckptguard.train.config import ConfigError, RunConfig, lr_factor
 from ckptguard.train.data import Blocks, SampleOrder
-
-
-class ResumeMismatchError(ConfigError):
-    """The checkpoint was written for another model, adapter shape or training data."""
-
-
-@dataclass
-class Progress:
-    """What the summary reports about this invocation (a resumed run counts from its resume step)."""
-
-    start_step: int = 0
-    step: int = 0
-    train_loss: float = math.nan
-    first_eval: tuple[int, float] | None = None
-    last_eval: tuple[int, float] | None = None
-    save_seconds: float = 0.0
-    saves: list[SaveResult] = field(default_factory=list)
+from ckptguard.train.resume import apply_optim_settings, changed_settings, check_resumable
+from ckptguard.train.summary import Progress, already_finished, resume_hint, stopped_in_start_up, summary
 
 
 class LoRARecipe:
-    def __init__(self, cfg: RunConfig, resume: str = "auto") -> None:
+    def __init__(self, cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timeline: bool = False):
         self.cfg = cfg
+        self.stop = stop
         self.resume = resume
+        self.new_timeline = new_timeline
         self.progress = Progress()
         self.manager: CheckpointManager | None = None
         self.rt: runtime.Runtime | None = None
@@ -64,11 +55,20 @@ class LoRARecipe:
         # 1. Process group and device first: every later step is the same on every rank.
         self.rt = rt = runtime.start(cfg.train.device, cfg.train.precision, cfg.checkpoint.timeout_s)
         self.backend: Backend = build_backend(cfg.model)
-        # 2. Data before the model: a bad line fails in a second, not after loading weights.
+        # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
+        #    records are rendered the way the model will be prompted (its chat template, if any).
+        self.chat = resolve_chat_format(self.backend.tokenizer, cfg.data.chat_template)
         self.train_blocks, self.eval_blocks = self._load_data()
         self.order = SampleOrder(len(self.train_blocks), cfg.data.seed)
-        # 3. Preflight before the weights load: an unusable output_dir stops the run now, with its
-        #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state).
+        t = cfg.train
+        self._warn(guards.repeated_blocks(len(self.train_blocks), t.batch_size * t.grad_accum * rt.world_size))
+        # 3. The model's shapes alone (meta device, no weights): every lora.target_modules entry must
+        #    match a module, since PEFT would silently leave one out and train a smaller adapter.
+        meta = self.backend.build_model("meta")
+        guards.check_lora_targets(meta, cfg.lora.target_modules)
+        # 4. Preflight before the weights load: an unusable output_dir stops the run now, with its
+        #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state); so does
+        #    a --resume that names no checkpoint or would start over among another run's checkpoints.
         self.manager = CheckpointManager(
             cfg.checkpoint.output_dir,
             keep_last=cfg.checkpoint.keep_last or None,
@@ -76,14 +76,15 @@ class LoRARecipe:
             metric=cfg.checkpoint.metric or None,
             mode=cfg.checkpoint.mode,
             verify=cfg.checkpoint.verify,
-            expected_bytes=self._checkpoint_bytes(),
+            expected_bytes=self._checkpoint_bytes(meta),
             async_save=cfg.checkpoint.async_save,
             create_parents=True,
             timeout_s=cfg.checkpoint.timeout_s,
         )
         # loss, lr and eval loss go to the run's events.jsonl too, for the run report
         self.events = EventLog(self.manager.run_dir, rank=rt.rank, enabled=rt.is_primary)
-        # 4. Model: the LoRA init draws from train.seed on every rank alike; dropout then draws per rank.
+        self._check_resume_request()
+        # 5. Model: the LoRA init draws from train.seed on every rank alike; dropout then draws per rank.
         runtime.seed_everything(cfg.train.seed)
         self.model = self._peft_model(self.backend.build_model(rt.device))
         runtime.seed_everything(cfg.train.seed + rt.rank)
@@ -95,12 +96,25 @@ class LoRARecipe:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        # 5. Resume (or not) into the objects just built.
+        schedule = functools.partial(lr_factor, optim=o, max_steps=cfg.train.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        # 6. Resume (or not) into the objects just built.
         self._resume()
 
-    def _load_data(self) -> tuple[Blocks, Blocks]:
-        return self.backend.load_data(self.cfg.data)  # each model family reads its own data format
+    def _load_data(self) -> tuple[Blocks, Blocks | None]:
+        """Train and eval blocks (each model family reads its own data format); eval None when it is off."""
+        train, held_out, has_chat = self.backend.load_data(self.cfg.data, self.chat)
+        if has_chat and self.rt and self.rt.is_primary:
+            tqdm.write(self.chat.describe())
+        return train, held_out
+
+    def _check_resume_request(self) -> None:
+        """An explicit checkpoint must be one; a fresh start over another run's checkpoints must be meant."""
+        assert self.manager is not None
+        if self.resume == "none":
+            self._warn(guards.check_fresh_start(self.manager.run_dir, self.manager.list(), self.new_timeline))
+        elif self.resume != "auto":
+            guards.check_resume_path(Path(self.resume))
 
     def _peft_model(self, base: torch.nn.Module) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -118,19 +132,11 @@ class LoRARecipe:
         except ValueError as exc:  # PEFT's own message lists what it could not find
             raise ConfigError(f"lora.target_modules: {exc}") from None
 
-    def _checkpoint_bytes(self) -> int:
-        """Bytes of one checkpoint, from the model's shapes alone (built on the meta device, no weights)."""
-        model = self._peft_model(self.backend.build_model("meta"))
+    def _checkpoint_bytes(self, meta: torch.nn.Module) -> int:
+        """Bytes of one checkpoint, from the model's shapes alone (`meta`: on the meta device, no weights)."""
+        model = self._peft_model(meta)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         return 3 * trainable + 256 * 1024  # adapter, AdamW exp_avg and exp_avg_sq, JSON and RNG state
-
-    def _lr_factor(self, step: int) -> float:
-        """Linear warmup to optim.lr, then cosine down to lr * min_lr_ratio at max_steps."""
-        o, total = self.cfg.optim, self.cfg.train.max_steps
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _state(self) -> dict[str, Any]:
         """The full training state, by name: what save writes and restore loads back in place."""
@@ -145,7 +151,8 @@ class LoRARecipe:
 
     def _identity(self) -> dict[str, Any]:
         """Plain values that say what this state belongs to; checked before anything is loaded."""
-        return {"config": self.cfg.to_dict(), "train_data": self.train_blocks.fingerprint()}
+        train_data = {"blocks": self.train_blocks.fingerprint(), "chat_format": self.chat.fingerprint}
+        return {"config": self.cfg.to_dict(), "train_data": train_data}
 
     def _resume(self) -> None:
         assert self.manager is not None
@@ -155,100 +162,87 @@ class LoRARecipe:
         # The identity is checked after the checkpoint is read and verified, before anything loads:
         # a mismatch is refused with a diff and the freshly built objects stay as they are.
         restored = self.manager.restore(
-            self._state(), path=path, check=lambda r: self._check_resumable(r.values, r.path)
+            self._state(), path=path, check=lambda r: check_resumable(r.values, self._identity(), r.path)
         )
         if restored is None:
             return
-        self._apply_changed_settings(restored.values["config"])
+        # Other changes take effect on resume.
+        changed = changed_settings(restored.values["config"], self.cfg.to_dict())
+        apply_optim_settings(self.optimizer, self.scheduler, self.cfg.optim)
         self.progress.start_step = self.progress.step = restored.step
         if "eval_loss" in restored.metrics:
             self.progress.first_eval = (restored.step, restored.metrics["eval_loss"])
         if self.rt and self.rt.is_primary:
-            tqdm.write(f"resumed from {restored.path} at step {restored.step}")
-
-    def _check_resumable(self, saved: dict[str, Any], path: Path) -> None:
-        current = self._identity()
-        breaking = config_diff(
-            {k: saved["config"].get(k) for k in RESUME_KEYS}, {k: current["config"][k] for k in RESUME_KEYS}
-        )
-        lines = [f"  {key}: checkpoint has {old!r}, this run has {new!r}" for key, old, new in breaking]
-        if saved["train_data"] != current["train_data"]:
-            lines.append(
-                f"  training data: checkpoint has blocks {saved['train_data']}, this run has {current['train_data']} "
-                "(data.train, data.eval, data.seq_len, data.packing, data.eval_fraction or data.seed changed, "
-                "or the file was edited)"
-            )
-        if lines:
-            raise ResumeMismatchError(
-                f"cannot resume from {path}: this run's config differs in what the checkpoint's state "
-                "depends on:\n" + "\n".join(lines) + "\nRestore those values (--set key=value), resume from "
-                "another checkpoint (--resume PATH), or start afresh in another checkpoint.output_dir."
-            )
-
-    def _apply_changed_settings(self, saved_config: dict[str, Any]) -> None:
-        """Other changes take effect on resume: this run's optimizer settings replace the restored ones."""
-        changed = config_diff(saved_config, self.cfg.to_dict())
-        if changed and self.rt and self.rt.is_primary:
-            tqdm.write("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed))
-        o = self.cfg.optim
-        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group.update(betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+            tqdm.write(f"{changed}\nresumed from {restored.path} at step {restored.step}".lstrip())
 
     # ---- train -----------------------------------------------------------------------------------
 
     def train(self) -> int:
-        cfg, rt, p = self.cfg.train, self.rt, self.progress
+        cfg, rt, p, stop = self.cfg.train, self.rt, self.progress, self.stop
         assert rt is not None
         wall_start = time.perf_counter()
+        assert self.manager is not None
+        # A signal during start-up (config, data, model, resume): stop before the first step, every
+        # rank alike; there is nothing new to save.
+        if rt.all_reduce_sum([float(stop.received is not None)])[0] > 0:
+            by = stop.received.name if stop.received else "a signal on another rank"
+            return self._end_before_training(stopped_in_start_up(by, p.step, self.manager.latest()), EXIT_PREEMPTED)
         if p.step >= cfg.max_steps:
-            return self._finish(wall_start, f"nothing to do: the run is already at step {p.step}")
+            return self._end_before_training(already_finished(p.step, cfg.max_steps, self.manager.latest()), EXIT_OK)
         bar = tqdm(
             total=cfg.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
             disable=not (cfg.progress_bar and rt.is_primary and sys.stderr.isatty()),  # logs stay readable
         )  # fmt: skip
-        if p.first_eval is None:  # the loss before training, the baseline of the summary
-            p.first_eval = (p.step, self.evaluate())
-            self._log(bar, f"step {p.step}: eval_loss {p.first_eval[1]:.4f}")
-            self.events.emit("eval", step=p.step, eval_loss=p.first_eval[1])
-        loss_sum, loss_tokens = 0.0, 0.0  # since the last log line, on this rank
-        with PreemptionWatcher() as stop, bar:
+        if p.first_eval is None and self.eval_blocks is not None:  # the loss before training: the baseline
+            p.first_eval = (p.step, self._evaluate_finite(bar, p.step))
+        loss_sum, loss_tokens = 0.0, 0.0  # of the applied steps since the last log line, all ranks
+        with bar:
             while p.step < cfg.max_steps:
                 p.step += 1
                 step = p.step
-                # 1. This step's blocks: every rank takes its own slice of each micro-batch.
-                batches = self._next_batches()
-                # 2. Trained tokens of the whole step on all ranks (and any stop request): the loss is a sum
-                #    over tokens divided by this count, so accumulation and DDP equal one big batch.
-                local = float(sum(self.backend.trained_tokens(b) for b in batches))
-                total_tokens, stops = rt.all_reduce_sum([local, float(stop.received is not None)])
-                # 3. Forward, backward, clip, step, schedule.
-                loss_sum += self._train_step(batches, total_tokens)
-                loss_tokens += local
-                # 4. Log, eval, save (an eval before every save, so each checkpoint carries its eval_loss).
+                # 1. This step's blocks (this rank's slice of each micro-batch), and the trained tokens of
+                #    the whole step on all ranks, counted from the shared order without a collective.
+                batches, total_tokens = self._next_batches()
+                # 2. Forward and backward: the loss is a sum over tokens divided by the step's count, so
+                #    accumulation and DDP equal one big batch. Gradients are clipped, not yet applied.
+                local_loss, grad_norm = self._forward_backward(batches, total_tokens)
+                # 3. The step's one collective: its loss, whether any rank saw a non-finite loss or
+                #    gradient norm, and whether any rank got a stop signal; every rank decides alike.
+                nonfinite = float(not guards.is_finite(local_loss, grad_norm))
+                loss, bad, stops = rt.all_reduce_sum([local_loss, nonfinite, float(stop.received is not None)])
+                # 4. Apply the update only from finite numbers; otherwise stop (raises) or skip it.
+                if bad:
+                    self._nonfinite_step(bar, step, loss / total_tokens, grad_norm)
+                else:
+                    self.optimizer.step()
+                    loss_sum, loss_tokens = loss_sum + loss, loss_tokens + total_tokens
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                # 5. Log, eval, save (an eval before every save, so each checkpoint carries its eval_loss).
                 is_save = step % self.cfg.checkpoint.save_every == 0 or step == cfg.max_steps or stops > 0
                 if step % cfg.log_every == 0 or is_save:
-                    s, n = rt.all_reduce_sum([loss_sum, loss_tokens])
-                    p.train_loss, loss_sum, loss_tokens = s / max(n, 1), 0.0, 0.0
+                    p.train_loss = loss_sum / loss_tokens if loss_tokens else math.nan  # nan: all skipped
+                    loss_sum, loss_tokens = 0.0, 0.0
                     self._log(bar, f"step {step}/{cfg.max_steps}  loss {p.train_loss:.4f}  lr {self._lr():.2e}")
                     self.events.emit("train", step=step, loss=p.train_loss, lr=self._lr())
                     self._postfix(bar)
                 bar.update(1)
-                if is_save or step % cfg.eval_every == 0:
-                    p.last_eval = (step, self.evaluate())
-                    self._log(bar, f"step {step}: eval_loss {p.last_eval[1]:.4f}")
-                    self.events.emit("eval", step=step, eval_loss=p.last_eval[1])
+                if self.eval_blocks is not None and (is_save or step % cfg.eval_every == 0):
+                    p.last_eval = (step, self._evaluate_finite(bar, step))
                 if is_save:
-                    self.save_checkpoint(step, {"eval_loss": p.last_eval[1], "train_loss": p.train_loss})
+                    self.save_checkpoint(step, self._metrics())
                     self._postfix(bar)
-                # 5. A preemption notice on any rank: we just saved, so stop with the distinct exit code.
+                # 6. A stop signal on any rank: we just saved, so stop with the distinct exit code.
                 if stops > 0:
                     by = stop.received.name if stop.received else "a signal on another rank"
                     return self._finish(wall_start, f"stopped by {by}", EXIT_PREEMPTED)
         return self._finish(wall_start, "done")
 
-    def _train_step(self, batches: list[Batch], total_tokens: float) -> float:
-        """One optimizer step over `batches`; returns this rank's summed token loss (for logging)."""
+    def _forward_backward(self, batches: list[Batch], total_tokens: float) -> tuple[float, float]:
+        """Gradients of one step over `batches`, clipped; returns this rank's summed token loss and the norm.
+
+        The norm is taken after DDP averaged the gradients, so it is the same number on every rank.
+        """
         rt = self.rt
         assert rt is not None
         loss_sum = 0.0
@@ -261,40 +255,63 @@ class LoRARecipe:
                 (total * rt.world_size / total_tokens).backward()
             loss_sum += total.item()  # a CPU-GPU sync point; cheap next to the step at this scale
         if self.cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return loss_sum, float(norm)
 
-    def _next_batches(self) -> list[Batch]:
-        """``grad_accum`` micro-batches of ``batch_size`` for this rank from the global order.
+    def _nonfinite_step(self, bar: tqdm, step: int, loss: float, grad_norm: float) -> None:
+        """A step whose update was not applied: raise (train.on_nonfinite = "stop") or count it as skipped."""
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        if self.cfg.train.on_nonfinite == "stop":
+            assert self.manager is not None
+            raise guards.diverged(step, what, self.manager.latest(), self.cfg.optim)
+        self.progress.skipped += 1
+        self._log(bar, f"step {step}: skipped ({what}): no update applied (train.on_nonfinite = skip)")
+
+    def _next_batches(self) -> tuple[list[Batch], float]:
+        """``grad_accum`` micro-batches of ``batch_size`` for this rank, and the step's trained tokens on all ranks.
 
         The global order is consumed ``world_size * batch_size`` blocks per micro-batch, rank r taking
         the r-th slice: 2 ranks x b blocks see exactly what 1 rank x 2b blocks would.
         """
         rt, b = self.rt, self.cfg.train.batch_size
         assert rt is not None
-        out = []
+        out, tokens = [], 0
         for _ in range(self.cfg.train.grad_accum):
             indices = self.order.take(b * rt.world_size)
+            tokens += self.backend.step_tokens(self.train_blocks, indices)
             out.append(self.backend.batch(self.train_blocks, indices[rt.rank * b : (rt.rank + 1) * b], rt.device))
-        return out
+        return out, float(tokens)
+
+    def _evaluate_finite(self, bar: tqdm, step: int) -> float:
+        """The eval loss, logged; a non-finite one stops the run, as it could not be a checkpoint's metric."""
+        loss = self.evaluate()
+        self._log(bar, f"step {step}: eval_loss {loss:.4f}")
+        self.events.emit("eval", step=step, eval_loss=loss)
+        if not guards.is_finite(loss):
+            assert self.manager is not None
+            raise guards.diverged(step, f"eval loss {loss}", self.manager.latest(), self.cfg.optim, in_eval=True)
+        return loss
+
+    def _metrics(self) -> dict[str, float]:
+        """What a checkpoint records of its step: finite numbers only (no train loss if every step was skipped)."""
+        p = self.progress
+        metrics = {"eval_loss": p.last_eval[1]} if p.last_eval else {}
+        return {**metrics, "train_loss": p.train_loss} if guards.is_finite(p.train_loss) else metrics
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss over the first ``eval_batches`` batches of the eval set, all ranks together."""
-        rt, b = self.rt, self.cfg.train.batch_size
-        assert rt is not None
-        n = min(len(self.eval_blocks), self.cfg.train.eval_batches * b)
+        rt, b, blocks = self.rt, self.cfg.train.batch_size, self.eval_blocks
+        assert rt is not None and blocks is not None
+        n = min(len(blocks), self.cfg.train.eval_batches * b)
         mine = list(range(rt.rank, n, rt.world_size))
         total, count = 0.0, 0.0
         self.model.eval()
         for start in range(0, len(mine), b):
             with rt.autocast():
-                s, c = self.backend.loss(
-                    self.model, self.backend.batch(self.eval_blocks, mine[start : start + b], rt.device)
-                )
+                s, c = self.backend.loss(self.model, self.backend.batch(blocks, mine[start : start + b], rt.device))
             total, count = total + s.item(), count + c.item()
         self.model.train()
         total, count = rt.all_reduce_sum([total, count])
@@ -310,6 +327,11 @@ class LoRARecipe:
     def _log(self, bar: tqdm, line: str) -> None:
         if self.rt and self.rt.is_primary:
             bar.write(line)
+
+    def _warn(self, line: str | None) -> None:
+        """A start-up warning, on stderr, once (from the primary rank)."""
+        if line and self.rt and self.rt.is_primary:
+            print(line, file=sys.stderr, flush=True)
 
     # ---- save_checkpoint -------------------------------------------------------------------------
 
@@ -338,11 +360,20 @@ class LoRARecipe:
         self.progress.saves = list(self.manager.results)
         self.events.emit("run_end", step=self.progress.step, outcome=outcome, exit_code=code)
         if self.rt.is_primary:
-            print(summary(self.progress, outcome, time.perf_counter() - wall_start, self.manager, self.cfg), flush=True)
+            wall, eval_on = time.perf_counter() - wall_start, self.eval_blocks is not None
+            print(summary(self.progress, outcome, wall, self.manager, self.cfg, eval_on), flush=True)
             try:
                 print(f"  report       {write_report(self.manager.run_dir)}", flush=True)
             except Exception as exc:  # the page is an extra: it never turns a finished run into a failed one
                 print(f"  report       not written: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            if code == EXIT_PREEMPTED:
+                print(resume_hint(self.manager.latest()), flush=True)
+        return code
+
+    def _end_before_training(self, message: str, code: int) -> int:
+        """Nothing to train (a stop during start-up, or a finished run): say why, once."""
+        if self.rt and self.rt.is_primary:
+            print(message, flush=True)
         return code
 
     # ---- cleanup ---------------------------------------------------------------------------------
@@ -357,37 +388,9 @@ class LoRARecipe:
                 runtime.stop(self.rt)
 
 
-def summary(p: Progress, outcome: str, wall: float, mgr: CheckpointManager, cfg: RunConfig) -> str:
-    """The closing report: steps, losses, checkpoints, time spent saving, where the adapter is."""
-    kept = [c.name for c in mgr.list() if c.valid]
-    final = mgr.latest()
-    resumed = f" (resumed at step {p.start_step})" if p.start_step else ""
-    evals = " -> ".join(f"{loss:.4f} at step {s}" for s, loss in filter(None, (p.first_eval, p.last_eval))) or "-"
-    share = 100 * p.save_seconds / wall if wall > 0 else 0.0
-    return "\n".join(
-        [
-            f"{outcome}: step {p.step}/{cfg.train.max_steps}{resumed}, {wall:.1f} s",
-            f"  train loss   {p.train_loss:.4f}",
-            f"  eval loss    {evals}",
-            f"  checkpoints  {len(p.saves)} written and verified ({cfg.checkpoint.verify}) by this run; "
-            f"{len(kept)} valid in {mgr.run_dir}",
-            f"  saving       {p.save_seconds:.2f} s = {share:.1f}% of the training loop's wall time "
-            f"(per save: stall {_per_save(p.saves, 'stall_seconds')}, "
-            f"save to verified {_per_save(p.saves, 'seconds')})",
-            f"  adapter      {final.path if final else '-'}",
-        ]
-    )
-
-
-def _per_save(saves: list[SaveResult], field: str) -> str:
-    """Mean and max of one SaveResult timing; for async saves stall and save-to-verified differ."""
-    values = [getattr(s, field) for s in saves]
-    return f"mean {sum(values) / len(values):.3f} s, max {max(values):.3f} s" if values else "-"
-
-
-def run(cfg: RunConfig, resume: str = "auto") -> int:
+def run(cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timeline: bool = False) -> int:
     """Set up, train, clean up; errors propagate to the caller (commands.py maps them to exit codes)."""
-    recipe = LoRARecipe(cfg, resume)
+    recipe = LoRARecipe(cfg, stop, resume, new_timeline)
     try:
         recipe.setup()
         return recipe.train()

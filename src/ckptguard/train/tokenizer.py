@@ -22,6 +22,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes 0-255 as tokens, then BOS, EOS and PAD: 259 tokens, no files, fully deterministic."""
@@ -53,6 +55,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         # Special tokens are added by encode_text/encode_chat, the same way for every tokenizer.
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.hf.decode(ids))  # special tokens shown: they are part of what is trained
 
 
 def encode_text(text: str, tok: Tokenizer) -> tuple[list[int], list[int]]:

@@ -45,7 +45,7 @@ class HiggsAudioBackend(Backend):
             path, local_files_only=True, **dtype_kwarg(higgs_model.DTYPES[self.cfg.dtype])
         )
 
-    def load_data(self, data: DataConfig) -> tuple[HiggsSamples, HiggsSamples]:
+    def load_data(self, data: DataConfig, chat: Any = None) -> tuple[HiggsSamples, HiggsSamples | None, bool]:
         if not data.train:
             raise ConfigError(f"data.train: the higgs-audio backend needs a JSONL file of ChatML records; {DEMO_HINT}")
         if data.packing:
@@ -55,7 +55,9 @@ class HiggsAudioBackend(Backend):
             train, held_out = records, read_records(data.eval)
         else:
             train, held_out = split(records, data.eval_fraction, data.seed)  # type: ignore[arg-type]
-        return self._render(train, data.seq_len), self._render(held_out, data.seq_len)
+        # the ChatML rendering is the model's own (boson-multimodal's); `chat` formats text backends only
+        eval_samples = self._render(held_out, data.seq_len) if held_out else None
+        return self._render(train, data.seq_len), eval_samples, False
 
     def _render(self, records: list[Any], seq_len: int) -> HiggsSamples:
         return HiggsSamples([render(r, self.tokenizer, self.config, seq_len) for r in records])
@@ -63,8 +65,9 @@ class HiggsAudioBackend(Backend):
     def batch(self, blocks: Any, indices: list[int], device: torch.device) -> HiggsBatch:  # type: ignore[override]
         return collate(self.collator, [blocks.samples[i] for i in indices], device)
 
-    def trained_tokens(self, batch: Any) -> int:
-        return batch.trained_tokens
+    def step_tokens(self, blocks: Any, indices: list[int]) -> int:  # type: ignore[override]
+        """Collated on the CPU: the collator decides which audio codes are trained (delay pattern)."""
+        return self.batch(blocks, indices, torch.device("cpu")).trained_tokens
 
     def loss(self, model: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward goes through `model` (DDP included); HiggsAudioModel computes no loss itself."""

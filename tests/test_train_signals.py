@@ -1,0 +1,96 @@
+"""Ctrl-C and SIGTERM, from the first moments of start-up on: real signals to a real trainer process.
+
+The first Ctrl-C is a stop request like SIGTERM (save at the next step boundary, exit 75); a second
+one aborts at once (exit 130) without a traceback; a SIGTERM before step 1 stops the run cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ckptguard import CheckpointManager
+from test_train_resume import tiny
+
+# 100 micro-batches a step: a step lasts long enough to press Ctrl-C twice within it.
+LONG_STEPS = ("checkpoint.save_every=100", "train.grad_accum=100", "train.eval_every=100")
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ckptguard.train", *tiny(out, *extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def read_until(child: subprocess.Popen[str], text: str) -> str:
+    """The child's output up to and including the first line holding `text`."""
+    assert child.stdout is not None
+    seen = []
+    for line in child.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    child.wait(timeout=60)
+    raise AssertionError(f"the trainer ended (rc={child.returncode}) before printing {text!r}:\n{''.join(seen)}")
+
+
+def finish(child: subprocess.Popen[str], timeout: float) -> str:
+    try:
+        return child.communicate(timeout=timeout)[0]
+    finally:
+        child.kill()
+
+
+def valid_steps(out: Path) -> list[int]:
+    with CheckpointManager(out) as mgr:
+        return [c.step for c in mgr.list() if c.valid]
+
+
+def test_first_ctrl_c_saves_and_exits_75_a_second_one_aborts_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    child = start(out, *LONG_STEPS)
+    text = read_until(child, "step 1/")
+    child.send_signal(signal.SIGINT)
+    text += finish(child, timeout=120)
+    assert child.returncode == 75, text
+    assert "SIGINT: saving at the next step boundary, then exiting (SIGINT again: abort now)" in text
+    stopped = int(text.split("stopped by SIGINT: step ")[1].split("/")[0])
+    assert f"run the same command again to resume from {out / f'checkpoint-{stopped}'} (step {stopped})" in text
+    assert "Traceback" not in text and valid_steps(out) == [stopped]
+
+    # Resumed; Ctrl-C twice within one step: out at once, nothing new saved, no traceback.
+    child = start(out, *LONG_STEPS)
+    read_until(child, f"step {stopped + 1}/")
+    child.send_signal(signal.SIGINT)
+    read_until(child, "SIGINT: saving at the next step boundary")
+    child.send_signal(signal.SIGINT)
+    text = finish(child, timeout=60)
+    assert child.returncode == 130, text
+    assert text.endswith(
+        "error: aborted by a second SIGINT (Ctrl-C) without saving; the steps since the last checkpoint are "
+        "lost. Run the same command again to resume from it\n"
+    )
+    assert "Traceback" not in text and valid_steps(out) == [stopped]
+
+
+def test_sigterm_during_start_up_stops_before_step_1_with_exit_75(tmp_path: Path) -> None:
+    data, out = tmp_path / "small.jsonl", tmp_path / "run"
+    data.write_text(json.dumps({"text": "to be, or not to be: that is the question"}) + "\n")
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text(json.dumps({"text": "whether 'tis nobler in the mind to suffer " * 3}) + "\n")
+    child = start(out, f"data.train={data}", f"data.eval={held_out}")
+    # printed while the data loads, before the model is built: the run is starting up
+    text = read_until(child, "every step repeats blocks")
+    child.send_signal(signal.SIGTERM)
+    text += finish(child, timeout=120)
+    assert child.returncode == 75, text
+    assert (
+        "warning: the training data makes 1 blocks of data.seq_len tokens, fewer than one step takes "
+        "(4 = train.batch_size x train.grad_accum x ranks): every step repeats blocks" in text
+    )
+    assert "stopped by SIGTERM during start-up, before step 1\nnothing was saved yet; run the same command" in text
+    assert "step 1/" not in text and valid_steps(out) == []
