@@ -19,7 +19,7 @@ import torch
 
 from ckptguard import commit, snapshot, writer
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
-from ckptguard.manifest import Manifest, ManifestError, library_versions, read_manifest
+from ckptguard.manifest import Manifest, ManifestError, library_versions, read_manifest, step_from_name
 from ckptguard.verify import read_verified, verify_checkpoint
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -85,8 +85,13 @@ def save_lora_adapters(model: Any, output_dir: str | os.PathLike[str]) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = commit.create_staging(out.parent, out.name)
         files = writer.write_files(staging, plans)
-        manifest = Manifest(
-            step=None, sequence=0, created=time.time(), world_size=1, files=files, versions=library_versions()
+        manifest = Manifest(  # a `checkpoint-N` target (a training script's habit) records its step N
+            step=step_from_name(out.name),
+            sequence=0,
+            created=time.time(),
+            world_size=1,
+            files=files,
+            versions=library_versions(),
         )
         commit.write_manifest(staging, manifest)
         commit.finalize(staging, out)
