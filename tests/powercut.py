@@ -4,7 +4,8 @@ One trial: a child process (forked by faultkit's zygote, so torch and PEFT are i
 resumes from the run directory on the powerfs mount and saves step after step; before each save it
 appends ``begin STEP`` and once the save is acknowledged ``ack STEP`` to a side file outside the
 mount, fsynced. After a random delay the child is SIGKILLed and the power is cut (everything not
-fsynced is gone), the filesystem is mounted again ("reboot"), and a fresh child judges the disk:
+fsynced is gone; on every other cut a random share of it was written back first, a file perhaps
+torn), the filesystem is mounted again ("reboot"), and a fresh child judges the disk:
 
 * lost: an acknowledged step (or the step the trial resumed from) that no longer verifies, although
   fewer than KEEP_LAST newer valid checkpoints exist (only those let retention remove it);
@@ -120,9 +121,9 @@ class _OsWithout(types.ModuleType):
         return getattr(os, name)
 
 
-def remove_fsync(target: str = BROKEN_FSYNC) -> None:
-    """Make `target` (``pkg.module.function`` or ``pkg.module.os.fsync``) do nothing in this process."""
-    parts = target.split(".")
+def remove_fsync(target: str | None = None) -> None:
+    """Make `target` (default BROKEN_FSYNC; ``pkg.module.function`` or ``pkg.module.os.fsync``) a no-op here."""
+    parts = (target or BROKEN_FSYNC).split(".")
     for cut in range(len(parts) - 1, 0, -1):
         try:
             owner = importlib.import_module(".".join(parts[:cut]))
@@ -382,6 +383,8 @@ def trials(where: Path, mode: str, cuts: int, seed: int, harness: CrashHarness) 
             acks.write_text("")
             saver = harness.call("powercut:save_until_killed", rng.uniform(0.0, MAX_DELAY_S[mode]), mode=mode,
                                  run_dir=run_dir, acks=str(acks))  # fmt: skip
+            writeback = 0.0 if i % 2 == 0 else rng.random()  # half the cuts: exactly the POSIX minimum
+            fs.cut(writeback, seed=rng.randrange(1 << 30))
             report = _reboot_and_check(fs, harness, mode, run_dir, acks, floor)
             tally.add(i, report, None if saver.killed else saver.error() or "ended before the cut")
             floor = report["resumed"]
@@ -390,7 +393,6 @@ def trials(where: Path, mode: str, cuts: int, seed: int, harness: CrashHarness) 
 
 
 def _reboot_and_check(fs: PowerFS, harness: CrashHarness, mode: str, run_dir: str, acks: Path, floor: int) -> dict:
-    fs.cut()
     fs.mount()
     check = harness.call("powercut:check_after_reboot", CHECK_TIMEOUT_S, mode=mode, run_dir=run_dir,
                          acks=str(acks), floor=floor)  # fmt: skip

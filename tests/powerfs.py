@@ -10,6 +10,12 @@ Model (the POSIX minimum, on purpose stricter than ext4's default ``data=ordered
   of entries durable, nothing else: not the files' data, not its own entry in its parent.
 * At a power cut (``cut``) every volatile change is discarded at once; after the "reboot" (the
   next mount) only the durable state is served.
+* Unless the cut asks for some ``writeback``: a real kernel writes dirty data back on its own, so
+  any part of the volatile state may have reached the disk, in no particular order. With
+  ``cut(writeback=p)`` each inode of the live tree has, with probability p, its volatile state
+  made durable first: a directory its whole entry list, a file all of its new content or only
+  its first pages (a torn file). p=0 is the strictest case; p>0 finds code that depends
+  on something *not* having reached the disk (a directory entry whose file data did not).
 
 ext4 would, in its default mode, persist much of what a program never synced (a journal commit
 every 5 s, rename-over-an-existing-file heuristics). Real software passes on ext4 and loses data
@@ -38,6 +44,7 @@ import errno
 import functools
 import itertools
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -49,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+PAGE = 4096  # a torn file keeps its new content up to a page boundary
 REPLY_TIMEOUT_S = 30.0  # mount, cut and unmount each answer within this, or the kit kills the process
 
 
@@ -71,12 +79,25 @@ class Node:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    @property
+    def dirty(self) -> bool:
+        """Whether it holds changes that are not durable."""
+        return self.entries != self.durable_entries if self.is_dir else self.data != self.durable_data
+
     def sync(self) -> None:
         """fsync: the live content (file) or entry list (directory) becomes the durable one."""
         if self.is_dir:
             self.durable_entries = dict(self.entries)
         else:
             self.durable_data = bytes(self.data)
+
+    def write_back(self, rng: random.Random) -> None:
+        """What the kernel may have written on its own: all of it, or (a file) only its first pages."""
+        if self.is_dir or rng.random() < 0.5:
+            self.sync()
+        else:  # torn: the first pages are new, the rest as it was
+            upto = rng.randrange(0, len(self.data) + 1, PAGE)
+            self.durable_data = bytes(self.data[:upto]) + self.durable_data[upto:]
 
 
 def _fail(code: int) -> OSError:
@@ -131,10 +152,14 @@ class PowerCutFS:
         shutil.rmtree(self.backing)
         fresh.rename(self.backing)
 
-    def cut(self) -> None:
-        """Power cut: stop every operation now and keep only what was durable."""
+    def cut(self, writeback: float, seed: int) -> None:
+        """Power cut: stop every operation now and keep only what was durable (or written back)."""
         with self.mutex:
             self.frozen = True
+            rng = random.Random(seed)
+            for node in _live_tree(self.root):
+                if node.dirty and rng.random() < writeback:
+                    node.write_back(rng)
             self.store(durable=True)
 
     # -- lookups ------------------------------------------------------------------------------
@@ -333,6 +358,12 @@ class PowerCutFS:
         return 0
 
 
+def _live_tree(node: Node) -> Iterator[Node]:
+    yield node
+    for child in node.entries.values():
+        yield from _live_tree(child)
+
+
 def _write_tree(node: Node, path: Path, *, durable: bool, ancestors: tuple[Node, ...]) -> None:
     """Write `node` (durable or live state) as a plain tree at `path`."""
     if not node.is_dir:
@@ -348,15 +379,16 @@ def _write_tree(node: Node, path: Path, *, durable: bool, ancestors: tuple[Node,
 
 
 def serve(backing: Path, mountpoint: Path) -> None:
-    """Mount over `mountpoint` until unmounted; the line ``cut`` on stdin cuts the power."""
+    """Mount over `mountpoint` until unmounted; the line ``cut WRITEBACK SEED`` on stdin cuts the power."""
     import mfusepy
 
     fs = PowerCutFS(backing)
 
     def control() -> None:
         for line in sys.stdin:
-            if line.strip() == "cut":
-                fs.cut()
+            command, *args = line.split()
+            if command == "cut":
+                fs.cut(float(args[0]), int(args[1]))
                 print("cut", flush=True)
         # stdin closed: whoever mounted us is gone; do not leave the mount behind
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
@@ -404,10 +436,13 @@ class PowerFS:
             raise RuntimeError(f"powerfs did not mount at {self.mountpoint}")
         return self.mountpoint
 
-    def cut(self) -> None:
-        """Cut the power: discard every volatile change, then unmount. Call `mount` to reboot."""
+    def cut(self, writeback: float = 0.0, seed: int = 0) -> None:
+        """Cut the power: discard volatile changes (but write back a `writeback` share), unmount.
+
+        Call `mount` to reboot. `seed` picks what is written back.
+        """
         assert self._proc is not None and self._proc.stdin is not None, "not mounted"
-        self._proc.stdin.write("cut\n")
+        self._proc.stdin.write(f"cut {writeback} {seed}\n")
         self._proc.stdin.flush()
         reply = self._reply()
         self.unmount()
