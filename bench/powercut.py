@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from faultkit import CrashHarness
 from powercut import BROKEN_FSYNC, MODES, MUST_FAIL, trials
-from powerfs import fuse_unavailable
+from powerkit import fuse_unavailable
 
 
 def main() -> int:

@@ -9,7 +9,8 @@ passes on a laptop.
 The crash harness keeps each trial cheap: a helper process (the *zygote*, ``python faultkit.py
 zygote``) imports torch and ckptguard once, then forks one saving child per trial and SIGKILLs it
 after a given delay. Without it every trial would pay the ~2 s torch import. Power cuts (a
-filesystem that forgets what was not fsynced) are in powerfs.py, their trials in powercut.py.
+filesystem that forgets what was not fsynced) are in powerfs.py and powerkit.py, their trials in
+powercut.py.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from ckptguard import CheckpointManager, load_lora_adapters, save_lora_adapters,
 from ckptguard.cli import main as cli_main
 from conftest import make_lora_model
 from faultkit import CRASH_LITTER, STARTUP_LITTER, CrashHarness, StepState, committed_steps, expected_tensors
-from powerfs import PowerFS, powerfs
+from powerkit import PowerFS, power_cut_disk
 
 # The fsync the broken build loses, as a dotted name of what ckptguard calls: today the data fsync of
 # every checkpoint file, the writer's only os.fsync. When that moves (POSIX specifics are moving to
@@ -377,7 +377,7 @@ def trials(where: Path, mode: str, cuts: int, seed: int, harness: CrashHarness) 
     start = time.monotonic()
     (where / "disk" / "run").mkdir(parents=True)  # before the mount: durable, as a launcher leaves it
     acks = where / "acks"
-    with powerfs(where) as fs:
+    with power_cut_disk(where) as fs:
         run_dir, floor = str(fs.mountpoint / "run"), 0
         for i in range(cuts):
             acks.write_text("")

@@ -31,15 +31,12 @@ the last fsync made durable) in memory. ``cut`` writes the durable tree back to 
 directory; a clean unmount writes the live tree (what a clean shutdown syncs). Either way the
 backing directory is always a readable, plain copy of what survived.
 
-Kit API (as ``faultkit.tmpfs``): ``with powerfs(where) as fs:`` mounts, ``fs.cut()`` cuts the
-power and unmounts, ``fs.mount()`` reboots; teardown always unmounts, by force if it must. The
-filesystem runs in its own process (``python powerfs.py serve BACKING MOUNTPOINT``), controlled
-through its stdin, so a test process never holds the FUSE loop and every wait has a timeout.
+It runs in its own process (``python powerfs.py serve BACKING MOUNTPOINT``), controlled through
+its stdin; tests mount, cut and unmount it through the kit in powerkit.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import itertools
@@ -57,10 +54,6 @@ from pathlib import Path
 from typing import Any
 
 PAGE = 4096  # a torn file keeps its new content up to a page boundary
-REPLY_TIMEOUT_S = 30.0  # mount, cut and unmount each answer within this, or the kit kills the process
-
-
-# --- the filesystem ----------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -396,100 +389,6 @@ def serve(backing: Path, mountpoint: Path) -> None:
     threading.Thread(target=control, daemon=True).start()
     options = {"attr_timeout": 0, "entry_timeout": 0, "negative_timeout": 0, "hard_remove": True}
     mfusepy.FUSE(fs, str(mountpoint), foreground=True, nothreads=True, fsname="powerfs", **options)
-
-
-# --- the kit -----------------------------------------------------------------------------------
-
-
-def fuse_unavailable() -> str | None:
-    """Why a FUSE filesystem cannot be mounted here, or None if it can."""
-    if os.geteuid() != 0:
-        return "mounting a FUSE filesystem needs root here (run the suite as root, e.g. in CI)"
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist (no FUSE support in this kernel or container)"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is missing (install Debian's fuse3; `make test` does so as root)"
-    try:
-        import mfusepy  # noqa: F401  (loads libfuse3 through ctypes)
-    except (ImportError, OSError) as exc:
-        return f"the mfusepy binding cannot load libfuse3 ({exc})"
-    return None
-
-
-class PowerFS:
-    """One mount point over one backing directory: mount, cut the power, reboot, unmount."""
-
-    def __init__(self, backing: Path, mountpoint: Path) -> None:
-        self.backing = backing
-        self.mountpoint = mountpoint
-        self._proc: subprocess.Popen[str] | None = None
-        backing.mkdir(parents=True, exist_ok=True)
-        mountpoint.mkdir(parents=True, exist_ok=True)
-
-    def mount(self) -> Path:
-        """Mount (or, after a cut, reboot into) the durable state; returns the mount point."""
-        assert self._proc is None, "already mounted"
-        cmd = [sys.executable, __file__, "serve", str(self.backing), str(self.mountpoint)]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if self._reply() != "ready":
-            self.unmount()
-            raise RuntimeError(f"powerfs did not mount at {self.mountpoint}")
-        return self.mountpoint
-
-    def cut(self, writeback: float = 0.0, seed: int = 0) -> None:
-        """Cut the power: discard volatile changes (but write back a `writeback` share), unmount.
-
-        Call `mount` to reboot. `seed` picks what is written back.
-        """
-        assert self._proc is not None and self._proc.stdin is not None, "not mounted"
-        self._proc.stdin.write(f"cut {writeback} {seed}\n")
-        self._proc.stdin.flush()
-        reply = self._reply()
-        self.unmount()
-        if reply != "cut":
-            raise RuntimeError(f"powerfs at {self.mountpoint} did not cut the power (reply {reply!r})")
-
-    def unmount(self) -> None:
-        """Unmount; a process that does not exit in time is killed and the mount detached lazily."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=REPLY_TIMEOUT_S)
-        try:
-            proc.wait(timeout=REPLY_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # closing /dev/fuse aborts the connection: waiters get ENOTCONN, never hang
-            proc.wait(timeout=REPLY_TIMEOUT_S)
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, timeout=REPLY_TIMEOUT_S)
-
-    def _reply(self) -> str:
-        """The next line from the filesystem process, or '' if none comes within the timeout."""
-        assert self._proc is not None and self._proc.stdout is not None
-        box: list[str] = []
-        reader = threading.Thread(target=lambda: box.append(self._proc.stdout.readline().strip()), daemon=True)
-        reader.start()
-        reader.join(REPLY_TIMEOUT_S)
-        return box[0] if box else ""
-
-
-@contextlib.contextmanager
-def powerfs(where: Path) -> Iterator[PowerFS]:
-    """A mounted power-cut filesystem at ``where/mnt`` over ``where/disk``; always unmounted on exit."""
-    import pytest
-
-    reason = fuse_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    fs = PowerFS(where / "disk", where / "mnt")
-    try:
-        fs.mount()
-    except RuntimeError as exc:
-        pytest.skip(f"cannot mount a FUSE filesystem here ({exc})")
-    try:
-        yield fs
-    finally:
-        fs.unmount()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 
 from faultkit import CrashHarness
 from powercut import MUST_FAIL, trials
-from powerfs import fuse_unavailable
+from powerkit import fuse_unavailable
 
 pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=str(fuse_unavailable()))
 
