@@ -67,14 +67,16 @@ MUST_FAIL = ("naive", "broken")
 MAX_DELAY_S = {"blocking": 1.0, "async": 1.0, "lora": 0.8, "trainer": 5.0, "naive": 1.0, "broken": 1.0}
 CHECK_TIMEOUT_S = 120.0
 
-# This module is imported by the zygote: quiet the per-cut notices of its children ("removed 1
-# unfinished save", "ignoring invalid checkpoint"); what matters comes back as counts.
-logging.getLogger("ckptguard").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # raised inside PEFT
 _STEP_DIR = re.compile(r"checkpoint-(\d+)")
 
 
 # --- the saving child --------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    """In a trial's child: no per-cut notices ("removed 1 unfinished save"); what matters comes back as counts."""
+    logging.getLogger("ckptguard").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # inside PEFT
 
 
 class _Acks:
@@ -139,6 +141,7 @@ def remove_fsync(target: str | None = None) -> None:
 
 def save_until_killed(mode: str, run_dir: str, acks: str) -> None:
     """Resume from `run_dir` and save step after step in the way `mode` names, until killed."""
+    _quiet()
     log = _Acks(acks)
     if mode == "broken":
         remove_fsync()
@@ -291,6 +294,7 @@ def _lost(acked: list[int], floor: int, valid: list[int]) -> list[int]:
 
 def check_after_reboot(mode: str, run_dir: str, acks: str, floor: int) -> None:
     """Judge the rebooted disk and resume; prints ``result {json}`` (see the module docstring)."""
+    _quiet()
     root = Path(run_dir)
     lines = [line.split() for line in Path(acks).read_text().splitlines()]
     acked = [int(step) for kind, step in lines if kind == "ack"]
