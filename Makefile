@@ -12,7 +12,7 @@ HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
 
-.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs fuzz clean browser
+.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs fuzz powercut clean browser fuse
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,12 @@ demo: $(VENV)/.installed
 
 test: test-core test-higgs
 
-test-core: $(VENV)/.installed lint browser
+test-core: $(VENV)/.installed lint browser fuse
 	$(PY) -m pytest -q -ra
 
 # The Higgs tests and the core and trainer tests again, on the older transformers/peft stack. The bench
 # smoke test is left to test-core: it exercises the store, not transformers.
-test-higgs: $(HVENV)/.installed browser
+test-higgs: $(HVENV)/.installed browser fuse
 	$(HPY) -m pytest -q -ra --ignore tests/test_bench_smoke.py
 
 # The run report's test renders the page in Debian's chromium: installed here when missing and we are
@@ -49,6 +49,18 @@ browser:
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		{ apt-get update -q && apt-get install -y -q chromium; } || \
 		echo "chromium could not be installed: the browser test will be skipped"
+
+# The power-cut tests mount a FUSE filesystem: install Debian's fuse3 where it is missing and we are
+# root; otherwise those tests skip with the reason.
+fuse:
+	@command -v fusermount3 >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		apt-get install -y -q fuse3 >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fuse3 >/dev/null 2>&1; } || \
+		echo "could not install fuse3: the power-cut tests will skip"
+
+# >= 200 power cuts per save mode; prints acknowledged, lost, broken loads and time per mode
+powercut: $(VENV)/.installed fuse
+	$(PY) bench/powercut.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench examples

@@ -87,12 +87,12 @@ class _HashModule:
 
 def instrument() -> None:
     """Wrap the save path's steps (phases) and the primitives inside them, once per process."""
-    import ckptguard.commit as commit
-
     import ckptguard.discovery as discovery
     import ckptguard.events as events
     import ckptguard.hashing as hashing
     import ckptguard.manager as manager
+    import ckptguard.pruning as pruning
+    import ckptguard.publish as publish
     import ckptguard.snapshot as snapshot
     import ckptguard.writer as writer
 
@@ -100,10 +100,10 @@ def instrument() -> None:
     t.wrap(snapshot, "take", "1 snapshot.take (flatten state)", phase=True)
     t.wrap(manager.CheckpointManager, "_begin", "2 space check + staging dir", phase=True)
     t.wrap(writer, "write_files", "3 write files (write+hash+fsync)", phase=True)
-    t.wrap(commit, "commit_checkpoint", "4 manifest + rename + dir fsyncs", phase=True)
-    t.wrap(manager, "verify_checkpoint", "5 verify full (re-read + hash)", phase=True)
-    t.wrap(commit, "write_latest", "6 LATEST (atomic replace)", phase=True)
-    t.wrap(manager.CheckpointManager, "_prune_quietly", "7 retention (prune)", phase=True)
+    t.wrap(publish, "_write_manifest", "4 manifest + rename + dir fsyncs", phase=True)
+    t.wrap(publish, "verify_checkpoint", "5 verify full (re-read + hash)", phase=True)
+    t.wrap(publish, "atomic_write_bytes", "6 LATEST (atomic replace)", phase=True)
+    t.wrap(pruning.Pruner, "after_save", "7 retention (prune)", phase=True)
     t.wrap(events.EventLog, "emit", "8 events.jsonl", phase=True)
     t.wrap(snapshot.HostBuffers, "copy", "0 async: copy into staging buffers", phase=True)
     t.wrap(discovery, "discover", "   discovery.discover (in 2, 7)")

@@ -8,12 +8,16 @@ passes on a laptop.
 
 The crash harness keeps each trial cheap: a helper process (the *zygote*, ``python faultkit.py
 zygote``) imports torch and ckptguard once, then forks one saving child per trial and SIGKILLs it
-after a given delay. Without it every trial would pay the ~2 s torch import.
+after a given delay. Without it every trial would pay the ~2 s torch import. Power cuts (a
+filesystem that forgets what was not fsynced) are in powerfs.py and powerkit.py, their trials in
+powercut.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 import os
 import queue
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,24 +245,66 @@ def _saving_child(run_dir: str, max_steps: int, keep_last: int, async_save: bool
                 os.write(1, f"saved {done}\n".encode())
 
 
-def _zygote() -> None:
-    """Serve `run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC` lines: fork a saver, SIGKILL it, report."""
+def _fork_and_kill(child: Callable[[], None], delay_s: float, start_after: list[str] | None = None) -> int:
+    """Run `child` in a forked process and SIGKILL it after `delay_s` unless it ended first; its wait status.
+
+    With `start_after` = [path, word], the delay counts from when that file first holds the word (the
+    child's first acknowledged save, say; at most 120 s), so a loaded machine cannot push every kill
+    before it.
+    """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        except BaseException as e:
+            os.write(1, f"error {json.dumps(repr(e))}\n".encode())
+            os._exit(1)
+        os._exit(0)
+    deadline = time.monotonic() + delay_s
+    waiting_until = time.monotonic() + 120 if start_after else 0.0
+    while time.monotonic() < max(deadline, waiting_until):
+        if waiting_until and (time.monotonic() > waiting_until or _mentions(*(start_after or ["", ""]))):
+            deadline, waiting_until = time.monotonic() + delay_s, 0.0
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)  # a no-op if it just finished (zombie until reaped)
+    return os.waitpid(pid, 0)[1]
+
+
+def _mentions(path: str, word: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return word in fh.read()
+    except OSError:
+        return False
+
+
+def _zygote(preload: list[str]) -> None:
+    """Serve lines, each forking a child that is SIGKILLed after DELAY_S; report its wait status.
+
+    ``run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC``: the saving child of :class:`CrashHarness`.
+    ``call MODULE:FUNCTION DELAY_S JSON_KWARGS``: any function of a module on sys.path (tests/).
+    """
     import ckptguard  # noqa: F401  (import once here; every forked child inherits it)
 
+    for module in preload:  # heavy imports of the functions `call` will run, also done once
+        importlib.import_module(module)
     print("ready", flush=True)
     for line in sys.stdin:
-        _, run_dir, delay, max_steps, keep_last, async_save = line.split()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _saving_child(run_dir, int(max_steps), int(keep_last), async_save == "1")
-            except BaseException as e:
-                os.write(1, f"error {json.dumps(repr(e))}\n".encode())
-                os._exit(1)
-            os._exit(0)
-        time.sleep(float(delay))
-        os.kill(pid, signal.SIGKILL)  # a no-op if it already finished (zombie until reaped)
-        _, status = os.waitpid(pid, 0)
+        command, _, rest = line.partition(" ")
+        if command == "call":
+            target, delay, kwargs = rest.split(" ", 2)
+            module, _, name = target.partition(":")
+            function = getattr(importlib.import_module(module), name)
+            kwargs = json.loads(kwargs)
+            start_after = kwargs.pop("kill_clock_starts_at", None)
+            status = _fork_and_kill(functools.partial(function, **kwargs), float(delay), start_after)
+        else:
+            run_dir, delay, max_steps, keep_last, async_save = rest.split()
+            saver = functools.partial(_saving_child, run_dir, int(max_steps), int(keep_last), async_save == "1")
+            status = _fork_and_kill(saver, float(delay))
         # Every line the child wrote is already in the pipe: it is dead.
         print(f"done {status}", flush=True)
 
@@ -273,6 +319,23 @@ class Trial:
     error: str | None = None
 
 
+@dataclass
+class Call:
+    """What a child run by :meth:`CrashHarness.call` printed before it ended, and whether it was killed."""
+
+    lines: list[str]
+    killed: bool
+
+    def error(self) -> str | None:
+        """The exception the child died of, if it raised."""
+        errors = [json.loads(line[6:]) for line in self.lines if line.startswith("error ")]
+        return errors[-1] if errors else None
+
+
+def _killed(status: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
 class CrashHarness:
     """Runs saving children in a forking helper process and SIGKILLs each after a delay.
 
@@ -280,10 +343,10 @@ class CrashHarness:
     reply timeout, even if the child hangs.
     """
 
-    def __init__(self, reply_timeout_s: float = 30.0) -> None:
+    def __init__(self, reply_timeout_s: float = 30.0, preload: tuple[str, ...] = ()) -> None:
         self.reply_timeout_s = reply_timeout_s
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "zygote"],
+            [sys.executable, __file__, "zygote", *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -322,11 +385,28 @@ class CrashHarness:
             elif kind == "error":
                 result.error = json.loads(rest)
             elif kind == "done":
-                status = int(rest)
-                result.killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+                result.killed = _killed(int(rest))
                 return result
             else:
                 raise RuntimeError(f"crash harness died (last line: {kind} {rest})")
+
+    def call(self, target: str, delay_s: float, **kwargs: Any) -> Call:
+        """Run ``module:function(**kwargs)`` in a forked child, SIGKILL it after `delay_s` unless it ended first.
+
+        The module is imported from tests/ (pass it as `preload` to import it once, up front).
+        """
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"call {target} {delay_s:.4f} {json.dumps(kwargs)}\n")
+        self._proc.stdin.flush()
+        lines = []
+        while True:
+            line = self._next(delay_s + self.reply_timeout_s)
+            kind, _, rest = line.partition(" ")
+            if kind == "done":
+                return Call(lines, _killed(int(rest)))
+            if kind == "eof":
+                raise RuntimeError(f"crash harness died (last lines: {lines[-3:]})")
+            lines.append(line)
 
     def close(self) -> None:
         self._proc.kill()
@@ -400,7 +480,7 @@ def check_resume(run_dir: Path, floor: int, litter: tuple[str, ...] = CRASH_LITT
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["zygote"]:
-        _zygote()
+    if sys.argv[1:2] == ["zygote"]:
+        _zygote(sys.argv[2:])
     else:
-        sys.exit("usage: faultkit.py zygote")
+        sys.exit("usage: faultkit.py zygote [MODULE_TO_PRELOAD ...]")

@@ -65,6 +65,17 @@ def test_saved_adapter_loads_with_peft_from_pretrained_and_reproduces_outputs(tm
     assert torch.equal(logits(reloaded), logits(model))
 
 
+def test_adapter_saved_as_checkpoint_n_verifies_and_loads(tmp_path):
+    # what a training script replacing `model.save_pretrained(f"out/checkpoint-{step}")` does
+    model = make_lora_model()
+    out = save_lora_adapters(model, tmp_path / "checkpoint-7")
+    assert verify_checkpoint(out, "full").ok
+    loaded = make_lora_model(seed=1)  # other LoRA weights (and base, which the adapter does not carry)
+    load_lora_adapters(loaded, out)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, lora[n]) for n, p in loaded.named_parameters() if "lora_" in n)
+
+
 def test_manager_checkpoint_directory_is_a_peft_adapter_directory(tmp_path):
     from peft import PeftModel
 

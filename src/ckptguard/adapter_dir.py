@@ -16,7 +16,7 @@ from typing import Any
 
 from ckptguard import publish, snapshot, writer
 from ckptguard.errors import CorruptCheckpointError, WriteError, from_os_error
-from ckptguard.layout import ADAPTER_WEIGHTS
+from ckptguard.layout import ADAPTER_WEIGHTS, step_from_name
 from ckptguard.lora import apply_adapter, checked_adapter_tensors
 from ckptguard.manifest import Manifest, ManifestError, library_versions, read_manifest
 from ckptguard.verify import read_verified
@@ -43,9 +43,10 @@ def save_lora_adapters(model: Any, output_dir: str | os.PathLike[str]) -> Path:
         if staging is not None:
             publish.discard_staging(staging)
         raise from_os_error(WriteError, "could not write the LoRA adapter", exc, path=out) from exc
-    manifest = Manifest(
-        step=None, sequence=0, created=time.time(), world_size=1, files=files, versions=library_versions()
-    )
+    manifest = Manifest(  # a `checkpoint-N` target (a training script's habit) records its step N
+        step=step_from_name(out.name), sequence=0, created=time.time(), world_size=1, files=files,
+        versions=library_versions(),
+    )  # fmt: skip
     expected = {p.relpath: p.tensors for p in plans if p.tensors is not None}
     return publish.publish(staging, out, manifest, level="deep", expected=expected, model=model).path
 
