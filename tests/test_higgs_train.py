@@ -135,14 +135,15 @@ def test_export_adapter_and_merged_model(trained: Path, tmp_path: Path) -> None:
 
 def test_preflight_estimate_covers_a_real_higgs_checkpoint(trained: Path, higgs_data: Path) -> None:
     """Preflight sizes checkpoints from the model built on the meta device; a real one must fit in it."""
+    from ckptguard.preemption import PreemptionWatcher
     from ckptguard.train.config import load_config
     from ckptguard.train.recipe import LoRARecipe
 
     args = tiny_higgs(higgs_data, trained.parent, steps=3)
     cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
-    recipe = LoRARecipe(cfg)
+    recipe = LoRARecipe(cfg, PreemptionWatcher())
     recipe.backend = HiggsAudioBackend(cfg.model)
-    estimate = recipe._checkpoint_bytes()
+    estimate = recipe._checkpoint_bytes(recipe.backend.build_model("meta"))
     written = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file())
     assert written <= estimate < 2 * written + 256 * 1024
 

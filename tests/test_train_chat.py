@@ -61,13 +61,15 @@ def test_the_template_renders_the_ids_and_only_the_replies_are_trained(template:
     assert chat.template == template and chat.fingerprint.startswith("template sha256:")
     for messages in CONVERSATIONS:
         ids, labels = chat.encode(messages, tok, "chat.jsonl:1")
-        assert ids == list(tok.hf.apply_chat_template(messages, tokenize=True)["input_ids"])
+        assert ids == list(tok.hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
         replies = [m["content"] + end_of_turn for m in messages if m["role"] == "assistant"]
         assert [tok.hf.decode(span) for span in trained_spans(labels)] == replies
         # Inference matches training: each turn's prompt, as a user would send it, starts the ids.
         for k, m in enumerate(messages):
             if m["role"] == "assistant":
-                prompt = tok.hf.apply_chat_template(messages[:k], add_generation_prompt=True)["input_ids"]
+                prompt = tok.hf.apply_chat_template(messages[:k], add_generation_prompt=True, return_dict=True)[
+                    "input_ids"
+                ]
                 assert ids[: len(prompt)] == list(prompt)
 
 
@@ -139,7 +141,7 @@ def _reply_loss_at_inference(checkpoint: Path, model_dir: Path) -> float:
     total, count = 0.0, 0
     for i in range(100, 110):  # questions never trained on
         question = [{"role": "user", "content": f"What is {i} plus {i}?"}]
-        prompt = list(tok.apply_chat_template(question, add_generation_prompt=True)["input_ids"])
+        prompt = list(tok.apply_chat_template(question, add_generation_prompt=True, return_dict=True)["input_ids"])
         reply = tok.encode(f"{2 * i}<|im_end|>", add_special_tokens=False)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt + reply])).logits[0]
@@ -178,7 +180,7 @@ def test_data_command_shows_records_as_the_model_sees_them(tmp_path: Path, capsy
     assert [r["where"] for r in shown] == [f"{data}:{n}" for n in (1, 2, 3)]
     tok = tiny_hf_tokenizer(CHATML)
     for record, messages in zip(shown, CONVERSATIONS, strict=True):
-        assert record["input_ids"] == list(tok.apply_chat_template(messages)["input_ids"])
+        assert record["input_ids"] == list(tok.apply_chat_template(messages, return_dict=True)["input_ids"])
         assert len(record["labels"]) == len(record["input_ids"]) and IGNORE_INDEX in record["labels"]
 
 

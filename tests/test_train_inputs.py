@@ -83,7 +83,7 @@ def test_hf_model_path_that_is_no_model_directory(tmp_path: Path, capsys: pytest
         "--set", 'lora.target_modules=["q_proj"]', "--set", f"checkpoint.output_dir={out}",
     )  # fmt: skip
     assert err.startswith(f"error: model.path: cannot load a causal LM from {tmp_path}: ")
-    assert "no file named model.safetensors" in err
+    assert "no file named" in err and "model.safetensors" in err  # transformers' own words (4.46 and 5.x)
 
 
 def test_config_file_and_overrides_layer_on_the_default(tmp_path: Path) -> None:
