@@ -175,3 +175,17 @@ def test_sample_order_resumes_mid_epoch_exactly() -> None:
     got += [resumed.take(4) for _ in range(4)]
     assert got == expected
     assert sorted(expected[0] + expected[1] + expected[2][:2]) == list(range(10))  # each epoch is a permutation
+
+
+def test_every_configurable_backend_has_a_class_of_that_name() -> None:
+    from ckptguard.train.backends import HFCausalLMBackend, TinyLlamaBackend
+    from ckptguard.train.config import BACKENDS
+
+    names = {TinyLlamaBackend.name, HFCausalLMBackend.name}
+    try:
+        from ckptguard.train.higgs.backend import HiggsAudioBackend
+
+        names.add(HiggsAudioBackend.name)
+    except ImportError:  # outside the Higgs environment: its name is the remaining one
+        names.add("higgs-audio")
+    assert set(BACKENDS) == names

@@ -121,9 +121,12 @@ class RunConfig:
         }
 
 
+# The model families the trainer knows; each backend class carries its own name (train/backends.py).
+BACKENDS = ("tiny-llama", "hf-causal-lm", "higgs-audio")
+
 # Fields whose values are a closed set.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.backend": ("tiny-llama", "hf-causal-lm", "higgs-audio"),
+    "model.backend": BACKENDS,
     "model.dtype": ("float32", "bfloat16"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
