@@ -3,6 +3,8 @@
 The server binds port 0 on the loopback address and reports the port it got, so there is no race
 for a free port and nothing listens on any other address. Being a separate process, it can be
 really stopped (SIGKILL: every connection drops, as when an endpoint goes away mid-upload).
+Loaded by conftest as a plugin, so one server serves the whole session (``s3_server``) and every
+test gets a bucket of its own (``remote``); a test that stops a server starts its own.
 Tests reach it exactly as users reach theirs: through AWS_ENDPOINT_URL and the AWS_* credential
 variables, no code. moto does not check client checksums, so any bytes a test writes directly
 (``tamper``) are stored as given, as a damaged object would be.
@@ -21,9 +23,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (pip install -e '.[test]')")
-boto3 = pytest.importorskip("boto3", reason="the s3 tests need boto3 (pip install -e '.[s3]')")
-
 HOST = "127.0.0.1"
 
 
@@ -31,6 +30,8 @@ class S3Server:
     """One moto server process on 127.0.0.1 with a port of its choosing."""
 
     def __init__(self) -> None:
+        pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (pip install -e '.[test]')")
+        pytest.importorskip("boto3", reason="the s3 tests need boto3 (pip install -e '.[s3]')")
         self._proc = subprocess.Popen(
             [sys.executable, __file__, "serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
@@ -42,6 +43,8 @@ class S3Server:
         self.endpoint = f"http://{HOST}:{line}"
 
     def client(self) -> Any:
+        import boto3
+
         return boto3.client(
             "s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
             region_name="us-east-1",
@@ -62,7 +65,7 @@ class RemoteRun:
     bucket: str
     url: str
 
-    def keys(self, prefix: str = "") -> dict[str, int]:
+    def objects(self, prefix: str = "") -> dict[str, int]:
         """Object keys under the run (relative to it) -> size."""
         base = self.url.removeprefix(f"s3://{self.bucket}/") + "/"
         pages = self.server.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
@@ -87,6 +90,7 @@ def use_server(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",  # no credential lookups at any address but the server's
     }.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
@@ -119,6 +123,7 @@ def child_env(server: S3Server) -> dict[str, str]:
     env.update(
         AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
         AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
     )  # fmt: skip
     return env

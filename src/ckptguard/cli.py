@@ -18,6 +18,8 @@ from typing import Any
 from ckptguard import discovery, listing, preflight, publish, retention
 from ckptguard.errors import CheckpointError
 from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, step_from_name
+from ckptguard.storage import remote_publish
+from ckptguard.storage.objectstore import ObjectStore, is_remote
 from ckptguard.units import format_bytes
 from ckptguard.verify import LEVELS, verify_checkpoint
 
@@ -31,6 +33,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if is_remote(args.run_dir):
+        return _ls_remote(args)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a directory", file=sys.stderr)
@@ -72,6 +76,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ls_remote(args: argparse.Namespace) -> int:
+    """`ls` of a remote run: committed checkpoints are valid; an upload without its marker is not."""
+    store = ObjectStore(args.run_dir)
+    found = remote_publish.discover(store)
+    keep = retention.plan(found, retention.RetentionPolicy())
+    if args.json:
+        rows = [
+            {"name": c.name, "step": c.step, "valid": c.valid, "reason": c.reason, "bytes": c.bytes,
+             "metrics": c.metrics, "sequence": c.sequence, "url": c.url}
+            for c in found
+        ]  # fmt: skip
+        print(json.dumps({"url": str(store.url), "checkpoints": rows}, indent=2))
+    elif not found:
+        print(f"{store.url}: no checkpoints")
+    else:
+        print(_table(listing.ls_rows(found, keep, None), listing.LS_HEADER))  # type: ignore[arg-type]
+    return EXIT_OK
+
+
 def _targets(path: Path) -> list[Path]:
     """A checkpoint directory itself, or every checkpoint-* directory of a run directory."""
     if (path / MANIFEST_NAME).exists() or step_from_name(path.name) is not None:
@@ -81,11 +104,14 @@ def _targets(path: Path) -> list[Path]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not path.is_dir():
+    if is_remote(args.path):
+        reports: list[Any] = _verify_remote(args.path, args.level)
+    elif not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
         print(f"error: {path} {what}; give a checkpoint directory or a run directory", file=sys.stderr)
         return EXIT_USAGE
-    reports = [verify_checkpoint(p, args.level) for p in _targets(path)]
+    else:
+        reports = [verify_checkpoint(p, args.level) for p in _targets(path)]
     if args.json:
         print(
             json.dumps(
@@ -113,6 +139,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 for p in r.problems:
                     print(f"         {p.file}: {p.reason}")
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _verify_remote(url: str, level: str) -> list[remote_publish.RemoteReport]:
+    """A remote checkpoint (s3://.../checkpoint-N) or every checkpoint of a remote run."""
+    head, _, last = url.rstrip("/").rpartition("/")
+    if step_from_name(last) is not None:
+        return [remote_publish.verify(ObjectStore(head), last, level)]
+    store = ObjectStore(url)
+    return [remote_publish.verify(store, c.name, level) for c in remote_publish.discover(store)]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -263,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptguard", description="Checkpoints that never fail silently.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="list checkpoints: step, status, size, metrics, why kept")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or an s3://bucket/prefix URL")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("verify", help="exit 0 only if every byte is what was written")
-    p.add_argument("path", help="a checkpoint directory, or a run directory to verify all of its checkpoints")
+    p.add_argument("path", help="a checkpoint or run directory (all its checkpoints), or the s3:// URL of either")
     p.add_argument("--level", choices=LEVELS, default="full")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)

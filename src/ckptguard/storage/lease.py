@@ -3,7 +3,7 @@
 Rules (there is no flock on a bucket, and a writer can vanish without a word):
 
 * **Take**: create ``.ckptguard.lease`` create-only (``If-None-Match: *``). It records the holder
-  (host, pid, a random token) and an expiry ``ttl_s`` ahead on the holder's clock.
+  (host, pid, a random token) and an expiry ``lease_ttl_s`` (a storage option, 300 s) ahead on the holder's clock.
 * **Refuse**: a lease that exists and has not expired gives the second writer a LockedError naming
   the holder and the expiry.
 * **Renew**: a background thread rewrites it every ``ttl_s / 3`` with ``If-Match`` on the ETag it
@@ -32,16 +32,15 @@ from ckptguard.manifest import ManifestError, parse_json
 from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
 
 log = logging.getLogger("ckptguard")
-LEASE_TTL_S = 300.0
 _MAX_LEASE_BYTES = 4096
 
 
 class Lease:
     """The lease on one remote run; :meth:`acquire` before any write, :meth:`release` at close."""
 
-    def __init__(self, store: ObjectStore, *, ttl_s: float = LEASE_TTL_S) -> None:
+    def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.ttl_s = ttl_s
+        self.ttl_s = store.lease_ttl_s
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._etag: str | None = None
         self._lost: BaseException | None = None
@@ -98,9 +97,7 @@ class Lease:
                 self._etag = self.store.put_bytes(LEASE_NAME, self._body(), if_match=self._etag)
             except PreconditionFailed as exc:
                 self._lost = exc
-                raise LockedError(
-                    "another writer took over the lease", path=self.store.where(LEASE_NAME)
-                ) from exc
+                raise LockedError("another writer took over the lease", path=self.store.where(LEASE_NAME)) from exc
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

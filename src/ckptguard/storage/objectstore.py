@@ -41,6 +41,7 @@ OPTIONS = {
     "max_attempts": "tries per request, retries included (default 3)",
     "chunk_bytes": "multipart part size (default 16 MiB)",
     "max_concurrency": "parts in flight per object (default 8)",
+    "lease_ttl_s": "seconds a writer's lease outlives its last renewal; a dead writer's run is free after it (300)",
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "403"}
 
@@ -145,7 +146,10 @@ class ObjectStore:
             retries={"max_attempts": options.get("max_attempts", 3), "mode": "standard"},
             max_pool_connections=max(10, options.get("max_concurrency", 8) + 2),
         )
-        self._client = self._guard("open", lambda: session.client("s3", endpoint_url=options.get("endpoint_url"), config=config))
+        self._client = self._guard(
+            "open", lambda: session.client("s3", endpoint_url=options.get("endpoint_url"), config=config)
+        )
+        self.lease_ttl_s = float(options.get("lease_ttl_s", 300.0))
         chunk = options.get("chunk_bytes", 16 << 20)
         self._transfer = TransferConfig(
             multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=options.get("max_concurrency", 8)
@@ -174,10 +178,12 @@ class ObjectStore:
                 raise PreconditionFailed(where) from exc
             if code in ("NoSuchKey", "404") and key is not None:
                 raise FileNotFoundError(where) from exc
-            if code == "NoSuchBucket":
+            if code in ("NoSuchBucket", "404"):  # HEAD replies carry no body, so no code: 404 is the bucket
                 raise BucketNotFoundError(f"{what}: the bucket {self.url.bucket!r} does not exist", path=where) from exc
             if code in _AUTH_CODES or status == 403:
-                raise RemoteAuthError(f"{what}: access refused ({code}: {error.get('Message', '')})", path=where) from exc
+                raise RemoteAuthError(
+                    f"{what}: access refused ({code}: {error.get('Message', '')})", path=where
+                ) from exc
             raise RemoteError(f"{what}: {code or status} {error.get('Message', '')}".rstrip(), path=where) from exc
         except NoCredentialsError as exc:
             raise RemoteAuthError(f"{what}: no credentials found", path=where) from exc
@@ -273,4 +279,3 @@ class ObjectStore:
             if reply.get("Errors"):
                 first = reply["Errors"][0]
                 raise RemoteError(f"deleting: {first.get('Code')} {first.get('Message', '')}", path=first.get("Key"))
-
