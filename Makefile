@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint format bench fuzz clean browser
+.PHONY: demo test lint format bench bench-s3 fuzz clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+# object storage: ckptguard's upload and download+verify against boto3's transfers, on a local moto server
+bench-s3: $(VENV)/.installed
+	$(PY) bench/objectstore.py
 
 # the hostile-input properties of `make test`, with 20,000 examples each instead of 150
 fuzz: $(VENV)/.installed

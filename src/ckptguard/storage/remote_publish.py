@@ -101,7 +101,6 @@ def upload(
         store.delete([f"{name}/{MARKER_NAME}"])
         if events is not None:
             events.emit("remote_superseded", step=manifest.step, url=store.where(name))
-    items = sorted(manifest.files.items(), key=lambda kv: -kv[1].size)
 
     def send(relpath: str) -> None:  # 2.
         size, sent = store.upload_file(f"{name}/{relpath}", source / relpath)
@@ -110,9 +109,7 @@ def upload(
             problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(sent, entry)
             raise UploadError(f"{relpath} changed on local disk while uploading: {problem}", path=source / relpath)
 
-    with ThreadPoolExecutor(max_workers=_PARALLEL_FILES, thread_name_prefix="ckptguard-upload") as pool:
-        for done in [pool.submit(send, relpath) for relpath, _ in items]:
-            done.result()
+    _each_file(send, manifest)
     store.put_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)  # 3.
     stray = sorted(set(store.list(f"{name}/")) - {f"{name}/{p}" for p in [*manifest.files, MANIFEST_NAME]})
     store.delete(stray)
@@ -128,6 +125,14 @@ def upload(
             remedy="Two writers shared one remote run; stop one of them and check `ckptguard ls` on the URL.",
         ) from exc
     return manifest.total_bytes
+
+
+def _each_file(transfer: Callable[[str], None], manifest: Manifest) -> None:
+    """Run `transfer` on every file of the manifest, largest first, a few at a time; the first error wins."""
+    largest_first = sorted(manifest.files, key=lambda p: -manifest.files[p].size)
+    with ThreadPoolExecutor(max_workers=_PARALLEL_FILES, thread_name_prefix="ckptguard-transfer") as pool:
+        for done in [pool.submit(transfer, relpath) for relpath in largest_first]:
+            done.result()
 
 
 def _read_marker(store: ObjectStore, name: str) -> str | None:
@@ -241,17 +246,21 @@ def download(store: ObjectStore, checkpoint: RemoteCheckpoint, run_dir: Path, ev
     manifest = checkpoint.manifest
     assert manifest is not None and checkpoint.valid
     staging = publish.create_staging(run_dir, checkpoint.name)
+
+    def fetch(relpath: str) -> None:
+        entry = manifest.files[relpath]
+        target = staging / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as fh:
+            size, digest = store.download_file(f"{checkpoint.name}/{relpath}", fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if size != entry.size or digest != entry.xxh3_128:
+            problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(digest, entry)
+            raise CorruptCheckpointError(f"{relpath}: {problem}", path=store.where(f"{checkpoint.name}/{relpath}"))
+
     try:
-        for relpath, entry in sorted(manifest.files.items()):
-            target = staging / relpath
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "xb") as fh:
-                size, digest = store.download_file(f"{checkpoint.name}/{relpath}", fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if size != entry.size or digest != entry.xxh3_128:
-                problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(digest, entry)
-                raise CorruptCheckpointError(f"{relpath}: {problem}", path=store.where(f"{checkpoint.name}/{relpath}"))
+        _each_file(fetch, manifest)
         return publish.publish(
             staging, run_dir / checkpoint.name, manifest, level="full", latest=True, events=events
         ).path
