@@ -134,3 +134,20 @@ def test_fresh_machine_resumes_from_the_newest_remote_checkpoint(tmp_path: Path,
     with CheckpointManager(tmp_path / "c", remote=remote.url) as mgr:
         latest = mgr.restore(make_training_state(seed=5))
     assert latest is not None and latest.step == 8
+
+
+def test_async_saves_are_uploaded_after_their_background_commit(tmp_path: Path, remote: RemoteRun) -> None:
+    state = make_training_state()
+    with CheckpointManager(tmp_path / "run", remote=remote.url, async_save=True) as mgr:
+        assert mgr.save(1, state) is None and mgr.save(2, state) is None  # both return before writing
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-1", "checkpoint-2"]
+    uploads = [e["step"] for e in read_events(tmp_path / "run") if e["event"] == "upload"]
+    assert uploads == [1, 2]
+
+
+def test_a_url_as_run_dir_is_refused_before_anything_is_created(tmp_path: Path, remote: RemoteRun) -> None:
+    os_cwd = Path.cwd()
+    with pytest.raises(ValueError, match="pass a local directory and remote="):
+        CheckpointManager(remote.url)
+    assert not (os_cwd / "s3:").exists()

@@ -26,6 +26,7 @@ from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
+from ckptguard.storage.objectstore import is_remote
 from ckptguard.storage.tiered import RemoteMirror
 from ckptguard.verify import check_level
 
@@ -78,6 +79,8 @@ class CheckpointManager:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, metric, mode, keep_every)
         self.verify_level = check_level(verify)
         self.async_save = async_save
+        if is_remote(run_dir):  # Path() would turn it into a local directory named "s3:"
+            raise ValueError(f"run_dir {run_dir!r} is a URL: pass a local directory and remote={run_dir!r}")
         self.run_dir = Path(run_dir).absolute()
         preflight.refuse_inside_checkpoint(self.run_dir)  # first: not even a log line goes into a checkpoint
         self.results: list[SaveResult] = []
@@ -97,6 +100,8 @@ class CheckpointManager:
             preflight.probe_every_rank(self.run_dir, self._coord)
         except CheckpointError as exc:
             self._lock.release()
+            if self._remote is not None:
+                self._remote.close()
             self._record_failure("preflight", exc)
             raise
         self._closed = False

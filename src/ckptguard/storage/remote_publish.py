@@ -94,7 +94,10 @@ def upload(
     """
     manifest_bytes = manifest.to_json_bytes()
     digest = xxhash.xxh3_128_hexdigest(manifest_bytes)
-    marker = _read_marker(store, name)
+    try:
+        marker = _read_marker(store, name)
+    except ManifestError:  # not a marker this writer can read: un-commit it like any other (we hold the lease)
+        marker = "damaged"
     if marker == digest:
         return 0  # committed by an earlier upload of this very save (a retry after a lost reply)
     if marker is not None:  # 1.

@@ -102,8 +102,9 @@ class RemoteMirror:
             sent = remote_publish.upload(
                 self.store, source, name, manifest, before_marker=self._lease.renew, events=self._events
             )
-        except CheckpointError as exc:
-            error = exc if isinstance(exc, UploadError) else UploadError(f"could not upload {name}: {exc.message}")
+        except Exception as exc:  # whatever it is, the local checkpoint stands: report it, never lose it
+            message = exc.message if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            error = exc if isinstance(exc, UploadError) else UploadError(f"could not upload {name}: {message}")
             error.path, error.step = error.path or self.store.where(name), manifest.step
             self._fail(error, name)
             return
