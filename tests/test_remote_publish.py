@@ -176,3 +176,28 @@ def test_remote_retention_is_separate_from_local(tmp_path: Path, remote: RemoteR
     committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
     assert committed == ["checkpoint-3", "checkpoint-4"]
     assert not {k for k in remote.objects() if k.startswith(("checkpoint-1/", "checkpoint-2/"))}
+
+
+def test_cli_prune_on_a_url_removes_marker_first_and_waits_for_the_writer(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved_run(tmp_path, remote, steps=(1, 2, 3))
+    assert main(["prune", remote.url, "--keep-last", "1", "--dry-run"]) == 0
+    assert "would remove 2 checkpoint(s)" in capsys.readouterr().out
+    writer = CheckpointManager(tmp_path / "writer", remote=remote.url)
+    assert main(["prune", remote.url, "--keep-last", "1"]) == 2  # LockedError: a writer runs
+    assert "LockedError" in capsys.readouterr().err
+    writer.close()
+    assert main(["prune", remote.url, "--keep-last", "1"]) == 0
+    assert sorted({k.split("/")[0] for k in remote.objects()}) == ["checkpoint-3"]
+
+
+def test_cli_doctor_on_a_url(tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]) -> None:
+    saved_run(tmp_path, remote, steps=(1,))
+    remote.tamper("checkpoint-5/state/model.safetensors", b"half an upload")
+    assert main(["doctor", remote.url, "--json"]) == 1
+    checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["access"]["ok"] and checks["lease"]["detail"] == "no writer holds the run"
+    assert not checks["checkpoints"]["ok"] and "1 committed, 1 invalid" in checks["checkpoints"]["detail"]
+    assert main(["doctor", "s3://no-such-bucket-here/run"]) == 1
+    assert "FAIL  access       BucketNotFoundError" in capsys.readouterr().out

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptguard import discovery, listing, preflight, publish, retention
+from ckptguard import cli_remote, discovery, listing, preflight, publish, retention
 from ckptguard.errors import CheckpointError
 from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, step_from_name
-from ckptguard.storage import remote_publish
-from ckptguard.storage.objectstore import ObjectStore, is_remote
+from ckptguard.storage.objectstore import is_remote
 from ckptguard.units import format_bytes
 from ckptguard.verify import LEVELS, verify_checkpoint
 
@@ -78,19 +77,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _ls_remote(args: argparse.Namespace) -> int:
     """`ls` of a remote run: committed checkpoints are valid; an upload without its marker is not."""
-    store = ObjectStore(args.run_dir)
-    found = remote_publish.discover(store)
-    keep = retention.plan(found, retention.RetentionPolicy())
+    found, doc = cli_remote.ls_json(args.run_dir)
     if args.json:
-        rows = [
-            {"name": c.name, "step": c.step, "valid": c.valid, "reason": c.reason, "bytes": c.bytes,
-             "metrics": c.metrics, "sequence": c.sequence, "url": c.url}
-            for c in found
-        ]  # fmt: skip
-        print(json.dumps({"url": str(store.url), "checkpoints": rows}, indent=2))
+        print(json.dumps(doc, indent=2))
     elif not found:
-        print(f"{store.url}: no checkpoints")
+        print(f"{doc['url']}: no checkpoints")
     else:
+        keep = retention.plan(found, retention.RetentionPolicy())
         print(_table(listing.ls_rows(found, keep, None), listing.LS_HEADER))  # type: ignore[arg-type]
     return EXIT_OK
 
@@ -105,7 +98,7 @@ def _targets(path: Path) -> list[Path]:
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if is_remote(args.path):
-        reports: list[Any] = _verify_remote(args.path, args.level)
+        reports: list[Any] = cli_remote.verify_reports(args.path, args.level)
     elif not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
         print(f"error: {path} {what}; give a checkpoint directory or a run directory", file=sys.stderr)
@@ -141,15 +134,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
 
 
-def _verify_remote(url: str, level: str) -> list[remote_publish.RemoteReport]:
-    """A remote checkpoint (s3://.../checkpoint-N) or every checkpoint of a remote run."""
-    head, _, last = url.rstrip("/").rpartition("/")
-    if step_from_name(last) is not None:
-        return [remote_publish.verify(ObjectStore(head), last, level)]
-    store = ObjectStore(url)
-    return [remote_publish.verify(store, c.name, level) for c in remote_publish.discover(store)]
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Can a run save here? Leaves the directory as it found it: the write probe removes what it made,
     the lock is tested without creating a lock file, and nothing is probed inside a checkpoint."""
@@ -159,6 +143,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"check": name, "ok": ok, "detail": detail})
 
+    if is_remote(args.run_dir):
+        cli_remote.doctor(args.run_dir, check)
+        return _doctor_out(args, args.run_dir, checks)
     where = run_dir if run_dir.is_dir() else run_dir.parent
     try:
         preflight.refuse_inside_checkpoint(run_dir)
@@ -166,8 +153,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         check("directory", False, f"{exc.message}; {exc.remedy}")
     else:
         _doctor_dir(run_dir, where, check)
+    return _doctor_out(args, str(run_dir), checks)
+
+
+def _doctor_out(args: argparse.Namespace, run_dir: str, checks: list[dict[str, Any]]) -> int:
     if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
+        print(json.dumps({"run_dir": run_dir, "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
     else:
         for c in checks:
             print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<12} {c['detail']}")
@@ -246,7 +237,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ckptguard.manager import CheckpointManager
 
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
+    if not is_remote(args.run_dir) and not run_dir.is_dir():
         print(f"error: {run_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     policy_args = dict(
@@ -256,8 +247,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         mode=args.mode,
         keep_every=args.keep_every,
     )
-    aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if args.superseded else []
-    if args.dry_run:
+    superseded = args.superseded and not is_remote(args.run_dir)  # a bucket has no set-aside directories
+    aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if superseded else []
+    if is_remote(args.run_dir):
+        doomed: list[Any] = cli_remote.prune(
+            args.run_dir, retention.RetentionPolicy(**policy_args), dry_run=args.dry_run
+        )
+    elif args.dry_run:
         found = discovery.discover(run_dir)
         _, protected = listing.run_policy(run_dir)
         doomed = retention.doomed(found, retention.RetentionPolicy(**policy_args), protected)

@@ -125,6 +125,15 @@ class Lease:
             self._etag = None
 
 
+def holder(store: ObjectStore) -> tuple[str, float] | None:
+    """(holder, expiry) of the run's lease, or None when no writer holds it (for ``ckptguard doctor``)."""
+    try:
+        data, _ = store.get_bytes(LEASE_NAME, _MAX_LEASE_BYTES)
+    except FileNotFoundError:
+        return None
+    return _parse(data, store.where(LEASE_NAME))
+
+
 def _parse(data: bytes, where: str) -> tuple[str, float]:
     """(holder, expiry) of a lease object; a damaged one is a LockedError: never guess it is stale."""
     try:
