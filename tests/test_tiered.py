@@ -151,3 +151,24 @@ def test_a_url_as_run_dir_is_refused_before_anything_is_created(tmp_path: Path, 
     with pytest.raises(ValueError, match="pass a local directory and remote="):
         CheckpointManager(remote.url)
     assert not (os_cwd / "s3:").exists()
+
+
+def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_from_it(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ckptguard.cli import main
+
+    tiny = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=4"]
+    tiny += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
+    tiny += [f"checkpoint.remote={remote.url}", "checkpoint.remote_keep_last=1"]
+
+    def train(out: str, steps: int) -> int:
+        extra = [f"checkpoint.output_dir={tmp_path / out}", f"train.max_steps={steps}"]
+        return main(["train", *[a for kv in tiny + extra for a in ("--set", kv)]])
+
+    assert train("first", 10) == 0  # saves at 5 and 10
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-10"]  # remote retention: the newest one only
+    capsys.readouterr()
+    assert train("second", 12) == 0  # an empty output_dir: the run continues from the bucket
+    assert "resumed from" in capsys.readouterr().out and (tmp_path / "second" / "checkpoint-10").is_dir()

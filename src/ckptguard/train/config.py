@@ -97,6 +97,8 @@ class CheckpointConfig:
     verify: str
     async_save: bool
     timeout_s: float
+    remote: str
+    remote_keep_last: int
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "checkpoint.save_every": (1, None),
     "checkpoint.keep_last": (0, None),
     "checkpoint.keep_best": (0, None),
+    "checkpoint.remote_keep_last": (0, None),
     "checkpoint.timeout_s": (1, None),
 }
 
