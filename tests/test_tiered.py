@@ -172,3 +172,11 @@ def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_fro
     capsys.readouterr()
     assert train("second", 12) == 0  # an empty output_dir: the run continues from the bucket
     assert "resumed from" in capsys.readouterr().out and (tmp_path / "second" / "checkpoint-10").is_dir()
+
+
+def test_a_bad_remote_url_or_option_is_a_value_error_before_anything_is_created(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not an s3:// URL"):
+        CheckpointManager(tmp_path / "run", remote="gs://bucket/run")
+    with pytest.raises(ValueError, match=r"unknown storage_options \['endpoint'\]"):
+        CheckpointManager(tmp_path / "run", remote="s3://bucket/run", storage_options={"endpoint": "http://x"})
+    assert not (tmp_path / "run").exists()

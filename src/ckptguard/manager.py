@@ -26,7 +26,7 @@ from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
-from ckptguard.storage.objectstore import is_remote
+from ckptguard.storage.objectstore import check_location, is_remote
 from ckptguard.storage.tiered import RemoteMirror
 from ckptguard.verify import check_level
 
@@ -94,6 +94,8 @@ class CheckpointManager:
         self._space_known = expected_bytes is not None
         self._remote: RemoteMirror | None = None
         remote_policy = replace(self.policy, keep_last=remote_keep_last)
+        if remote is not None:  # a bad URL or option is a ValueError now, before the lock is taken
+            check_location(remote, storage_options)
         self._remote_args = (remote, storage_options, remote_policy) if remote is not None else None
         self._sequence = self._coord.on_primary(lambda: self._preflight(expected_bytes))
         try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N

@@ -78,6 +78,15 @@ def is_remote(location: object) -> bool:
     return isinstance(location, str) and location.startswith(SCHEME)
 
 
+def check_location(url: str, storage_options: Mapping[str, Any] | None) -> RemoteURL:
+    """The parsed URL; ValueError for a malformed one or an unknown option (before anything is touched)."""
+    unknown = sorted(set(storage_options or {}) - set(OPTIONS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+        raise ValueError(f"unknown storage_options {unknown}; known: {known}")
+    return RemoteURL.parse(url)
+
+
 class _HashingReader:
     """A file as an unseekable stream that hashes what is read: s3transfer then reads it in order, once."""
 
@@ -117,12 +126,8 @@ class ObjectStore:
     """One bucket and prefix, through one boto3 client; every method raises RemoteError subclasses only."""
 
     def __init__(self, url: str | RemoteURL, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.url = url if isinstance(url, RemoteURL) else RemoteURL.parse(url)
+        self.url = url if isinstance(url, RemoteURL) else check_location(url, storage_options)
         options = dict(storage_options or {})
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
-            raise ValueError(f"unknown storage_options {unknown}; known: {known}")
         try:
             import boto3
             from boto3.s3.transfer import TransferConfig
