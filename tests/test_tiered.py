@@ -100,6 +100,10 @@ def test_server_killed_mid_upload_is_typed_keeps_the_local_checkpoint_and_is_rai
     assert "local checkpoint is intact" in raised.value.remedy
     assert not (tmp_path / "run" / "checkpoint-3").exists()  # raised before anything of save 3
     mgr.close()  # reported once; closing with the endpoint gone only warns about the lease
+    from ckptguard.report.collect import collect
+
+    failures = [m.text for m in collect(tmp_path / "run").history.marks if m.kind == "failure"]
+    assert any(t.startswith("upload of checkpoint-2 failed: UploadError") for t in failures), failures
 
 
 def test_failed_upload_is_raised_at_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -126,10 +126,10 @@ class RemoteMirror:
                 remote_publish.remove(self.store, c.name)
             except RemoteError as exc:
                 log.warning("could not prune %s: %s", c.url, exc)
-                self._events.emit("prune_failed", url=c.url, message=str(exc))
+                self._events.emit("remote_prune_failed", url=c.url, message=str(exc))
                 return
             self.index.pop(c.name, None)
-            self._events.emit("prune", step=c.step, url=c.url, bytes=c.bytes)
+            self._events.emit("remote_prune", step=c.step, url=c.url, bytes=c.bytes)
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
