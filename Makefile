@@ -12,7 +12,7 @@ HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
 
-.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs fuzz powercut clean browser fuse
+.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs bench-s3 fuzz powercut clean browser fuse
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+
+# object storage: ckptguard's upload and download+verify against boto3's transfers, on a local moto server
+bench-s3: $(VENV)/.installed
+	$(PY) bench/objectstore.py
 
 # the hostile-input properties of `make test`, with 20,000 examples each instead of 150
 fuzz: $(VENV)/.installed

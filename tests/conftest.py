@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+pytest_plugins = ["s3kit"]  # the S3 server on 127.0.0.1 and a bucket per test, for the remote tests
+
 
 def make_training_state(seed: int = 0, steps: int = 3) -> dict[str, Any]:
     """A model, AdamW and a scheduler after `steps` real updates, so every state has non-trivial values."""

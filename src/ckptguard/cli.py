@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptguard import discovery, listing, preflight, publish, retention
+from ckptguard import cli_remote, discovery, listing, preflight, publish, retention
 from ckptguard.errors import CheckpointError
 from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, step_from_name
+from ckptguard.storage.objectstore import is_remote
 from ckptguard.units import format_bytes
 from ckptguard.verify import LEVELS, verify_checkpoint
 
@@ -31,6 +32,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if is_remote(args.run_dir):
+        return _ls_remote(args)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         print(f"error: {run_dir} is not a directory", file=sys.stderr)
@@ -72,6 +75,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ls_remote(args: argparse.Namespace) -> int:
+    """`ls` of a remote run: committed checkpoints are valid; an upload without its marker is not."""
+    found, doc = cli_remote.ls_json(args.run_dir)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif not found:
+        print(f"{doc['url']}: no checkpoints")
+    else:
+        keep = retention.plan(found, retention.RetentionPolicy())
+        print(_table(listing.ls_rows(found, keep, None), listing.LS_HEADER))  # type: ignore[arg-type]
+    return EXIT_OK
+
+
 def _targets(path: Path) -> list[Path]:
     """A checkpoint directory itself, or every checkpoint-* directory of a run directory."""
     if (path / MANIFEST_NAME).exists() or step_from_name(path.name) is not None:
@@ -81,11 +97,14 @@ def _targets(path: Path) -> list[Path]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not path.is_dir():
+    if is_remote(args.path):
+        reports: list[Any] = cli_remote.verify_reports(args.path, args.level)
+    elif not path.is_dir():
         what = "does not exist" if not path.exists() else "is not a directory"
         print(f"error: {path} {what}; give a checkpoint directory or a run directory", file=sys.stderr)
         return EXIT_USAGE
-    reports = [verify_checkpoint(p, args.level) for p in _targets(path)]
+    else:
+        reports = [verify_checkpoint(p, args.level) for p in _targets(path)]
     if args.json:
         print(
             json.dumps(
@@ -124,6 +143,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"check": name, "ok": ok, "detail": detail})
 
+    if is_remote(args.run_dir):
+        cli_remote.doctor(args.run_dir, check)
+        return _doctor_out(args, args.run_dir, checks)
     where = run_dir if run_dir.is_dir() else run_dir.parent
     try:
         preflight.refuse_inside_checkpoint(run_dir)
@@ -131,8 +153,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         check("directory", False, f"{exc.message}; {exc.remedy}")
     else:
         _doctor_dir(run_dir, where, check)
+    return _doctor_out(args, str(run_dir), checks)
+
+
+def _doctor_out(args: argparse.Namespace, run_dir: str, checks: list[dict[str, Any]]) -> int:
     if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
+        print(json.dumps({"run_dir": run_dir, "ok": all(c["ok"] for c in checks), "checks": checks}, indent=2))
     else:
         for c in checks:
             print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<12} {c['detail']}")
@@ -211,7 +237,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ckptguard.manager import CheckpointManager
 
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
+    if not is_remote(args.run_dir) and not run_dir.is_dir():
         print(f"error: {run_dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     policy_args = dict(
@@ -221,8 +247,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         mode=args.mode,
         keep_every=args.keep_every,
     )
-    aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if args.superseded else []
-    if args.dry_run:
+    superseded = args.superseded and not is_remote(args.run_dir)  # a bucket has no set-aside directories
+    aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if superseded else []
+    if is_remote(args.run_dir):
+        doomed: list[Any] = cli_remote.prune(
+            args.run_dir, retention.RetentionPolicy(**policy_args), dry_run=args.dry_run
+        )
+    elif args.dry_run:
         found = discovery.discover(run_dir)
         _, protected = listing.run_policy(run_dir)
         doomed = retention.doomed(found, retention.RetentionPolicy(**policy_args), protected)
@@ -263,11 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckptguard", description="Checkpoints that never fail silently.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="list checkpoints: step, status, size, metrics, why kept")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or an s3://bucket/prefix URL")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("verify", help="exit 0 only if every byte is what was written")
-    p.add_argument("path", help="a checkpoint directory, or a run directory to verify all of its checkpoints")
+    p.add_argument("path", help="a checkpoint or run directory (all its checkpoints), or the s3:// URL of either")
     p.add_argument("--level", choices=LEVELS, default="full")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)

@@ -126,6 +126,36 @@ class CoordinationError(CheckpointError):
     default_remedy = "Check the logs of every rank; a rank that died or hung stops the save on all ranks."
 
 
+class RemoteError(CheckpointError):
+    """Object storage refused or failed a request; local checkpoints are untouched."""
+
+    default_remedy = "Check the endpoint, bucket and credentials (AWS_ENDPOINT_URL, AWS_PROFILE, ...) and try again."
+
+
+class EndpointUnreachableError(RemoteError, PreflightError):
+    """No connection to the object storage endpoint (wrong URL, server down, network)."""
+
+    default_remedy = "Check AWS_ENDPOINT_URL (or storage_options['endpoint_url']) and that the server is up."
+
+
+class BucketNotFoundError(RemoteError, PreflightError):
+    """The bucket named in the s3:// URL does not exist."""
+
+    default_remedy = "Create the bucket, or fix its name in the s3:// URL."
+
+
+class RemoteAuthError(RemoteError, PreflightError):
+    """Credentials are missing, unknown or not allowed to use the bucket."""
+
+    default_remedy = "Set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE to credentials allowed on the bucket."
+
+
+class UploadError(RemoteError):
+    """A checkpoint could not be uploaded; it stays committed and verified on local disk."""
+
+    default_remedy = "Fix the object storage problem; the local checkpoint is intact and the next save uploads again."
+
+
 _TYPES: dict[str, type[CheckpointError]] = {
     cls.__name__: cls
     for cls in (
@@ -140,6 +170,11 @@ _TYPES: dict[str, type[CheckpointError]] = {
         CorruptCheckpointError,
         CheckpointNotFoundError,
         CoordinationError,
+        RemoteError,
+        EndpointUnreachableError,
+        BucketNotFoundError,
+        RemoteAuthError,
+        UploadError,
     )
 }
 

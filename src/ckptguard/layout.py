@@ -8,6 +8,10 @@ format is one edit and a grep for a name finds every user of it::
       checkpoint-400/            MANIFEST.json, adapter_model.safetensors, adapter_config.json, state/...
       .staging-checkpoint-600-<nonce>/      .trash-*      checkpoint-N.superseded-<time>/
       checkpoint-N.corrupt-<time>-<id>/     checkpoint-N.unfinished-<time>-<id>/
+
+    s3://bucket/prefix/run/            (object storage: no rename, so a commit is a create-only marker)
+      .ckptguard.lease                 one writer: holder and expiry, renewed, taken over only when stale
+      checkpoint-400/...  checkpoint-400/MANIFEST.json  checkpoint-400/COMMITTED   (marker written last)
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ EVENTS_NAME = "events.jsonl"
 LOCK_NAME = ".ckptguard.lock"
 OWNER_NAME = ".ckptguard.lock.owner"
 PROBE_PREFIX = ".ckptguard-probe-"
+MARKER_NAME = "COMMITTED"
+LEASE_NAME = ".ckptguard.lease"
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"

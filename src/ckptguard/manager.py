@@ -26,6 +26,8 @@ from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
+from ckptguard.storage.objectstore import check_location, is_remote
+from ckptguard.storage.tiered import RemoteMirror
 from ckptguard.verify import check_level
 
 log = logging.getLogger("ckptguard")
@@ -48,6 +50,12 @@ class CheckpointManager:
     Construction runs the preflight (directory, a real write probe, the lock, free space when
     `expected_bytes` is given, removal of staging leftovers), so an unusable output directory fails
     before the first training step.
+
+    With `remote` (``s3://bucket/prefix``), each checkpoint is committed and verified in `run_dir`
+    as without it, then uploaded in the background (:mod:`ckptguard.storage.tiered`); `run_dir`
+    stays required because that local tier is what makes saves fast and an upload failure harmless.
+    `storage_options` override the AWS environment (endpoint_url, profile, key, secret...);
+    `remote_keep_last` is the remote retention (None keeps every uploaded checkpoint).
     """
 
     def __init__(
@@ -64,10 +72,15 @@ class CheckpointManager:
         async_save: bool = False,
         create_parents: bool = False,
         timeout_s: float = 600.0,
+        remote: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        remote_keep_last: int | None = None,
     ) -> None:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, metric, mode, keep_every)
         self.verify_level = check_level(verify)
         self.async_save = async_save
+        if is_remote(run_dir):  # Path() would turn it into a local directory named "s3:"
+            raise ValueError(f"run_dir {run_dir!r} is a URL: pass a local directory and remote={run_dir!r}")
         self.run_dir = Path(run_dir).absolute()
         preflight.refuse_inside_checkpoint(self.run_dir)  # first: not even a log line goes into a checkpoint
         self.results: list[SaveResult] = []
@@ -79,11 +92,18 @@ class CheckpointManager:
         self._buffers = snapshot.HostBuffers()
         self._background: BackgroundSaves[SaveResult] = BackgroundSaves()
         self._space_known = expected_bytes is not None
+        self._remote: RemoteMirror | None = None
+        remote_policy = replace(self.policy, keep_last=remote_keep_last)
+        if remote is not None:  # a bad URL or option is a ValueError now, before the lock is taken
+            check_location(remote, storage_options)
+        self._remote_args = (remote, storage_options, remote_policy) if remote is not None else None
         self._sequence = self._coord.on_primary(lambda: self._preflight(expected_bytes))
         try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N
             preflight.probe_every_rank(self.run_dir, self._coord)
         except CheckpointError as exc:
             self._lock.release()
+            if self._remote is not None:
+                self._remote.close()
             self._record_failure("preflight", exc)
             raise
         self._closed = False
@@ -101,6 +121,15 @@ class CheckpointManager:
             self._record_failure("preflight", exc)
             raise
         self._pruner.reindex(found)
+        if self._remote_args is not None:  # endpoint, bucket, credentials and the lease: before step 1 too
+            url, options, remote_policy = self._remote_args
+            try:
+                self._remote = RemoteMirror.open(url, options, self.run_dir, self._events, remote_policy)
+            except CheckpointError as exc:
+                self._lock.release()
+                self._record_failure("preflight", exc)
+                raise
+            return max(self._remote.max_sequence, *(c.sequence for c in found), 0)
         return max((c.sequence for c in found), default=0)
 
     # ---- save ------------------------------------------------------------------------------------
@@ -123,6 +152,8 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_INT:
             raise ValueError(f"step must be an int from 0 to 2**63-1, got {step!r}")
         self.wait()
+        if self._remote is not None:
+            self._remote.raise_failure()  # an upload that failed since the last save
         blocking = not self.async_save if blocking is None else blocking
         try:
             metrics = snapshot.check_metrics(metrics)
@@ -193,6 +224,8 @@ class CheckpointManager:
             "save", step=step, path=path, bytes=result.bytes, seconds=seconds,
             stall_seconds=result.stall_seconds, verify=self.verify_level, **self._pruner.disk_use(),
         )  # fmt: skip
+        if self._remote is not None:
+            self._remote.submit(path)
         return result
 
     def _begin(
@@ -264,9 +297,13 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            self._events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
-            self._background.shutdown()
-            self._lock.release()
+            try:
+                if self._remote is not None:
+                    self._remote.close()  # waits for the upload in flight, releases the lease, raises a failure
+            finally:
+                self._events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
+                self._background.shutdown()
+                self._lock.release()
 
     def _check_usable(self, what: str) -> None:
         """Only the process that made a manager, and only before close(), may change the run directory."""
@@ -325,6 +362,8 @@ class CheckpointManager:
         """
         self._check_usable("restore()")
         self.wait()
+        if self._remote is not None and step is None and path is None and self._remote.fetch_for_resume(self.run_dir):
+            self._pruner.reindex(discovery.discover(self.run_dir))
         names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
         try:
             result = restore_into(

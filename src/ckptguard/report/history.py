@@ -244,6 +244,12 @@ class _Replay:
         self._mark(e, "failure", f"could not prune: {e.get('message')}")
         return True
 
+    def on_upload_failed(self, e: dict[str, Any]) -> bool:
+        """A checkpoint committed locally whose upload failed (tiered saving): a failure on the timeline."""
+        message = f"{e.get('error')}: {e.get('message')}"
+        self._mark(e, "failure", f"upload of {e.get('name')} failed: {message}", _int(e.get("step")))
+        return True
+
     def on_run_end(self, e: dict[str, Any]) -> bool:
         s, step = self.session, _int(e.get("step"))
         if step is not None:

@@ -100,6 +100,8 @@ class CheckpointConfig:
     verify: str
     async_save: bool
     timeout_s: float
+    remote: str
+    remote_keep_last: int
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "checkpoint.save_every": (1, None),
     "checkpoint.keep_last": (0, None),
     "checkpoint.keep_best": (0, None),
+    "checkpoint.remote_keep_last": (0, None),
     "checkpoint.timeout_s": (1, None),
 }
 # Numbers that may not be 0: LoRA's output is scaled by alpha and each update by lr, so 0 trains nothing.

@@ -80,6 +80,8 @@ class LoRARecipe:
             async_save=cfg.checkpoint.async_save,
             create_parents=True,
             timeout_s=cfg.checkpoint.timeout_s,
+            remote=cfg.checkpoint.remote or None,
+            remote_keep_last=cfg.checkpoint.remote_keep_last or None,
         )
         # loss, lr and eval loss go to the run's events.jsonl too, for the run report
         self.events = EventLog(self.manager.run_dir, rank=rt.rank, enabled=rt.is_primary)

@@ -1,0 +1,288 @@
+"""The commit protocol on object storage, which has no rename: a checkpoint is committed by a marker.
+
+    upload:  1. an older commit of the same name (another timeline) is un-committed first: marker deleted
+             2. every data object, hashed as it is sent and compared with the manifest
+             3. MANIFEST.json (the local manifest, byte for byte); objects of an abandoned upload removed
+             4. the lease is renewed (a writer that lost it stops here)
+             5. ``COMMITTED`` written create-only (``If-None-Match: *``), naming the manifest's xxh3-128
+    prune:   the marker first, then the data, so a crash mid-delete leaves no committed-looking remnant
+
+A checkpoint exists only if its marker is there, names the manifest that is there, and every object
+the manifest lists is there with its size (``quick``) and hash (``full``). A killed upload leaves
+objects without a marker: never listed as valid, never resumed from, removed by the next writer
+(which holds the lease, so no other upload can be in progress). Newest is decided by the manifests'
+save sequence, as on local disk. Downloads go through :func:`ckptguard.publish.publish`, so a
+checkpoint fetched from a bucket is committed locally exactly like one saved there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from ckptguard import publish
+from ckptguard.errors import CorruptCheckpointError, UploadError
+from ckptguard.events import EventLog
+from ckptguard.layout import MANIFEST_NAME, MARKER_NAME, step_from_name
+from ckptguard.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_json, parse_manifest
+from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
+from ckptguard.verify import Problem, hash_mismatch, size_mismatch
+
+MARKER_FORMAT = "ckptguard-commit"
+_MAX_MARKER_BYTES = 4096
+_PARALLEL_FILES = 4
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """One ``checkpoint-{step}/`` prefix in a bucket as discovery sees it (retention's Checkpoint)."""
+
+    name: str
+    url: str
+    step: int
+    valid: bool
+    reason: str | None = None
+    bytes: int = 0
+    sequence: int = -1
+    created: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    manifest: Manifest | None = None
+
+
+@dataclass
+class RemoteReport:
+    """Outcome of verifying one remote checkpoint; the fields ``ckptguard verify`` prints."""
+
+    path: str
+    level: str
+    manifest: Manifest | None = None
+    problems: list[Problem] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def reason(self) -> str | None:
+        return str(self.problems[0]) if self.problems else None
+
+
+# ---- upload and commit ---------------------------------------------------------------------------
+
+
+def upload(
+    store: ObjectStore,
+    source: Path,
+    name: str,
+    manifest: Manifest,
+    *,
+    before_marker: Callable[[], None],
+    events: EventLog | None = None,
+) -> int:
+    """Upload the committed local checkpoint whose files are in `source` as `name`; returns bytes sent.
+
+    Raises UploadError (with the RemoteError cause) or the lease's LockedError; nothing is committed then.
+    """
+    manifest_bytes = manifest.to_json_bytes()
+    digest = xxhash.xxh3_128_hexdigest(manifest_bytes)
+    try:
+        marker = _read_marker(store, name)
+    except ManifestError:  # not a marker this writer can read: un-commit it like any other (we hold the lease)
+        marker = "damaged"
+    if marker == digest:
+        return 0  # committed by an earlier upload of this very save (a retry after a lost reply)
+    if marker is not None:  # 1.
+        store.delete([f"{name}/{MARKER_NAME}"])
+        if events is not None:
+            events.emit("remote_superseded", step=manifest.step, url=store.where(name))
+
+    def send(relpath: str) -> None:  # 2.
+        size, sent = store.upload_file(f"{name}/{relpath}", source / relpath)
+        entry = manifest.files[relpath]
+        if size != entry.size or sent != entry.xxh3_128:
+            problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(sent, entry)
+            raise UploadError(f"{relpath} changed on local disk while uploading: {problem}", path=source / relpath)
+
+    _each_file(send, manifest)
+    store.put_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)  # 3.
+    stray = sorted(set(store.list(f"{name}/")) - {f"{name}/{p}" for p in [*manifest.files, MANIFEST_NAME]})
+    store.delete(stray)
+    before_marker()  # 4.
+    body = {"format": MARKER_FORMAT, "manifest_xxh3_128": digest, "step": manifest.step, "sequence": manifest.sequence}
+    try:  # 5.
+        store.put_bytes(f"{name}/{MARKER_NAME}", json.dumps(body, sort_keys=True).encode(), create_only=True)
+    except PreconditionFailed as exc:
+        raise UploadError(
+            f"{name} was committed by another writer while this one uploaded",
+            path=store.where(name),
+            step=manifest.step,
+            remedy="Two writers shared one remote run; stop one of them and check `ckptguard ls` on the URL.",
+        ) from exc
+    return manifest.total_bytes
+
+
+def _each_file(transfer: Callable[[str], None], manifest: Manifest) -> None:
+    """Run `transfer` on every file of the manifest, largest first, a few at a time; the first error wins."""
+    largest_first = sorted(manifest.files, key=lambda p: -manifest.files[p].size)
+    with ThreadPoolExecutor(max_workers=_PARALLEL_FILES, thread_name_prefix="ckptguard-transfer") as pool:
+        for done in [pool.submit(transfer, relpath) for relpath in largest_first]:
+            done.result()
+
+
+def _read_marker(store: ObjectStore, name: str) -> str | None:
+    """The manifest digest a commit marker names; None if there is no marker; ManifestError if damaged."""
+    try:
+        data, _ = store.get_bytes(f"{name}/{MARKER_NAME}", _MAX_MARKER_BYTES)
+    except FileNotFoundError:
+        return None
+    if len(data) > _MAX_MARKER_BYTES:
+        raise ManifestError(f"{MARKER_NAME} is over {_MAX_MARKER_BYTES} bytes")
+    body = parse_json(data, MARKER_NAME)
+    digest = body.get("manifest_xxh3_128") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or body.get("format") != MARKER_FORMAT or not isinstance(digest, str):
+        raise ManifestError(f"{MARKER_NAME} is not a ckptguard commit marker")
+    return digest
+
+
+# ---- discovery and verification --------------------------------------------------------------------
+
+
+def _group(objects: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Objects of the run grouped by checkpoint name: name -> (path inside the checkpoint -> size)."""
+    groups: dict[str, dict[str, int]] = {}
+    for key, size in objects.items():
+        head, sep, rest = key.partition("/")
+        if sep and rest and step_from_name(head) is not None:
+            groups.setdefault(head, {})[rest] = size
+    return groups
+
+
+def _quick(store: ObjectStore, name: str, present: dict[str, int], report: RemoteReport) -> None:
+    """Marker, manifest and the listing agree: what `quick` verification means on object storage."""
+    if MARKER_NAME not in present:
+        report.problems.append(Problem(MARKER_NAME, "missing: the upload never committed"))
+        return
+    try:
+        marker = _read_marker(store, name)
+        data, _ = store.get_bytes(f"{name}/{MANIFEST_NAME}", MAX_MANIFEST_BYTES)
+        if marker != xxhash.xxh3_128_hexdigest(data):
+            raise ManifestError("MANIFEST.json is not the one the commit marker names (replaced after the commit)")
+        report.manifest = manifest = parse_manifest(data)
+    except FileNotFoundError:
+        report.problems.append(Problem(MANIFEST_NAME, "missing: the upload never finished"))
+        return
+    except ManifestError as exc:
+        report.problems.append(Problem(MANIFEST_NAME, exc.reason))
+        return
+    if manifest.step != step_from_name(name):
+        report.problems.append(Problem(MANIFEST_NAME, f"manifest says step {manifest.step}, the name says {name}"))
+    for relpath in sorted(set(present) - set(manifest.files) - {MANIFEST_NAME, MARKER_NAME}):
+        report.problems.append(Problem(relpath, "unexpected object (not in the manifest)"))
+    for relpath, entry in sorted(manifest.files.items()):
+        if relpath not in present:
+            report.problems.append(Problem(relpath, "missing (listed in the manifest)"))
+        elif present[relpath] != entry.size:
+            report.problems.append(Problem(relpath, size_mismatch(present[relpath], entry)))
+
+
+def discover(store: ObjectStore) -> list[RemoteCheckpoint]:
+    """Every ``checkpoint-{step}/`` prefix in the run, quick-verified, in step order (one listing)."""
+    found = []
+    for name, present in sorted(_group(store.list()).items(), key=lambda kv: step_from_name(kv[0]) or 0):
+        report = RemoteReport(store.where(name), "quick")
+        _quick(store, name, present, report)
+        m = report.manifest
+        found.append(
+            RemoteCheckpoint(
+                name=name, url=report.path, step=step_from_name(name) or 0, valid=report.ok, reason=report.reason,
+                bytes=m.total_bytes if m else 0, sequence=m.sequence if m else -1, created=m.created if m else 0.0,
+                metrics=dict(m.metrics) if m else {}, manifest=m,
+            )
+        )  # fmt: skip
+    return found
+
+
+def newest_first(found: list[RemoteCheckpoint]) -> list[RemoteCheckpoint]:
+    return sorted((c for c in found if c.valid), key=lambda c: (c.sequence, c.step), reverse=True)
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def verify(store: ObjectStore, name: str, level: str = "full") -> RemoteReport:
+    """Check one remote checkpoint: `quick` from the listing, `full` by downloading and hashing every object."""
+    start = time.perf_counter()
+    report = RemoteReport(store.where(name), level)
+    _quick(store, name, _group(store.list(f"{name}/")).get(name, {}), report)
+    if report.ok and level != "quick" and report.manifest is not None:
+        for relpath, entry in sorted(report.manifest.files.items()):
+            size, digest = store.download_file(f"{name}/{relpath}", _Discard())  # type: ignore[arg-type]
+            report.bytes_read += size
+            if size != entry.size:
+                report.problems.append(Problem(relpath, size_mismatch(size, entry)))
+            elif digest != entry.xxh3_128:
+                report.problems.append(Problem(relpath, hash_mismatch(digest, entry)))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---- download, prune, clean ------------------------------------------------------------------------
+
+
+def download(store: ObjectStore, checkpoint: RemoteCheckpoint, run_dir: Path, events: EventLog) -> Path:
+    """Fetch a committed remote checkpoint into `run_dir` through the local publish path; returns its path.
+
+    Every object is hashed as it arrives; a mismatch is a CorruptCheckpointError naming the object, and
+    nothing is left behind locally.
+    """
+    manifest = checkpoint.manifest
+    assert manifest is not None and checkpoint.valid
+    staging = publish.create_staging(run_dir, checkpoint.name)
+
+    def fetch(relpath: str) -> None:
+        entry = manifest.files[relpath]
+        target = staging / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as fh:
+            size, digest = store.download_file(f"{checkpoint.name}/{relpath}", fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if size != entry.size or digest != entry.xxh3_128:
+            problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(digest, entry)
+            raise CorruptCheckpointError(f"{relpath}: {problem}", path=store.where(f"{checkpoint.name}/{relpath}"))
+
+    try:
+        _each_file(fetch, manifest)
+        return publish.publish(
+            staging, run_dir / checkpoint.name, manifest, level="full", latest=True, events=events
+        ).path
+    except BaseException:
+        publish.discard_staging(staging)
+        raise
+
+
+def remove(store: ObjectStore, name: str) -> None:
+    """Delete a remote checkpoint: its marker first (it stops being a checkpoint), then the rest."""
+    store.delete([f"{name}/{MARKER_NAME}"])
+    store.delete(sorted(store.list(f"{name}/")))
+
+
+def remove_uncommitted(store: ObjectStore, found: list[RemoteCheckpoint]) -> list[str]:
+    """Delete the objects of uploads that never committed (no marker); only while holding the lease."""
+    removed = []
+    for c in found:
+        if c.reason is not None and c.reason.startswith(f"{MARKER_NAME}: missing"):
+            store.delete(sorted(store.list(f"{c.name}/")))
+            removed.append(c.name)
+    return removed

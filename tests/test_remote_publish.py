@@ -1,0 +1,204 @@
+"""The commit-by-marker protocol, the lease and the typed access errors, against a real S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptguard import CheckpointManager
+from ckptguard.cli import main
+from ckptguard.errors import (
+    BucketNotFoundError,
+    EndpointUnreachableError,
+    LockedError,
+    RemoteAuthError,
+    RemoteError,
+)
+from ckptguard.events import read_events
+from ckptguard.layout import LEASE_NAME, MARKER_NAME
+from ckptguard.storage import remote_publish
+from ckptguard.storage.lease import Lease
+from ckptguard.storage.objectstore import ObjectStore
+from conftest import make_training_state
+from s3kit import RemoteRun
+
+WEIGHTS = "state/model.safetensors"
+
+
+def saved_run(tmp_path: Path, remote: RemoteRun, steps: tuple[int, ...] = (1, 2), **kwargs: Any) -> dict[str, Any]:
+    """Save `steps` through a tiered manager (closed, so every upload finished); returns the state."""
+    state = make_training_state()
+    with CheckpointManager(tmp_path / "local", remote=remote.url, **kwargs) as mgr:
+        for step in steps:
+            mgr.save(step, state)
+    return state
+
+
+def test_upload_commits_data_then_manifest_then_marker_and_releases_lease(tmp_path: Path, remote: RemoteRun) -> None:
+    saved_run(tmp_path, remote)
+    keys = remote.objects()
+    assert LEASE_NAME not in keys  # released at close
+    marker = json.loads(remote.read(f"checkpoint-2/{MARKER_NAME}"))
+    manifest = json.loads(remote.read("checkpoint-2/MANIFEST.json"))
+    assert marker["sequence"] == manifest["sequence"] == 2
+    assert {f"checkpoint-2/{p}" for p in manifest["files"]} | {
+        f"checkpoint-2/{MARKER_NAME}",
+        "checkpoint-2/MANIFEST.json",
+    } == {k for k in keys if k.startswith("checkpoint-2/")}
+    store = ObjectStore(remote.url)
+    assert [(c.name, c.valid) for c in remote_publish.discover(store)] == [
+        ("checkpoint-1", True),
+        ("checkpoint-2", True),
+    ]
+    report = remote_publish.verify(store, "checkpoint-2", "full")
+    assert report.ok and report.bytes_read == manifest["total_bytes"]
+
+
+def test_missing_bucket_unreachable_endpoint_and_no_credentials_are_typed_before_step_1(
+    tmp_path: Path, remote: RemoteRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = tmp_path / "local"
+    with pytest.raises(BucketNotFoundError, match="does not exist"):
+        CheckpointManager(local, remote="s3://no-such-bucket-here/run")
+    with socket.socket() as sock:  # a port on 127.0.0.1 where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    options = {"endpoint_url": closed, "connect_timeout": 1, "max_attempts": 1}
+    with pytest.raises(EndpointUnreachableError, match="cannot be reached"):
+        CheckpointManager(local, remote=remote.url, storage_options=options)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(RemoteAuthError, match="no credentials"):
+        CheckpointManager(local, remote=remote.url)
+    assert not (local / "checkpoint-1").exists()
+    kinds = [e["error"] for e in read_events(local) if e["event"] == "preflight" and "error" in e]
+    assert kinds == ["BucketNotFoundError", "EndpointUnreachableError", "RemoteAuthError"]
+    CheckpointManager(local).close()  # each failure released the local lock
+
+
+def test_second_writer_on_a_remote_run_gets_locked_error(tmp_path: Path, remote: RemoteRun) -> None:
+    first = CheckpointManager(tmp_path / "a", remote=remote.url)
+    with pytest.raises(LockedError, match="another writer holds the lease"):
+        CheckpointManager(tmp_path / "b", remote=remote.url)
+    first.close()
+    CheckpointManager(tmp_path / "b", remote=remote.url).close()  # free once the first one closed
+
+
+def test_stale_lease_is_taken_over_and_the_old_holder_cannot_commit(remote: RemoteRun) -> None:
+    ttl = {"lease_ttl_s": 2.0}  # long enough that a loaded machine still asks again before it expires
+    old = Lease(ObjectStore(remote.url, ttl))
+    old.acquire()
+    old._stop.set()  # the holder stops renewing, as a frozen or partitioned writer would
+    with pytest.raises(LockedError):
+        Lease(ObjectStore(remote.url, ttl)).acquire()
+    new = Lease(ObjectStore(remote.url, ttl))
+    deadline = time.monotonic() + 15
+    while True:  # stale after 2 s on the old holder's clock
+        try:
+            new.acquire()
+            break
+        except LockedError:
+            assert time.monotonic() < deadline
+    with pytest.raises(LockedError, match="took over the lease"):
+        old.renew()  # what an upload does right before its marker
+    new.release()
+
+
+def test_damaged_lease_is_never_guessed_stale(remote: RemoteRun) -> None:
+    remote.tamper(LEASE_NAME, b"{not json")
+    with pytest.raises(LockedError, match="damaged"):
+        Lease(ObjectStore(remote.url)).acquire()
+
+
+def test_tampered_object_is_named_by_verify_and_resume_takes_the_previous(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved_run(tmp_path, remote)
+    data = bytearray(remote.read(f"checkpoint-2/{WEIGHTS}"))
+    data[-1] ^= 1
+    remote.tamper(f"checkpoint-2/{WEIGHTS}", bytes(data))
+    assert main(["verify", f"{remote.url}/checkpoint-2"]) == 1
+    out = capsys.readouterr().out
+    assert f"INVALID  {remote.url}/checkpoint-2 (full)" in out and f"{WEIGHTS}: content hash mismatch" in out
+    assert main(["verify", remote.url, "--level", "quick"]) == 0  # same size: only the hash can tell
+    fresh = tmp_path / "fresh"
+    with CheckpointManager(fresh, remote=remote.url) as mgr:
+        restored = mgr.restore(make_training_state(seed=1))
+    assert restored is not None and restored.step == 1
+    skipped = [e for e in read_events(fresh) if e["event"] == "resume_skip"]
+    assert len(skipped) == 1 and WEIGHTS in skipped[0]["reason"] and "hash mismatch" in skipped[0]["reason"]
+    assert sorted(p.name for p in fresh.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+
+
+def test_truncated_object_makes_the_checkpoint_invalid_in_ls(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved_run(tmp_path, remote)
+    remote.tamper(f"checkpoint-2/{WEIGHTS}", remote.read(f"checkpoint-2/{WEIGHTS}")[:100])
+    assert main(["ls", remote.url, "--json"]) == 0
+    rows = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checkpoints"]}
+    assert rows["checkpoint-1"]["valid"] and not rows["checkpoint-2"]["valid"]
+    assert rows["checkpoint-2"]["reason"].startswith(f"{WEIGHTS}: size 100 bytes, manifest says")
+
+
+class _CrashAfterFirstDelete(ObjectStore):
+    """The real store, except that the process 'dies' after its first delete request."""
+
+    def delete(self, relpaths: list[str]) -> None:
+        if getattr(self, "_deleted", False):
+            raise RemoteError("simulated crash between the deletes of a prune")
+        super().delete(relpaths)
+        self._deleted = True
+
+
+def test_prune_deletes_the_marker_first_so_an_interrupted_prune_leaves_nothing_committed(
+    tmp_path: Path, remote: RemoteRun
+) -> None:
+    saved_run(tmp_path, remote)
+    with pytest.raises(RemoteError, match="simulated crash"):
+        remote_publish.remove(_CrashAfterFirstDelete(remote.url), "checkpoint-1")
+    left = remote.objects("checkpoint-1/")
+    assert f"checkpoint-1/{MARKER_NAME}" not in left and f"checkpoint-1/{WEIGHTS}" in left
+    found = {c.name: c for c in remote_publish.discover(ObjectStore(remote.url))}
+    assert not found["checkpoint-1"].valid and found["checkpoint-2"].valid
+    CheckpointManager(tmp_path / "next", remote=remote.url).close()  # the next writer clears the remnant
+    assert remote.objects("checkpoint-1/") == {}
+
+
+def test_remote_retention_is_separate_from_local(tmp_path: Path, remote: RemoteRun) -> None:
+    saved_run(tmp_path, remote, steps=(1, 2, 3, 4), keep_last=1, remote_keep_last=2)
+    local = sorted(p.name for p in (tmp_path / "local").iterdir() if p.name.startswith("checkpoint"))
+    assert local == ["checkpoint-4"]
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-3", "checkpoint-4"]
+    assert not {k for k in remote.objects() if k.startswith(("checkpoint-1/", "checkpoint-2/"))}
+
+
+def test_cli_prune_on_a_url_removes_marker_first_and_waits_for_the_writer(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved_run(tmp_path, remote, steps=(1, 2, 3))
+    assert main(["prune", remote.url, "--keep-last", "1", "--dry-run"]) == 0
+    assert "would remove 2 checkpoint(s)" in capsys.readouterr().out
+    writer = CheckpointManager(tmp_path / "writer", remote=remote.url)
+    assert main(["prune", remote.url, "--keep-last", "1"]) == 2  # LockedError: a writer runs
+    assert "LockedError" in capsys.readouterr().err
+    writer.close()
+    assert main(["prune", remote.url, "--keep-last", "1"]) == 0
+    assert sorted({k.split("/")[0] for k in remote.objects()}) == ["checkpoint-3"]
+
+
+def test_cli_doctor_on_a_url(tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]) -> None:
+    saved_run(tmp_path, remote, steps=(1,))
+    remote.tamper("checkpoint-5/state/model.safetensors", b"half an upload")
+    assert main(["doctor", remote.url, "--json"]) == 1
+    checks = {c["check"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["access"]["ok"] and checks["lease"]["detail"] == "no writer holds the run"
+    assert not checks["checkpoints"]["ok"] and "1 committed, 1 invalid" in checks["checkpoints"]["detail"]
+    assert main(["doctor", "s3://no-such-bucket-here/run"]) == 1
+    assert "FAIL  access       BucketNotFoundError" in capsys.readouterr().out

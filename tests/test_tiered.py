@@ -1,0 +1,186 @@
+"""Tiered saving under real faults: a writer SIGKILLed mid-upload, the S3 server killed mid-upload."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptguard import CheckpointManager, verify_checkpoint
+from ckptguard.errors import LockedError, UploadError
+from ckptguard.events import read_events
+from ckptguard.layout import MARKER_NAME
+from conftest import make_training_state
+from s3kit import RemoteRun, S3Server, child_env, new_run, use_server
+
+WEIGHTS = "state/model.safetensors"
+
+# Saves step 1 (uploaded), then a 48 MiB step 2 whose upload is in flight when it prints "uploading".
+_WRITER = """
+import sys, time, torch
+from ckptguard import CheckpointManager
+local, url = sys.argv[1:]
+mgr = CheckpointManager(local, remote=url, storage_options={"lease_ttl_s": 5, "chunk_bytes": 5 << 20})
+state = {"model": torch.nn.Linear(3072, 4096)}
+mgr.save(1, state)
+mgr.save(2, state)  # waits for upload 1, commits 2 locally, starts upload 2
+print("uploading", flush=True)
+time.sleep(60)
+"""
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_sigkill_mid_upload_leaves_nothing_committed_and_resume_finds_the_newest_committed(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_server(monkeypatch, s3_server)
+    remote = new_run(s3_server)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path / "a"), remote.url],
+        env=child_env(s3_server), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "uploading"
+        wait_for(lambda: remote.objects("checkpoint-2/"), "the first object of upload 2")
+        child.kill()
+    finally:
+        child.kill()
+        child.wait()
+    killed_at = time.monotonic()
+    left = remote.objects("checkpoint-2/")
+    assert f"checkpoint-2/{WEIGHTS}" not in left  # the 48 MiB object was still in flight
+    assert f"checkpoint-2/{MARKER_NAME}" not in left
+    options = {"lease_ttl_s": 5}
+    with pytest.raises(LockedError, match="another writer holds the lease"):  # not stale yet: 5 s TTL
+        CheckpointManager(tmp_path / "b", remote=remote.url, storage_options=options)
+    time.sleep(max(0.0, killed_at + 5.5 - time.monotonic()))
+    with CheckpointManager(tmp_path / "b", remote=remote.url, storage_options=options) as mgr:  # takes it over
+        state = {"model": torch.nn.Linear(3072, 4096)}
+        restored = mgr.restore(state)
+    assert restored is not None and restored.step == 1
+    assert remote.objects("checkpoint-2/") == {}  # the uncommitted upload was removed by the new writer
+    opened = [e for e in read_events(tmp_path / "b") if e["event"] == "remote_preflight"]
+    assert opened[-1]["removed"] == ["checkpoint-2"]
+
+
+def test_server_killed_mid_upload_is_typed_keeps_the_local_checkpoint_and_is_raised_at_the_next_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = S3Server()  # its own: this test kills it
+    try:
+        use_server(monkeypatch, server)
+        remote = new_run(server)
+        options = {"connect_timeout": 1, "read_timeout": 5, "max_attempts": 1, "chunk_bytes": 5 << 20}
+        mgr = CheckpointManager(tmp_path / "run", remote=remote.url, storage_options=options)
+        state = {"model": torch.nn.Linear(3072, 4096)}
+        mgr.save(1, state)
+        mgr.save(2, state)
+        wait_for(lambda: remote.objects("checkpoint-2/"), "the first object of upload 2")
+    finally:
+        server.stop()
+    wait_for(
+        lambda: any(e["event"] == "upload_failed" for e in read_events(tmp_path / "run")), "upload_failed logged"
+    )  # logged at once, before any later call
+    failed = next(e for e in read_events(tmp_path / "run") if e["event"] == "upload_failed")
+    assert failed["step"] == 2 and failed["error"] == "UploadError"
+    assert "cannot be reached" in failed["message"] or "Connection" in failed["message"], failed["message"]
+    assert verify_checkpoint(tmp_path / "run" / "checkpoint-2", "full").ok  # the local checkpoint is intact
+    with pytest.raises(UploadError, match="checkpoint-2") as raised:
+        mgr.save(3, state)
+    assert "local checkpoint is intact" in raised.value.remedy
+    assert not (tmp_path / "run" / "checkpoint-3").exists()  # raised before anything of save 3
+    mgr.close()  # reported once; closing with the endpoint gone only warns about the lease
+    from ckptguard.report.collect import collect
+
+    failures = [m.text for m in collect(tmp_path / "run").history.marks if m.kind == "failure"]
+    assert any(t.startswith("upload of checkpoint-2 failed: UploadError") for t in failures), failures
+
+
+def test_failed_upload_is_raised_at_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = S3Server()
+    use_server(monkeypatch, server)
+    remote = new_run(server)
+    mgr = CheckpointManager(
+        tmp_path / "run", remote=remote.url, storage_options={"connect_timeout": 1, "max_attempts": 1}
+    )
+    server.stop()
+    mgr.save(1, make_training_state())
+    with pytest.raises(UploadError, match="could not upload checkpoint-1"):
+        mgr.close()
+    assert verify_checkpoint(tmp_path / "run" / "checkpoint-1", "full").ok
+
+
+def test_fresh_machine_resumes_from_the_newest_remote_checkpoint(tmp_path: Path, remote: RemoteRun) -> None:
+    state = make_training_state(seed=3)
+    with CheckpointManager(tmp_path / "a", remote=remote.url) as mgr:
+        mgr.save(5, state)
+        mgr.save(7, state)
+    fresh = make_training_state(seed=4)
+    with CheckpointManager(tmp_path / "b", remote=remote.url) as mgr:
+        restored = mgr.restore(fresh)
+        assert restored is not None and restored.step == 7
+        mgr.save(8, fresh)  # the run goes on: sequence after the downloaded one
+    for a, b in zip(state["model"].parameters(), fresh["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert verify_checkpoint(tmp_path / "b" / "checkpoint-7", "full").ok
+    downloaded = [e for e in read_events(tmp_path / "b") if e["event"] == "download"]
+    assert [e["step"] for e in downloaded] == [7]
+    with CheckpointManager(tmp_path / "c", remote=remote.url) as mgr:
+        latest = mgr.restore(make_training_state(seed=5))
+    assert latest is not None and latest.step == 8
+
+
+def test_async_saves_are_uploaded_after_their_background_commit(tmp_path: Path, remote: RemoteRun) -> None:
+    state = make_training_state()
+    with CheckpointManager(tmp_path / "run", remote=remote.url, async_save=True) as mgr:
+        assert mgr.save(1, state) is None and mgr.save(2, state) is None  # both return before writing
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-1", "checkpoint-2"]
+    uploads = [e["step"] for e in read_events(tmp_path / "run") if e["event"] == "upload"]
+    assert uploads == [1, 2]
+
+
+def test_a_url_as_run_dir_is_refused_before_anything_is_created(tmp_path: Path, remote: RemoteRun) -> None:
+    os_cwd = Path.cwd()
+    with pytest.raises(ValueError, match="pass a local directory and remote="):
+        CheckpointManager(remote.url)
+    assert not (os_cwd / "s3:").exists()
+
+
+def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_from_it(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ckptguard.cli import main
+
+    tiny = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=4"]
+    tiny += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
+    tiny += [f"checkpoint.remote={remote.url}", "checkpoint.remote_keep_last=1"]
+
+    def train(out: str, steps: int) -> int:
+        extra = [f"checkpoint.output_dir={tmp_path / out}", f"train.max_steps={steps}"]
+        return main(["train", *[a for kv in tiny + extra for a in ("--set", kv)]])
+
+    assert train("first", 10) == 0  # saves at 5 and 10
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-10"]  # remote retention: the newest one only
+    capsys.readouterr()
+    assert train("second", 12) == 0  # an empty output_dir: the run continues from the bucket
+    assert "resumed from" in capsys.readouterr().out and (tmp_path / "second" / "checkpoint-10").is_dir()
+
+
+def test_a_bad_remote_url_or_option_is_a_value_error_before_anything_is_created(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not an s3:// URL"):
+        CheckpointManager(tmp_path / "run", remote="gs://bucket/run")
+    with pytest.raises(ValueError, match=r"unknown storage_options \['endpoint'\]"):
+        CheckpointManager(tmp_path / "run", remote="s3://bucket/run", storage_options={"endpoint": "http://x"})
+    assert not (tmp_path / "run").exists()
