@@ -16,9 +16,9 @@ import torch
 
 from ckptguard import verify_checkpoint
 from ckptguard.cli import main
-from ckptguard.train.backends import build_backend
 from ckptguard.train.config import load_config
 from ckptguard.train.data import make_blocks, read_jsonl, shipped_corpus, split
+from ckptguard.train.registry import build_backend
 from conftest import save_tiny_hf_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -17,6 +17,7 @@ from ckptguard.layout import step_from_name
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease, holder
 from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.verify import VerifyReport
 
 
 def ls_json(url: str) -> tuple[list[remote_publish.RemoteCheckpoint], dict[str, Any]]:
@@ -31,7 +32,7 @@ def ls_json(url: str) -> tuple[list[remote_publish.RemoteCheckpoint], dict[str, 
     return found, {"url": str(store.url), "checkpoints": rows}
 
 
-def verify_reports(url: str, level: str) -> list[remote_publish.RemoteReport]:
+def verify_reports(url: str, level: str) -> list[VerifyReport]:
     """A remote checkpoint (s3://.../checkpoint-N) or every checkpoint of a remote run."""
     head, _, last = url.rstrip("/").rpartition("/")
     if step_from_name(last) is not None:

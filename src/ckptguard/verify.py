@@ -48,9 +48,9 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    """Outcome of one verification; `ok` only when no problem was found."""
+    """Outcome of one verification; `ok` only when no problem was found (`path`: a URL for a remote one)."""
 
-    path: Path
+    path: Path | str
     level: str
     manifest: Manifest | None = None
     problems: list[Problem] = field(default_factory=list)

@@ -33,7 +33,7 @@ from ckptguard.events import EventLog
 from ckptguard.layout import MANIFEST_NAME, MARKER_NAME, step_from_name
 from ckptguard.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_json, parse_manifest
 from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
-from ckptguard.verify import Problem, hash_mismatch, size_mismatch
+from ckptguard.verify import Problem, VerifyReport, hash_mismatch, size_mismatch
 
 MARKER_FORMAT = "ckptguard-commit"
 _MAX_MARKER_BYTES = 4096
@@ -54,26 +54,6 @@ class RemoteCheckpoint:
     created: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     manifest: Manifest | None = None
-
-
-@dataclass
-class RemoteReport:
-    """Outcome of verifying one remote checkpoint; the fields ``ckptguard verify`` prints."""
-
-    path: str
-    level: str
-    manifest: Manifest | None = None
-    problems: list[Problem] = field(default_factory=list)
-    bytes_read: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def reason(self) -> str | None:
-        return str(self.problems[0]) if self.problems else None
 
 
 # ---- upload and commit ---------------------------------------------------------------------------
@@ -166,7 +146,7 @@ def _group(objects: dict[str, int]) -> dict[str, dict[str, int]]:
     return groups
 
 
-def _quick(store: ObjectStore, name: str, present: dict[str, int], report: RemoteReport) -> None:
+def _quick(store: ObjectStore, name: str, present: dict[str, int], report: VerifyReport) -> None:
     """Marker, manifest and the listing agree: what `quick` verification means on object storage."""
     if MARKER_NAME not in present:
         report.problems.append(Problem(MARKER_NAME, "missing: the upload never committed"))
@@ -198,7 +178,7 @@ def discover(store: ObjectStore) -> list[RemoteCheckpoint]:
     """Every ``checkpoint-{step}/`` prefix in the run, quick-verified, in step order (one listing)."""
     found = []
     for name, present in sorted(_group(store.list()).items(), key=lambda kv: step_from_name(kv[0]) or 0):
-        report = RemoteReport(store.where(name), "quick")
+        report = VerifyReport(store.where(name), "quick")
         _quick(store, name, present, report)
         m = report.manifest
         found.append(
@@ -220,10 +200,10 @@ class _Discard:
         return len(data)
 
 
-def verify(store: ObjectStore, name: str, level: str = "full") -> RemoteReport:
+def verify(store: ObjectStore, name: str, level: str = "full") -> VerifyReport:
     """Check one remote checkpoint: `quick` from the listing, `full` by downloading and hashing every object."""
     start = time.perf_counter()
-    report = RemoteReport(store.where(name), level)
+    report = VerifyReport(store.where(name), level)
     _quick(store, name, _group(store.list(f"{name}/")).get(name, {}), report)
     if report.ok and level != "quick" and report.manifest is not None:
         for relpath, entry in sorted(report.manifest.files.items()):

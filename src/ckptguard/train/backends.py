@@ -205,21 +205,3 @@ def no_hf_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-def build_backend(cfg: ModelConfig) -> Backend:
-    """The backend named by ``model.backend`` (the config has already checked the name).
-
-    The Higgs backend is imported only when chosen: it needs its own environment (transformers 4.46).
-    """
-    built_in = {cls.name: cls for cls in (TinyLlamaBackend, HFCausalLMBackend)}
-    if cfg.backend in built_in:
-        return built_in[cfg.backend](cfg)
-    try:
-        from ckptguard.train.higgs.backend import HiggsAudioBackend
-    except ImportError as exc:
-        raise ConfigError(
-            f"model.backend: higgs-audio needs boson-multimodal and transformers 4.46 ({exc}); "
-            "set up its environment with `make .venv-higgs/.installed` and run the trainer from there"
-        ) from None
-    return HiggsAudioBackend(cfg)

@@ -21,8 +21,9 @@ from ckptguard import load_lora_adapters, publish, save_lora_adapters, verify_ch
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
 from ckptguard.manifest import Manifest, library_versions
 from ckptguard.restore import read_values
-from ckptguard.train.backends import Backend, build_backend, no_hf_progress_bars
+from ckptguard.train.backends import Backend, no_hf_progress_bars
 from ckptguard.train.config import ConfigError, config_from_dict
+from ckptguard.train.registry import build_backend
 
 
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *, merge: bool, base: str | None) -> Path:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from ckptguard.train.backends import build_backend
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import RunConfig
 from ckptguard.train.data import encode_record, shipped_corpus
+from ckptguard.train.registry import build_backend
 from ckptguard.train.sources import read_records
 from ckptguard.train.tokenizer import IGNORE_INDEX, Tokenizer
 

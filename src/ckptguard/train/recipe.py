@@ -30,10 +30,11 @@ from ckptguard.events import EventLog
 from ckptguard.preemption import PreemptionWatcher
 from ckptguard.report import write_report
 from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
-from ckptguard.train.backends import Backend, Batch, build_backend
+from ckptguard.train.backends import Backend, Batch
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import ConfigError, RunConfig, lr_factor
 from ckptguard.train.data import Blocks, SampleOrder
+from ckptguard.train.registry import build_backend
 from ckptguard.train.resume import apply_optim_settings, changed_settings, check_resumable
 from ckptguard.train.summary import Progress, already_finished, resume_hint, stopped_in_start_up, summary
 
