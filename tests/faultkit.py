@@ -119,6 +119,13 @@ class Filler:
             self._inodes.pop().unlink()
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip the lowest bit of the byte at `offset` (negative: from the end), as failing media does."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 # --- other processes ---------------------------------------------------------------------------
 
 # Runs in a child: build a CheckpointManager, report the outcome as one JSON line, hold it open
@@ -241,24 +248,52 @@ def _saving_child(run_dir: str, max_steps: int, keep_last: int, async_save: bool
                 os.write(1, f"saved {done}\n".encode())
 
 
-def _zygote() -> None:
-    """Serve `run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC` lines: fork a saver, SIGKILL it, report."""
+def _load_savers(module_name: str | None) -> Any:
+    """The module whose functions a zygote may fork (its `preload()` runs once, here); None: the default only."""
+    if module_name is None:
+        return None
+    import importlib
+
+    module = importlib.import_module(module_name)
+    if hasattr(module, "preload"):
+        module.preload()
+    return module
+
+
+def _wait_or_kill(pid: int, delay: float) -> int:
+    """The child's wait status: it exits (or kills itself) first, or gets a SIGKILL after `delay` seconds."""
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(min(0.005, max(deadline - time.monotonic(), 0)))
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def _zygote(module_name: str | None = None) -> None:
+    """Serve `run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC [SAVER]` lines: fork a saver, SIGKILL it, report.
+
+    SAVER names a function of `module_name`, called as saver(run_dir, max_steps, keep_last, async_save);
+    like :func:`_saving_child` (the default) it writes `start N` and `saved N` lines to fd 1.
+    """
     import ckptguard  # noqa: F401  (import once here; every forked child inherits it)
 
+    savers = _load_savers(module_name)
     print("ready", flush=True)
     for line in sys.stdin:
-        _, run_dir, delay, max_steps, keep_last, async_save = line.split()
+        _, run_dir, delay, max_steps, keep_last, async_save, *name = line.split()
+        saver = getattr(savers, name[0]) if name else _saving_child
         pid = os.fork()
         if pid == 0:
             try:
-                _saving_child(run_dir, int(max_steps), int(keep_last), async_save == "1")
+                saver(run_dir, int(max_steps), int(keep_last), async_save == "1")
             except BaseException as e:
                 os.write(1, f"error {json.dumps(repr(e))}\n".encode())
                 os._exit(1)
             os._exit(0)
-        time.sleep(float(delay))
-        os.kill(pid, signal.SIGKILL)  # a no-op if it already finished (zombie until reaped)
-        _, status = os.waitpid(pid, 0)
+        status = _wait_or_kill(pid, float(delay))
         # Every line the child wrote is already in the pipe: it is dead.
         print(f"done {status}", flush=True)
 
@@ -280,10 +315,11 @@ class CrashHarness:
     reply timeout, even if the child hangs.
     """
 
-    def __init__(self, reply_timeout_s: float = 30.0) -> None:
+    def __init__(self, reply_timeout_s: float = 30.0, savers: str | None = None) -> None:
+        """`savers`: a module importable from tests/ whose functions `trial(saver=...)` may fork."""
         self.reply_timeout_s = reply_timeout_s
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "zygote"],
+            [sys.executable, __file__, "zygote", *([savers] if savers else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -306,11 +342,19 @@ class CrashHarness:
             raise TimeoutError(f"crash harness: no reply within {timeout} s") from None
 
     def trial(
-        self, run_dir: Path, delay_s: float, *, async_save: bool = False, max_steps: int = 100, keep_last: int = 3
+        self,
+        run_dir: Path,
+        delay_s: float,
+        *,
+        async_save: bool = False,
+        max_steps: int = 100,
+        keep_last: int = 3,
+        saver: str = "",
     ) -> Trial:
-        """Fork a saver on `run_dir`, SIGKILL it after `delay_s`, and return what it reported."""
+        """Fork a saver on `run_dir`, SIGKILL it after `delay_s` (unless it ends first), and return what it reported."""
         assert self._proc.stdin is not None
-        self._proc.stdin.write(f"run {run_dir} {delay_s:.4f} {max_steps} {keep_last} {int(async_save)}\n")
+        line = f"run {run_dir} {delay_s:.4f} {max_steps} {keep_last} {int(async_save)} {saver}"
+        self._proc.stdin.write(line.rstrip() + "\n")
         self._proc.stdin.flush()
         result = Trial()
         while True:
@@ -400,7 +444,7 @@ def check_resume(run_dir: Path, floor: int, litter: tuple[str, ...] = CRASH_LITT
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["zygote"]:
-        _zygote()
+    if sys.argv[1:2] == ["zygote"] and len(sys.argv) <= 3:
+        _zygote(sys.argv[2] if len(sys.argv) == 3 else None)
     else:
-        sys.exit("usage: faultkit.py zygote")
+        sys.exit("usage: faultkit.py zygote [MODULE]")

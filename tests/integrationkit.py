@@ -1,0 +1,170 @@
+"""Tiny real training setups for the integration tests: a small Llama built locally, a fixed dataset.
+
+Also the savers the crash harness forks (``faultkit.CrashHarness(saver="integrationkit:hf_saver")``):
+each resumes through the library's own resume path, trains, and reports ``start N`` (the step it
+resumed at) and ``saved N`` (a save that returned) on stdout, so the parent knows what was committed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 64
+SEQ = 16
+
+
+def tiny_llama(seed: int = 0) -> Any:
+    """A 2-layer Llama, random init; nothing is downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Fixed random token rows; labels are the inputs (the model shifts them)."""
+
+    def __init__(self, rows: int = 64, seed: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (rows, SEQ), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def hf_args(output_dir: Path, **overrides: Any) -> Any:
+    """TrainingArguments for a CPU run that saves every step, quietly."""
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir), "max_steps": 4, "save_steps": 1, "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3, "report_to": [], "use_cpu": True, "logging_steps": 1, "disable_tqdm": True,
+        "save_total_limit": 3, "dataloader_num_workers": 0, "seed": 0,
+    }  # fmt: skip
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def guarded_trainer_class() -> type:
+    from transformers import Trainer
+
+    from ckptguard.integrations.hf import CheckpointGuardMixin
+
+    class GuardedTrainer(CheckpointGuardMixin, Trainer):
+        pass
+
+    return GuardedTrainer
+
+
+def hf_trainer(output_dir: Path, *, guarded: bool = True, callbacks: list | None = None, **overrides: Any) -> Any:
+    """A Trainer (with ckptguard, or plain HF) on the tiny model and data."""
+    from transformers import Trainer
+
+    cls = guarded_trainer_class() if guarded else Trainer
+    return cls(
+        model=tiny_llama(), args=hf_args(output_dir, **overrides), train_dataset=TokenData(), callbacks=callbacks
+    )
+
+
+def _report_steps() -> Any:
+    """A callback printing ``start N`` once resumed and ``saved N`` after each save returned."""
+    from transformers import TrainerCallback
+
+    class Report(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            os.write(1, f"start {state.global_step}\n".encode())
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            os.write(1, f"saved {state.global_step}\n".encode())
+
+    return Report()
+
+
+def _quiet_child() -> None:
+    """One thread, and HF's printed logs sent to stderr: stdout carries only the harness's lines."""
+    import sys
+
+    torch.set_num_threads(1)
+    sys.stdout = sys.stderr
+
+
+def hf_saver(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """Crash-harness child: resume with ``resume_from_checkpoint=True`` when a verified checkpoint exists."""
+    from ckptguard.integrations.hf import newest_verified_checkpoint
+
+    _quiet_child()
+    resume = True if Path(run_dir).is_dir() and newest_verified_checkpoint(run_dir) else None
+    trainer = hf_trainer(Path(run_dir), callbacks=[_report_steps()], max_steps=10_000, save_total_limit=keep_last)
+    trainer.train(resume_from_checkpoint=resume)
+
+
+def preload() -> None:
+    """What a crash-harness zygote imports once, so each forked trial starts in well under a second."""
+    import transformers.trainer  # noqa: F401
+
+    import ckptguard.integrations.hf  # noqa: F401
+
+
+TORN_STEP = 3  # the save during which the torn savers below kill themselves
+
+
+def _killed_after_model_save(base: type) -> type:
+    """`base` with a real SIGKILL of this process in the save of TORN_STEP, after the model file is written."""
+    import signal
+
+    class Torn(base):  # type: ignore[misc, valid-type]
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if self.state.global_step == TORN_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    return Torn
+
+
+def _torn_run(run_dir: str, guarded: bool) -> None:
+    from transformers import Trainer
+
+    _quiet_child()
+    cls = _killed_after_model_save(guarded_trainer_class() if guarded else Trainer)
+    args = hf_args(Path(run_dir), max_steps=10)
+    cls(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[_report_steps()]).train()
+
+
+def hf_plain_torn(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """Crash-harness child: plain HF Trainer, killed in the middle of its save of TORN_STEP."""
+    _torn_run(run_dir, guarded=False)
+
+
+def hf_guarded_torn(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """The same run and the same kill, with ckptguard."""
+    _torn_run(run_dir, guarded=True)
+
+
+def resumed_step(trainer: Any, resume: Any) -> int:
+    """Run `trainer.train(resume_from_checkpoint=resume)`; the step it resumed at.
+
+    The weights it resumed with are left in `trainer.resumed_weights`.
+    """
+    from transformers import TrainerCallback
+
+    seen: list[int] = []
+
+    class Begin(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            seen.append(state.global_step)
+            trainer.resumed_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    trainer.add_callback(Begin())
+    trainer.train(resume_from_checkpoint=resume)
+    return seen[0]
