@@ -192,6 +192,22 @@ def manager_in_child(run_dir: Path, hold_s: float = 60.0, **kwargs: Any) -> Iter
         child.wait(timeout=30)
 
 
+def launch_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:
+    """One process per rank, wired as torchrun wires them (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank, cmd in enumerate(commands):
+        wiring = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(len(commands)),
+                  "RANK": str(rank), "LOCAL_RANK": str(rank)}  # fmt: skip
+        rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **wiring}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env))
+    return procs
+
+
 # --- crash harness -----------------------------------------------------------------------------
 
 WIDTH = 64 * 1024  # float32 values: 256 KiB per save, plus a small int64 tensor

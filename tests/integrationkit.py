@@ -168,3 +168,55 @@ def resumed_step(trainer: Any, resume: Any) -> int:
     trainer.add_callback(Begin())
     trainer.train(resume_from_checkpoint=resume)
     return seen[0]
+
+
+def _hf_rank(out: Path, mode: str, disk: str) -> None:
+    """One rank of a two-process HF run (see :func:`hf_ranks`); prints one JSON line with its outcome."""
+    import json
+    import sys
+
+    from ckptguard.errors import CheckpointError
+
+    callbacks = [_report_steps()]
+    if mode == "enospc":
+        from transformers import TrainerCallback
+
+        from faultkit import Filler
+
+        filler = Filler(Path(disk)) if os.environ["RANK"] == "0" else None
+
+        class Fill(TrainerCallback):
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if filler is not None and state.global_step == 2:
+                    filler.leave_bytes(64 << 10)
+
+        callbacks.append(Fill())
+    _quiet_child()
+    max_steps = {"enospc": 4, "train": 10_000, "resume": 0}[mode]
+    trainer = hf_trainer(out, callbacks=callbacks, max_steps=max_steps or 1)
+    try:
+        step = resumed_step(trainer, True if mode == "resume" else None)
+    except CheckpointError as exc:
+        os.write(1, (json.dumps({"type": type(exc).__name__, "errno": exc.errno, "step": exc.step}) + "\n").encode())
+        sys.exit(3)
+    os.write(1, (json.dumps({"resumed": step, "global_step": trainer.state.global_step}) + "\n").encode())
+
+
+def hf_ranks(out: Path, mode: str, disk: Path | None = None) -> list[Any]:
+    """Start a two-rank (gloo) HF run on `out`: "train" saves every step until killed, "enospc" fills `disk`
+    after step 2, "resume" resumes with resume_from_checkpoint=True. Returns the rank processes."""
+    import sys
+
+    from faultkit import launch_ranks
+
+    cmd = [sys.executable, __file__, "hf-rank", str(out), mode, str(disk or "")]
+    return launch_ranks([cmd, cmd])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["hf-rank"] and len(sys.argv) == 5:
+        _hf_rank(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        sys.exit("usage: integrationkit.py hf-rank OUT train|enospc|resume DISK")
