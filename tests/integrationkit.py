@@ -8,6 +8,7 @@ resumed at) and ``saved N`` (a save that returned) on stdout, so the parent know
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,10 @@ def hf_saver(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> 
 
 def preload() -> None:
     """What a crash-harness zygote imports once, so each forked trial starts in well under a second."""
+    import accelerate  # noqa: F401
     import transformers.trainer  # noqa: F401
 
+    import ckptguard.integrations.accelerate
     import ckptguard.integrations.hf  # noqa: F401
 
 
@@ -170,53 +173,180 @@ def resumed_step(trainer: Any, resume: Any) -> int:
     return seen[0]
 
 
-def _hf_rank(out: Path, mode: str, disk: str) -> None:
-    """One rank of a two-process HF run (see :func:`hf_ranks`); prints one JSON line with its outcome."""
+def accelerate_run(
+    run_dir: Path,
+    *,
+    guarded: bool,
+    max_steps: int,
+    torn: bool = False,
+    keep_last: int = 2,
+    after_save: Callable[[int], None] | None = None,
+) -> Any:
+    """Train the tiny model with Accelerate, resuming first and saving every step; reports on fd 1.
+
+    `guarded`: ckptguard's save_state/load_state into `run_dir`; otherwise Accelerate's own automatic
+    naming (`run_dir/checkpoints/checkpoint_<i>`, total_limit=keep_last). `torn`: SIGKILL this process
+    in the save of TORN_STEP, after the checkpoint directory exists and before anything is written.
+    `after_save(step)` runs on the main process after each save. Returns the Accelerator.
+    """
+    import signal
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from ckptguard.integrations import accelerate as guard
+
+    config = ProjectConfiguration(
+        project_dir=str(run_dir), automatic_checkpoint_naming=not guarded, total_limit=None if guarded else keep_last
+    )
+    acc = Accelerator(cpu=True, project_config=config)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = torch.utils.data.DataLoader(TokenData(), batch_size=4)
+    model, opt, data = acc.prepare(model, opt, data)
+    if torn:
+        acc.register_save_state_pre_hook(
+            lambda *_: os.kill(os.getpid(), signal.SIGKILL) if acc.save_iteration == TORN_STEP - 1 else None
+        )
+    if guarded:
+        guard.load_state(acc, run_dir)
+    elif (run_dir / "checkpoints").is_dir():
+        acc.load_state()
+    start = acc.save_iteration  # saves made so far: the step resumed at
+    os.write(1, f"start {start}\n".encode())
+    batches = iter(data)
+    for step in range(start + 1, max_steps + 1):
+        batch = next(batches, None) or next(batches := iter(data))
+        acc.backward(model(**batch).loss)
+        opt.step()
+        opt.zero_grad()
+        if guarded:
+            guard.save_state(acc, run_dir, step, keep_last=keep_last)
+        else:
+            acc.save_state()
+        os.write(1, f"saved {step}\n".encode())
+        if after_save is not None and acc.is_main_process:
+            after_save(step)
+    return acc
+
+
+def accelerate_plain_torn(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """Crash-harness child: Accelerate's own save_state, killed in its save of TORN_STEP."""
+    _quiet_child()
+    accelerate_run(Path(run_dir), guarded=False, max_steps=10, torn=True)
+
+
+def accelerate_guarded_torn(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """The same run and the same kill, through ckptguard's save_state."""
+    _quiet_child()
+    accelerate_run(Path(run_dir), guarded=True, max_steps=10, torn=True)
+
+
+def accelerate_saver(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """Crash-harness child: resume with ckptguard's load_state, then save every step until killed."""
+    _quiet_child()
+    accelerate_run(Path(run_dir), guarded=True, max_steps=10_000, keep_last=keep_last)
+
+
+def _rank(library: str, out: Path, mode: str, disk: str) -> None:
+    """One rank of a two-process run (see :func:`ranks`); prints one JSON line with its outcome."""
     import json
     import sys
 
     from ckptguard.errors import CheckpointError
 
-    callbacks = [_report_steps()]
-    if mode == "enospc":
-        from transformers import TrainerCallback
-
+    _quiet_child()
+    fill = None
+    if mode == "enospc" and os.environ["RANK"] == "0":
         from faultkit import Filler
 
-        filler = Filler(Path(disk)) if os.environ["RANK"] == "0" else None
+        filler = Filler(Path(disk))
 
-        class Fill(TrainerCallback):
-            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                if filler is not None and state.global_step == 2:
-                    filler.leave_bytes(64 << 10)
+        def fill(step: int) -> None:
+            if step == 2:
+                filler.leave_bytes(64 << 10)
 
-        callbacks.append(Fill())
-    _quiet_child()
     max_steps = {"enospc": 4, "train": 10_000, "resume": 0}[mode]
-    trainer = hf_trainer(out, callbacks=callbacks, max_steps=max_steps or 1)
     try:
-        step = resumed_step(trainer, True if mode == "resume" else None)
+        if library == "hf":
+            step = _hf_rank_run(out, mode, max_steps, fill)
+        else:
+            step = accelerate_run(out, guarded=True, max_steps=max_steps, after_save=fill).save_iteration
     except CheckpointError as exc:
         os.write(1, (json.dumps({"type": type(exc).__name__, "errno": exc.errno, "step": exc.step}) + "\n").encode())
         sys.exit(3)
-    os.write(1, (json.dumps({"resumed": step, "global_step": trainer.state.global_step}) + "\n").encode())
+    os.write(1, (json.dumps({"resumed": step}) + "\n").encode())
 
 
-def hf_ranks(out: Path, mode: str, disk: Path | None = None) -> list[Any]:
-    """Start a two-rank (gloo) HF run on `out`: "train" saves every step until killed, "enospc" fills `disk`
-    after step 2, "resume" resumes with resume_from_checkpoint=True. Returns the rank processes."""
+def _hf_rank_run(out: Path, mode: str, max_steps: int, fill: Callable[[int], None] | None) -> int:
+    from transformers import TrainerCallback
+
+    class AfterSave(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if fill is not None:
+                fill(state.global_step)
+
+    trainer = hf_trainer(out, callbacks=[_report_steps(), AfterSave()], max_steps=max_steps or 1)
+    return resumed_step(trainer, True if mode == "resume" else None)
+
+
+def ranks(library: str, out: Path, mode: str, disk: Path | None = None) -> list[Any]:
+    """Start a two-rank (gloo) run of `library` ("hf" or "accelerate") on `out`: "train" saves every step
+    until killed, "enospc" fills `disk` after step 2, "resume" only resumes. Returns the rank processes."""
     import sys
 
     from faultkit import launch_ranks
 
-    cmd = [sys.executable, __file__, "hf-rank", str(out), mode, str(disk or "")]
+    cmd = [sys.executable, __file__, "rank", library, str(out), mode, str(disk or "")]
     return launch_ranks([cmd, cmd])
+
+
+def rank_outcomes(procs: list[Any], timeout: float = 240) -> list[dict[str, Any]]:
+    """Each rank's last stdout line as JSON, once both ended (killed at the timeout)."""
+    import json
+
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert out.strip(), f"rank printed nothing (exit {p.returncode}):\n{err[-3000:]}"
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
+def kill_two_ranks_then_resume(library: str, out: Path, trials: int) -> list[tuple[int, list[int]]]:
+    """`trials` times: two ranks save every step, both get a SIGKILL at a random instant after a save
+    returned; then two fresh ranks resume. Returns (newest verified step, steps the ranks resumed at)."""
+    import random
+    import time
+
+    from faultkit import committed_steps
+
+    outcomes = []
+    for trial in range(trials):
+        procs = ranks(library, out, "train")
+        try:
+            for line in procs[0].stdout:  # wait until a save returned, then kill at a random instant
+                if line.startswith("saved ") and int(line.split()[1]) >= 2 * (trial + 1):
+                    break
+            time.sleep(random.Random(trial).uniform(0.0, 0.8))
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        newest = max(committed_steps(out))
+        outcomes.append((newest, [r["resumed"] for r in rank_outcomes(ranks(library, out, "resume"))]))
+    return outcomes
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["hf-rank"] and len(sys.argv) == 5:
-        _hf_rank(Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if sys.argv[1:2] == ["rank"] and len(sys.argv) == 6:
+        _rank(sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
-        sys.exit("usage: integrationkit.py hf-rank OUT train|enospc|resume DISK")
+        sys.exit("usage: integrationkit.py rank hf|accelerate OUT train|enospc|resume DISK")

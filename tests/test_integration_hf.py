@@ -8,10 +8,8 @@ flip, and a real full tmpfs.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
-import time
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 from ckptguard import verify_checkpoint
 from ckptguard.errors import CorruptCheckpointError, WriteError
 from faultkit import CrashHarness, Filler, committed_steps, flip_bit, tmpfs
-from integrationkit import TORN_STEP, hf_ranks, hf_trainer, resumed_step
+from integrationkit import TORN_STEP, hf_trainer, kill_two_ranks_then_resume, rank_outcomes, ranks, resumed_step
 
 pytest.importorskip("transformers")
 from transformers import TrainerCallback
@@ -129,44 +127,18 @@ def test_full_disk_plain_trainer_leaves_a_checkpoint_its_resume_picks(tmp_path):
         assert not (out / "checkpoint-3" / "trainer_state.json").exists()
 
 
-def _outcomes(procs, timeout: float = 240) -> list[dict]:
-    """Each rank's last stdout line as JSON, after both ended (killed at the timeout)."""
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            assert out.strip(), f"rank printed nothing (exit {p.returncode}):\n{err[-3000:]}"
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            p.kill()
-    return results
-
-
 @pytest.mark.slow
 def test_two_ranks_killed_mid_run_resume_on_the_newest_verified_checkpoint(tmp_path):
-    """Both ranks SIGKILLed at a random instant after step 2 was saved; both resume at the newest verified one."""
-    out = tmp_path / "run"
-    for trial in range(KILL_TRIALS // 4 or 1):
-        procs = hf_ranks(out, "train")
-        try:
-            for line in procs[0].stdout:  # wait until a save returned, then kill at a random instant
-                if line.startswith("saved ") and int(line.split()[1]) >= 2 * (trial + 1):
-                    break
-            time.sleep(random.Random(trial).uniform(0.0, 0.8))
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-        newest = max(committed_steps(out))
-        assert [r["resumed"] for r in _outcomes(hf_ranks(out, "resume"))] == [newest, newest]
+    """Both ranks SIGKILLed at a random instant after a save; both resume at the newest verified checkpoint."""
+    for newest, resumed in kill_two_ranks_then_resume("hf", tmp_path / "run", KILL_TRIALS // 4 or 1):
+        assert resumed == [newest, newest]
 
 
 @pytest.mark.slow
 def test_two_ranks_full_disk_mid_save_fails_on_every_rank_with_the_same_typed_error(tmp_path):
     with tmpfs(tmp_path / "disk", size="8m") as disk:
         out = disk / "run"
-        outcomes = _outcomes(hf_ranks(out, "enospc", disk))
+        outcomes = rank_outcomes(ranks("hf", out, "enospc", disk))
         assert outcomes == [{"type": "WriteError", "errno": errno.ENOSPC, "step": 3}] * 2
         assert committed_steps(out) == [1, 2]
         assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
