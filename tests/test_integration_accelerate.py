@@ -7,6 +7,7 @@ data, same fault), then shown gone with ckptguard's companions.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 
@@ -111,3 +112,17 @@ def test_two_ranks_full_disk_mid_save_fails_on_every_rank_with_the_same_typed_er
         assert outcomes == [{"type": "WriteError", "errno": errno.ENOSPC, "step": 3}] * 2
         assert committed_steps(out) == [1, 2]
         assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
+
+
+def test_cli_lists_verifies_and_diagnoses_an_integration_run(tmp_path, capsys):
+    from ckptguard.cli import main
+
+    accelerate_run(tmp_path, guarded=True, max_steps=3, keep_last=2)
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(c["step"], c["valid"]) for c in listed["checkpoints"]] == [(2, True), (3, True)]
+    assert main(["verify", str(tmp_path)]) == 0
+    assert main(["doctor", str(tmp_path)]) == 0
+    flip_bit(tmp_path / "checkpoint-3" / "optimizer.bin", -5)
+    assert main(["verify", str(tmp_path / "checkpoint-3")]) == 1
