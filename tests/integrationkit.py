@@ -113,10 +113,12 @@ def hf_saver(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> 
 def preload() -> None:
     """What a crash-harness zygote imports once, so each forked trial starts in well under a second."""
     import accelerate  # noqa: F401
+    import lightning.pytorch  # noqa: F401
     import transformers.trainer  # noqa: F401
 
     import ckptguard.integrations.accelerate
-    import ckptguard.integrations.hf  # noqa: F401
+    import ckptguard.integrations.hf
+    import ckptguard.integrations.lightning  # noqa: F401
 
 
 TORN_STEP = 3  # the save during which the torn savers below kill themselves
@@ -300,6 +302,61 @@ def ranks(library: str, out: Path, mode: str, disk: Path | None = None) -> list[
 
     cmd = [sys.executable, __file__, "rank", library, str(out), mode, str(disk or "")]
     return launch_ranks([cmd, cmd])
+
+
+def lightning_run(
+    run_dir: Path, *, guarded: bool, max_steps: int, after_save: Callable[[int], None] | None = None
+) -> Any:
+    """Fit the tiny model with Lightning, saving every step (top 2 by step, and last.ckpt); reports on fd 1.
+
+    `guarded`: with VerifiedCheckpointIO, resuming from newest_verified_ckpt; otherwise plain Lightning,
+    resuming from ``ckpt_path="last"``. Returns the Trainer."""
+    import lightning.pytorch as pl
+
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO, newest_verified_ckpt
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_llama()
+
+        def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+            return self.model(**batch).loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Report(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            os.write(1, f"start {trainer.global_step}\n".encode())
+
+    class Reporting(VerifiedCheckpointIO if guarded else pl.plugins.TorchCheckpointIO):  # type: ignore[misc]
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            if Path(path).name == "last.ckpt":  # saved after the top-k one of the same step
+                os.write(1, f"saved {checkpoint['global_step']}\n".encode())
+                if after_save is not None:
+                    after_save(checkpoint["global_step"])
+
+    every_step = pl.callbacks.ModelCheckpoint(
+        dirpath=run_dir, every_n_train_steps=1, save_top_k=2, monitor="step", mode="max", save_last=True
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=[every_step, Report()], plugins=[Reporting()],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    module = Module()
+    data = torch.utils.data.DataLoader(TokenData(), batch_size=4)
+    resume = (newest_verified_ckpt(run_dir) if guarded else "last") if run_dir.is_dir() else None
+    trainer.fit(module, data, ckpt_path=resume)
+    return trainer
+
+
+def lightning_saver(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """Crash-harness child: resume from ckpt_path="last" with VerifiedCheckpointIO, save every step until killed."""
+    _quiet_child()
+    lightning_run(Path(run_dir), guarded=True, max_steps=10_000)
 
 
 def rank_outcomes(procs: list[Any], timeout: float = 240) -> list[dict[str, Any]]:

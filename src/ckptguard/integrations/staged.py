@@ -59,6 +59,11 @@ def write_error(exc: BaseException, path: Path, step: int) -> CheckpointError:
     """The typed error for a failure while a library wrote into staging (its errno kept where it has one)."""
     if isinstance(exc, CheckpointError):
         return exc
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):  # torch.save wraps the file's OSError
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        exc = cause
     if isinstance(exc, OSError):
         return from_os_error(WriteError, "could not write checkpoint file", exc, path=exc.filename or path, step=step)
     found = _OS_CODE.search(str(exc))
@@ -98,18 +103,37 @@ def finish(
             events.emit("save_failed", step=step, path=target, error=exc.summary())
         raise
 
-    def commit() -> str:
-        try:
-            if prepare is not None:
-                prepare()
-            return str(_commit(staging, written or staging, target, step, coord.world_size, metrics or {}, events))
-        except CheckpointError as exc:
-            events.emit("save_failed", step=step, path=target, error=exc.summary())
-            raise
-        finally:
-            publish.discard_staging(staging)  # gone already when `written` is staging itself
+    def commit_here() -> str:
+        return str(
+            commit(
+                staging, target, step, written=written, world_size=coord.world_size, metrics=metrics, prepare=prepare
+            )
+        )
 
-    return Path(coord.on_primary(commit, step=step))
+    return Path(coord.on_primary(commit_here, step=step))
+
+
+def commit(
+    staging: Path,
+    target: Path,
+    step: int,
+    *,
+    written: Path | None = None,
+    world_size: int = 1,
+    metrics: Mapping[str, float] | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> Path:
+    """Rank 0's part of :func:`finish`, also for a library that writes on one process only: make the files in
+    `written` (default: `staging`) durable, hash them and publish them as `target`. The staging directory
+    is gone afterwards, whatever happened; a failure is logged and raised as a CheckpointError."""
+    events = EventLog(target.parent)
+    try:
+        return _commit(staging, written or staging, target, step, world_size, metrics or {}, prepare, events)
+    except CheckpointError as exc:
+        events.emit("save_failed", step=step, path=target, error=exc.summary())
+        raise
+    finally:
+        publish.discard_staging(staging)  # gone already when the written directory is staging itself
 
 
 def _commit(
@@ -119,27 +143,29 @@ def _commit(
     step: int,
     world_size: int,
     metrics: Mapping[str, float],
+    prepare: Callable[[], None] | None,
     events: EventLog,
 ) -> Path:
     started = time.monotonic()
     try:
+        if prepare is not None:
+            prepare()
         files = writer.adopt_files(written)
+        manifest = Manifest(
+            step=step,
+            sequence=next_sequence(target.parent),
+            created=time.time(),
+            world_size=world_size,
+            files=files,
+            metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
+            versions=library_versions(),
+        )
+        publish.publish(written, target, manifest, level=LEVEL, latest=True, events=events)
     except OSError as exc:
-        raise from_os_error(
-            WriteError, "could not make the written files durable", exc, path=staging, step=step
-        ) from exc
-    except ValueError as exc:
+        what = "could not make the written files durable"
+        raise from_os_error(WriteError, what, exc, path=staging, step=step) from exc
+    except ValueError as exc:  # a link or special file among the written ones
         raise WriteError(str(exc), path=staging, step=step) from exc
-    manifest = Manifest(
-        step=step,
-        sequence=next_sequence(target.parent),
-        created=time.time(),
-        world_size=world_size,
-        files=files,
-        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
-        versions=library_versions(),
-    )
-    publish.publish(written, target, manifest, level=LEVEL, latest=True, events=events)
     events.emit("save", step=step, path=target, bytes=manifest.total_bytes, seconds=time.monotonic() - started)
     return target
 
