@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint format bench fuzz clean browser
+.PHONY: demo test lint format bench fuzz clean browser integration-trials
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(VENV)/.installed
 # the hostile-input properties of `make test`, with 20,000 examples each instead of 150
 fuzz: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/test_hostile_inputs.py
+
+# the integrations' random-kill tests (HF Trainer, Accelerate, Lightning) with 40 kills each instead of a few
+integration-trials: $(VENV)/.installed
+	CKPTGUARD_KILL_TRIALS=40 $(PY) -m pytest -q -k "random_kills or killed" tests/test_integration_hf.py \
+		tests/test_integration_accelerate.py tests/test_integration_lightning.py tests/test_integration_two_ranks.py
 
 clean:
 	rm -rf $(VENV) runs bench/results

@@ -4,7 +4,8 @@
 
 HF Trainer: ``_save_checkpoint`` of a plain ``Trainer`` and of one with ``CheckpointGuardMixin``,
 timed from the outside while both train the same model; Accelerate: ``Accelerator.save_state``
-against ckptguard's ``save_state`` on the same prepared model and optimizer, alternated. The library's
+against ckptguard's ``save_state`` on the same prepared model and optimizer; Lightning:
+``TorchCheckpointIO`` against ``VerifiedCheckpointIO`` on the same checkpoint dict; alternated. The library's
 own save does not fsync; ckptguard's fsyncs, hashes and re-reads every byte, so the ratio is the price
 of the guarantee. Target: <= 1.1x. Writes integrations.md and prints it. Not part of ``make bench``.
 """
@@ -85,6 +86,27 @@ def bench_accelerate(root: Path, reps: int) -> tuple[list[float], list[float]]:
     return plain, guarded
 
 
+def bench_lightning(root: Path, reps: int) -> tuple[list[float], list[float]]:
+    from lightning.pytorch.plugins import TorchCheckpointIO
+
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    net = model()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(**{k: v[None] for k, v in integrationkit.TokenData()[0].items()}).loss.backward()
+    opt.step()
+    checkpoint = {"global_step": 1, "state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()]}
+    plain_io, guarded_io = TorchCheckpointIO(), VerifiedCheckpointIO()
+    plain: list[float] = []
+    guarded: list[float] = []
+    for rep in range(reps):
+        for io, times, name in ((plain_io, plain, "pl-plain"), (guarded_io, guarded, "pl-guarded")):
+            start = time.perf_counter()
+            io.save_checkpoint(checkpoint, root / name / f"epoch=0-step={rep}.ckpt")
+            times.append(time.perf_counter() - start)
+    return plain, guarded
+
+
 def row(name: str, plain: list[float], guarded: list[float]) -> str:
     p, g = statistics.median(plain), statistics.median(guarded)
     ratio = g / p
@@ -101,6 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=ns.dir) as tmp:
         rows = [row("HF Trainer `_save_checkpoint`", *bench_hf(Path(tmp), ns.reps))]
         rows.append(row("Accelerate `save_state`", *bench_accelerate(Path(tmp), ns.reps)))
+        rows.append(row("Lightning `CheckpointIO.save_checkpoint`", *bench_lightning(Path(tmp), ns.reps)))
     table = "\n".join(
         [
             f"| save (median) | library alone | with ckptguard | ratio | target <= {TARGET}x | samples |",

@@ -52,6 +52,15 @@ def training_state() -> dict[str, Any]:
     return make_training_state()
 
 
+@pytest.fixture(scope="module")
+def integration_harness() -> Any:
+    """A crash harness forking the savers of integrationkit.py (the training libraries imported once)."""
+    from faultkit import CrashHarness
+
+    with CrashHarness(reply_timeout_s=120.0, savers="integrationkit") as harness:
+        yield harness
+
+
 @pytest.fixture(autouse=True)
 def _quiet_ckptguard_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="ckptguard")

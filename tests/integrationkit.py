@@ -400,6 +400,44 @@ def kill_two_ranks_then_resume(library: str, out: Path, trials: int) -> list[tup
     return outcomes
 
 
+def random_kill_trials(harness: Any, run_dir: Path, saver: str, trials: int, delays: tuple[float, float]) -> int:
+    """`trials` savers on `run_dir`, each SIGKILLed after a random delay in `delays`; each one resumes where the
+    previous died, and must resume exactly at the newest checkpoint that verifies. Returns how many were
+    killed (rather than ending by themselves)."""
+    import random
+
+    from ckptguard import verify_checkpoint
+    from faultkit import committed_steps
+
+    rng = random.Random(trials)
+    floor = killed = 0
+    for _ in range(trials):
+        newest = max(committed_steps(run_dir), default=0)
+        assert newest in (floor, floor + 1), f"checkpoint-{newest} is the newest valid one, {floor} was committed"
+        trial = harness.trial(run_dir, rng.uniform(*delays), saver=saver, keep_last=2)
+        assert trial.error is None, trial.error
+        assert trial.start == newest, f"resumed at {trial.start}, checkpoint-{newest} is the newest verified"
+        floor = trial.saved[-1] if trial.saved else newest
+        killed += trial.killed
+    damaged = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint-") and not verify_checkpoint(p).ok]
+    assert not damaged, f"damaged checkpoints under a checkpoint name: {damaged}"
+    return killed
+
+
+def full_disk_on_two_ranks(library: str, disk: Path) -> None:
+    """Two ranks of `library` on a tmpfs that fills up after step 2: the save of step 3 fails on both ranks
+    with the same WriteError (ENOSPC), and steps 1 and 2 stay committed, with no staging left."""
+    import errno
+
+    from faultkit import committed_steps
+
+    out = disk / "run"
+    outcomes = rank_outcomes(ranks(library, out, "enospc", disk))
+    assert outcomes == [{"type": "WriteError", "errno": errno.ENOSPC, "step": 3}] * 2
+    assert committed_steps(out) == [1, 2]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
+
+
 if __name__ == "__main__":
     import sys
 

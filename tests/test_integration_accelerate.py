@@ -7,18 +7,19 @@ data, same fault), then shown gone with ckptguard's companions.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckptguard import verify_checkpoint
 from ckptguard.errors import CorruptCheckpointError, WriteError
-from faultkit import CrashHarness, Filler, committed_steps, flip_bit, tmpfs
-from integrationkit import TORN_STEP, accelerate_run, kill_two_ranks_then_resume, rank_outcomes, ranks
+from faultkit import Filler, committed_steps, flip_bit, tmpfs
+from integrationkit import (
+    TORN_STEP,
+    accelerate_run,
+    random_kill_trials,
+)
 
 pytest.importorskip("accelerate")
 
@@ -27,19 +28,13 @@ from ckptguard.integrations.accelerate import load_state
 KILL_TRIALS = int(os.environ.get("CKPTGUARD_KILL_TRIALS", "8"))
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with CrashHarness(reply_timeout_s=120.0, savers="integrationkit") as h:
-        yield h
-
-
 def _weights(acc) -> dict[str, torch.Tensor]:
     return acc.unwrap_model(acc._models[0]).state_dict()
 
 
-def test_plain_accelerate_deletes_before_saving_and_resumes_into_an_empty_checkpoint(harness, tmp_path):
+def test_plain_accelerate_deletes_before_saving_and_resumes_into_an_empty_checkpoint(integration_harness, tmp_path):
     """The hazard: automatic naming deletes the oldest checkpoint first; a kill leaves an empty newest one."""
-    trial = harness.trial(tmp_path, 120.0, saver="accelerate_plain_torn")
+    trial = integration_harness.trial(tmp_path, 120.0, saver="accelerate_plain_torn")
     assert trial.killed and trial.saved == [1, 2]
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_1", "checkpoint_2"]  # _0 already deleted
@@ -48,8 +43,8 @@ def test_plain_accelerate_deletes_before_saving_and_resumes_into_an_empty_checkp
         accelerate_run(tmp_path, guarded=False, max_steps=0)  # load_state() picks the empty checkpoint_2
 
 
-def test_same_kill_with_ckptguard_resumes_the_newest_verified_checkpoint_and_its_counter(harness, tmp_path):
-    trial = harness.trial(tmp_path, 120.0, saver="accelerate_guarded_torn")
+def test_same_kill_with_ckptguard_resumes_the_newest_verified_checkpoint_and_its_counter(integration_harness, tmp_path):
+    trial = integration_harness.trial(tmp_path, 120.0, saver="accelerate_guarded_torn")
     assert trial.killed and trial.saved == [1, 2]
     assert not (tmp_path / f"checkpoint-{TORN_STEP}").exists()
     acc = accelerate_run(tmp_path, guarded=True, max_steps=0)
@@ -60,17 +55,8 @@ def test_same_kill_with_ckptguard_resumes_the_newest_verified_checkpoint_and_its
     assert all(torch.equal(live[k], v) for k, v in saved.items())
 
 
-def test_random_kills_then_load_state_lands_on_the_newest_verified_checkpoint(harness, tmp_path):
-    rng = random.Random(11)
-    floor = 0
-    for _ in range(KILL_TRIALS):
-        newest = max(committed_steps(tmp_path), default=0)
-        assert newest in (floor, floor + 1), f"checkpoint-{newest} is the newest valid one, {floor} was committed"
-        trial = harness.trial(tmp_path, rng.uniform(0.1, 0.8), saver="accelerate_saver", keep_last=2)
-        assert trial.error is None, trial.error
-        assert trial.start == newest, f"resumed at {trial.start}, checkpoint-{newest} is the newest verified"
-        floor = trial.saved[-1] if trial.saved else newest
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-") and not verify_checkpoint(p).ok]
+def test_random_kills_then_load_state_lands_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    assert random_kill_trials(integration_harness, tmp_path, "accelerate_saver", KILL_TRIALS, (0.1, 0.8)) == KILL_TRIALS
 
 
 def test_bit_flip_plain_load_state_takes_it_ckptguard_refuses_it(tmp_path):
@@ -96,33 +82,3 @@ def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path
         assert committed_steps(out) == [1, 2]
         assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
         assert (out / "LATEST").read_text().strip() == "checkpoint-2"
-
-
-@pytest.mark.slow
-def test_two_ranks_killed_mid_run_resume_on_the_newest_verified_checkpoint(tmp_path):
-    for newest, resumed in kill_two_ranks_then_resume("accelerate", tmp_path / "run", KILL_TRIALS // 8 or 1):
-        assert resumed == [newest, newest]
-
-
-@pytest.mark.slow
-def test_two_ranks_full_disk_mid_save_fails_on_every_rank_with_the_same_typed_error(tmp_path):
-    with tmpfs(tmp_path / "disk", size="8m") as disk:
-        out = disk / "run"
-        outcomes = rank_outcomes(ranks("accelerate", out, "enospc", disk))
-        assert outcomes == [{"type": "WriteError", "errno": errno.ENOSPC, "step": 3}] * 2
-        assert committed_steps(out) == [1, 2]
-        assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
-
-
-def test_cli_lists_verifies_and_diagnoses_an_integration_run(tmp_path, capsys):
-    from ckptguard.cli import main
-
-    accelerate_run(tmp_path, guarded=True, max_steps=3, keep_last=2)
-    capsys.readouterr()
-    assert main(["ls", str(tmp_path), "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    assert [(c["step"], c["valid"]) for c in listed["checkpoints"]] == [(2, True), (3, True)]
-    assert main(["verify", str(tmp_path)]) == 0
-    assert main(["doctor", str(tmp_path)]) == 0
-    flip_bit(tmp_path / "checkpoint-3" / "optimizer.bin", -5)
-    assert main(["verify", str(tmp_path / "checkpoint-3")]) == 1

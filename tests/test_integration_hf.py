@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckptguard import verify_checkpoint
 from ckptguard.errors import CorruptCheckpointError, WriteError
-from faultkit import CrashHarness, Filler, committed_steps, flip_bit, tmpfs
-from integrationkit import TORN_STEP, hf_trainer, kill_two_ranks_then_resume, rank_outcomes, ranks, resumed_step
+from faultkit import Filler, committed_steps, flip_bit, tmpfs
+from integrationkit import (
+    TORN_STEP,
+    hf_trainer,
+    random_kill_trials,
+    resumed_step,
+)
 
 pytest.importorskip("transformers")
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 KILL_TRIALS = int(os.environ.get("CKPTGUARD_KILL_TRIALS", "4"))
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with CrashHarness(reply_timeout_s=120.0, savers="integrationkit") as h:
-        yield h
 
 
 def test_hook_names_this_integration_overrides_still_exist():
@@ -41,17 +38,17 @@ def test_hook_names_this_integration_overrides_still_exist():
         assert callable(getattr(Trainer, name, None)), f"transformers.Trainer.{name} is gone: re-pin the hf extra"
 
 
-def test_plain_trainer_resumes_into_a_checkpoint_torn_by_a_kill(harness, tmp_path):
+def test_plain_trainer_resumes_into_a_checkpoint_torn_by_a_kill(integration_harness, tmp_path):
     """The hazard: a SIGKILL mid-save leaves checkpoint-3 that HF's own resume picks and cannot load."""
-    trial = harness.trial(tmp_path, 120.0, saver="hf_plain_torn")
+    trial = integration_harness.trial(tmp_path, 120.0, saver="hf_plain_torn")
     assert trial.killed and trial.saved == [1, 2]
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / f"checkpoint-{TORN_STEP}")
     with pytest.raises(FileNotFoundError, match=r"trainer_state\.json"):
         hf_trainer(tmp_path, guarded=False, max_steps=5).train(resume_from_checkpoint=True)
 
 
-def test_same_kill_with_ckptguard_resumes_from_the_newest_verified_checkpoint(harness, tmp_path):
-    trial = harness.trial(tmp_path, 120.0, saver="hf_guarded_torn")
+def test_same_kill_with_ckptguard_resumes_from_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    trial = integration_harness.trial(tmp_path, 120.0, saver="hf_guarded_torn")
     assert trial.killed and trial.saved == [1, 2]
     assert not (tmp_path / f"checkpoint-{TORN_STEP}").exists(), "a torn save must never appear under its name"
     assert any(p.name.startswith(".staging-") for p in tmp_path.iterdir())
@@ -62,18 +59,9 @@ def test_same_kill_with_ckptguard_resumes_from_the_newest_verified_checkpoint(ha
     assert all(torch.equal(trainer.resumed_weights[k], v) for k, v in saved.items())
 
 
-def test_random_kills_then_resume_lands_on_the_newest_verified_checkpoint(harness, tmp_path):
+def test_random_kills_then_resume_lands_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
     """Each trial resumes with resume_from_checkpoint=True where the last one was killed at a random instant."""
-    rng = random.Random(9)
-    floor = 0
-    for _ in range(KILL_TRIALS):
-        newest = max(committed_steps(tmp_path), default=0)
-        assert newest in (floor, floor + 1), f"checkpoint-{newest} is the newest valid one, {floor} was committed"
-        trial = harness.trial(tmp_path, rng.uniform(0.6, 2.5), saver="hf_saver", keep_last=2)
-        assert trial.error is None, trial.error
-        assert trial.start == newest, f"resumed at {trial.start}, checkpoint-{newest} is the newest verified"
-        floor = trial.saved[-1] if trial.saved else newest
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-") and not verify_checkpoint(p).ok]
+    assert random_kill_trials(integration_harness, tmp_path, "hf_saver", KILL_TRIALS, (0.6, 2.5)) == KILL_TRIALS
 
 
 def test_bit_flip_plain_trainer_loads_it_silently_ckptguard_refuses_it(tmp_path):
@@ -125,20 +113,3 @@ def test_full_disk_plain_trainer_leaves_a_checkpoint_its_resume_picks(tmp_path):
             trainer.train()
         assert get_last_checkpoint(str(out)) == str(out / "checkpoint-3")
         assert not (out / "checkpoint-3" / "trainer_state.json").exists()
-
-
-@pytest.mark.slow
-def test_two_ranks_killed_mid_run_resume_on_the_newest_verified_checkpoint(tmp_path):
-    """Both ranks SIGKILLed at a random instant after a save; both resume at the newest verified checkpoint."""
-    for newest, resumed in kill_two_ranks_then_resume("hf", tmp_path / "run", KILL_TRIALS // 4 or 1):
-        assert resumed == [newest, newest]
-
-
-@pytest.mark.slow
-def test_two_ranks_full_disk_mid_save_fails_on_every_rank_with_the_same_typed_error(tmp_path):
-    with tmpfs(tmp_path / "disk", size="8m") as disk:
-        out = disk / "run"
-        outcomes = rank_outcomes(ranks("hf", out, "enospc", disk))
-        assert outcomes == [{"type": "WriteError", "errno": errno.ENOSPC, "step": 3}] * 2
-        assert committed_steps(out) == [1, 2]
-        assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]

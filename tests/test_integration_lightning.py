@@ -16,7 +16,7 @@ import torch
 
 from ckptguard import verify_checkpoint
 from ckptguard.errors import CorruptCheckpointError, WriteError
-from faultkit import CrashHarness, Filler, flip_bit, tmpfs
+from faultkit import Filler, flip_bit, tmpfs
 from integrationkit import lightning_run
 
 pytest.importorskip("lightning")
@@ -46,15 +46,14 @@ def test_bit_flip_plain_lightning_resumes_it_silently_verified_io_refuses_it(tmp
     assert newest_verified_ckpt(guarded) == str(guarded / "epoch=0-step=2.ckpt"), "the intact copy of step 2"
 
 
-def test_random_kills_then_resume_lands_on_the_newest_verified_checkpoint(tmp_path):
+def test_random_kills_then_resume_lands_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
     rng = random.Random(5)
-    with CrashHarness(reply_timeout_s=120.0, savers="integrationkit") as harness:
-        for _ in range(KILL_TRIALS):
-            newest = newest_verified_ckpt(tmp_path)
-            expected = _step(newest) if newest else 0
-            trial = harness.trial(tmp_path, rng.uniform(0.3, 1.5), saver="lightning_saver")
-            assert trial.error is None, trial.error
-            assert trial.start == expected, f"resumed at {trial.start}, {newest} is the newest verified"
+    for _ in range(KILL_TRIALS):
+        newest = newest_verified_ckpt(tmp_path)
+        expected = _step(newest) if newest else 0
+        trial = integration_harness.trial(tmp_path, rng.uniform(0.3, 1.5), saver="lightning_saver")
+        assert trial.error is None, trial.error
+        assert trial.start == expected, f"resumed at {trial.start}, {newest} is the newest verified"
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".ckpt" and not verify_checkpoint(p).ok]
 
 
