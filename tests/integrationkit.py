@@ -156,6 +156,26 @@ def hf_guarded_torn(run_dir: str, max_steps: int, keep_last: int, async_save: bo
     _torn_run(run_dir, guarded=True)
 
 
+def hf_jit_saver(run_dir: str, max_steps: int, keep_last: int, async_save: bool) -> None:
+    """Crash-harness child: no periodic saves; a SIGTERM to itself after step 2, so HF's JIT checkpoint
+    (enabled by ``enable_jit_checkpoint``) saves once its grace period ends, and training stops."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class Preempt(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    _quiet_child()
+    trainer = hf_trainer(
+        Path(run_dir), callbacks=[_report_steps(), Preempt()], max_steps=10_000, save_steps=100_000,
+        enable_jit_checkpoint=True,
+    )  # fmt: skip
+    trainer.train()
+
+
 def resumed_step(trainer: Any, resume: Any) -> int:
     """Run `trainer.train(resume_from_checkpoint=resume)`; the step it resumed at.
 

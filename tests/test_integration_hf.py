@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckptguard import verify_checkpoint
 from ckptguard.errors import CorruptCheckpointError, WriteError
 from faultkit import Filler, committed_steps, flip_bit, tmpfs
 from integrationkit import (
@@ -113,3 +114,16 @@ def test_full_disk_plain_trainer_leaves_a_checkpoint_its_resume_picks(tmp_path):
             trainer.train()
         assert get_last_checkpoint(str(out)) == str(out / "checkpoint-3")
         assert not (out / "checkpoint-3" / "trainer_state.json").exists()
+
+
+def test_sigterm_jit_checkpoint_is_committed_and_verified(integration_harness, tmp_path):
+    """HF's JIT save pre-creates checkpoint-N with a sentinel file; the committed checkpoint replaces it cleanly."""
+    trial = integration_harness.trial(tmp_path, 120.0, saver="hf_jit_saver")
+    assert trial.error is None and not trial.killed, trial
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("checkpoint-", ".staging", ".trash")))
+    assert len(names) == 1 and names[0].startswith("checkpoint-"), names
+    checkpoint = tmp_path / names[0]
+    assert verify_checkpoint(checkpoint).ok and not (checkpoint / "checkpoint-is-incomplete.txt").exists()
+    step = int(names[0].split("-")[1])
+    assert step > 2
+    assert resumed_step(hf_trainer(tmp_path, max_steps=step), True) == step
