@@ -68,14 +68,17 @@ def guarded_trainer_class() -> type:
     return GuardedTrainer
 
 
-def hf_trainer(output_dir: Path, *, guarded: bool = True, callbacks: list | None = None, **overrides: Any) -> Any:
-    """A Trainer (with ckptguard, or plain HF) on the tiny model and data."""
+def hf_trainer(
+    output_dir: Path, *, guarded: bool = True, callbacks: list | None = None, evaluate: bool = False, **overrides: Any
+) -> Any:
+    """A Trainer (with ckptguard, or plain HF) on the tiny model and data (`evaluate`: with an eval set)."""
     from transformers import Trainer
 
     cls = guarded_trainer_class() if guarded else Trainer
     return cls(
-        model=tiny_llama(), args=hf_args(output_dir, **overrides), train_dataset=TokenData(), callbacks=callbacks
-    )
+        model=tiny_llama(), args=hf_args(output_dir, **overrides), train_dataset=TokenData(), callbacks=callbacks,
+        eval_dataset=TokenData(rows=8, seed=3) if evaluate else None,
+    )  # fmt: skip
 
 
 def _report_steps() -> Any:

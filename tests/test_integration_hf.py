@@ -8,7 +8,9 @@ flip, and a real full tmpfs.
 from __future__ import annotations
 
 import errno
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +129,19 @@ def test_sigterm_jit_checkpoint_is_committed_and_verified(integration_harness, t
     step = int(names[0].split("-")[1])
     assert step > 2
     assert resumed_step(hf_trainer(tmp_path, max_steps=step), True) == step
+
+
+def test_best_model_checkpoint_names_the_final_directory_and_rotation_keeps_it(tmp_path):
+    """HF computes best_model_checkpoint during the save, that is inside staging: it must name the final path."""
+    trainer = hf_trainer(
+        tmp_path, evaluate=True, max_steps=5, save_total_limit=2, eval_strategy="steps", eval_steps=1,
+        metric_for_best_model="loss", greater_is_better=True, load_best_model_at_end=True,
+    )  # fmt: skip
+    trainer.train()  # load_best_model_at_end loads from best_model_checkpoint: a staging path would fail here
+    best = trainer.state.best_model_checkpoint
+    assert best == str(tmp_path / f"checkpoint-{trainer.state.best_global_step}")
+    assert verify_checkpoint(best).ok
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == sorted({"checkpoint-4", "checkpoint-5", Path(best).name}), "the newest 2 and the best"
+    recorded = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert recorded == best
