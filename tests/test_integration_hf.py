@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptguard import verify_checkpoint
-from ckptguard.errors import CorruptCheckpointError, WriteError
+from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError, WriteError
 from faultkit import Filler, committed_steps, flip_bit, tmpfs
 from integrationkit import (
     TORN_STEP,
@@ -145,3 +145,9 @@ def test_best_model_checkpoint_names_the_final_directory_and_rotation_keeps_it(t
     assert kept == sorted({"checkpoint-4", "checkpoint-5", Path(best).name}), "the newest 2 and the best"
     recorded = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())["best_model_checkpoint"]
     assert recorded == best
+
+
+def test_save_on_each_node_is_refused_before_training(tmp_path):
+    with pytest.raises(UnsupportedStateError, match="save_on_each_node"):
+        hf_trainer(tmp_path, save_on_each_node=True).train()
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

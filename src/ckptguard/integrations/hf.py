@@ -26,7 +26,7 @@ from typing import Any
 from transformers import Trainer
 
 from ckptguard.dist import Coordinator
-from ckptguard.errors import CheckpointError, CheckpointNotFoundError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
 from ckptguard.integrations import staged
 from ckptguard.layout import checkpoint_name
 from ckptguard.publish import clean_leftovers, remove
@@ -71,6 +71,12 @@ class CheckpointGuardMixin:
 
         Staging directories left by a killed save are removed first (on the primary process).
         """
+        if self.args.save_on_each_node:  # type: ignore[attr-defined]
+            raise UnsupportedStateError(
+                "save_on_each_node=True is not supported: one process commits each checkpoint",
+                path=self.args.output_dir,  # type: ignore[attr-defined]
+                remedy="Set save_on_each_node=False and put output_dir on storage every node can reach.",
+            )
         out = Path(self.args.output_dir)  # type: ignore[attr-defined]
         resume_from_checkpoint = self._coordinator().on_primary(lambda: _prepare_run(out, resume_from_checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
