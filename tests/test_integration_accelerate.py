@@ -15,11 +15,8 @@ from safetensors.torch import load_file
 
 from ckptguard.errors import CorruptCheckpointError, WriteError
 from faultkit import Filler, committed_steps, flip_bit, tmpfs
-from integrationkit import (
-    TORN_STEP,
-    accelerate_run,
-    random_kill_trials,
-)
+from integrationkit import TORN_STEP, accelerate_run
+from integrationranks import random_kill_trials
 
 pytest.importorskip("accelerate")
 

@@ -19,12 +19,8 @@ from safetensors.torch import load_file
 from ckptguard import verify_checkpoint
 from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError, WriteError
 from faultkit import Filler, committed_steps, flip_bit, tmpfs
-from integrationkit import (
-    TORN_STEP,
-    hf_trainer,
-    random_kill_trials,
-    resumed_step,
-)
+from integrationkit import TORN_STEP, hf_trainer, resumed_step
+from integrationranks import random_kill_trials
 
 pytest.importorskip("transformers")
 from transformers import TrainerCallback

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from faultkit import tmpfs
-from integrationkit import full_disk_on_two_ranks, kill_two_ranks_then_resume
+from integrationranks import full_disk_on_two_ranks, kill_two_ranks_then_resume
 
 LIBRARIES = ["hf", "accelerate"]
 KILL_TRIALS = int(os.environ.get("CKPTGUARD_KILL_TRIALS", "4")) // 4 or 1  # each trial starts four processes
