@@ -96,8 +96,7 @@ class CheckpointGuardMixin:
         self._ckptguard_staging = staging
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
-            if self.args.should_save:  # type: ignore[attr-defined]
-                self._record_best(run_dir, staging, written)
+            self._record_best(run_dir, staging, written)  # every rank: each may load the best model at the end
         except Exception as exc:  # any failure on any rank must reach every rank as one typed error
             error = staged.write_error(exc, written, step)
         finally:
@@ -112,7 +111,8 @@ class CheckpointGuardMixin:
         coord.on_primary(lambda: staged.rotate(run_dir, limit, protected), step=step)
 
     def _record_best(self, run_dir: Path, staging: Path, written: Path) -> None:
-        """Point ``best_model_checkpoint`` at the final path (HF computed it inside staging) and re-save the state."""
+        """Point ``best_model_checkpoint`` at the final path (HF computed it inside staging); the process that
+        saves the trainer state saves it again with that path."""
         best_step = self.state.best_global_step  # type: ignore[attr-defined]
         if not best_step:
             return
@@ -120,7 +120,8 @@ class CheckpointGuardMixin:
         recorded = self.state.best_model_checkpoint  # type: ignore[attr-defined]
         if (recorded and Path(recorded).parent == staging) or final.is_dir():
             self.state.best_model_checkpoint = str(final)  # type: ignore[attr-defined]
-        self.state.save_to_json(str(written / TRAINER_STATE_NAME))  # type: ignore[attr-defined]
+        if self.args.should_save:  # type: ignore[attr-defined]
+            self.state.save_to_json(str(written / TRAINER_STATE_NAME))  # type: ignore[attr-defined]
 
     def _eval_metrics(self, step: int) -> dict[str, float]:
         """The eval metrics logged at this step, recorded in the manifest (``ckptguard ls`` shows them)."""
