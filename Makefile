@@ -12,7 +12,7 @@ HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
 
-.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs bench-s3 fuzz powercut clean browser fuse
+.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs bench-s3 fuzz powercut clean browser fuse integration-trials
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,11 @@ demo-higgs: $(HVENV)/.installed
 
 bench-higgs: $(HVENV)/.installed
 	$(HPY) bench/higgs_share.py
+
+# the integrations' random-kill tests (HF Trainer, Accelerate, Lightning) with 40 kills each instead of a few
+integration-trials: $(VENV)/.installed
+	CKPTGUARD_KILL_TRIALS=40 $(PY) -m pytest -q -k "random_kills or killed" tests/test_integration_hf.py \
+		tests/test_integration_accelerate.py tests/test_integration_lightning.py tests/test_integration_two_ranks.py
 
 clean:
 	rm -rf $(VENV) $(HVENV) runs bench/results

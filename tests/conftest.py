@@ -119,6 +119,15 @@ def higgs_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("higgs-data"), records=40, seed=0)
 
 
+@pytest.fixture(scope="module")
+def integration_harness() -> Any:
+    """A crash harness forking the savers of integrationkit.py (the training libraries imported once)."""
+    from faultkit import CrashHarness
+
+    with CrashHarness(reply_timeout_s=120.0, savers="integrationkit") as harness:
+        yield harness
+
+
 @pytest.fixture(autouse=True)
 def _quiet_ckptguard_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="ckptguard")

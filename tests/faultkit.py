@@ -123,6 +123,13 @@ class Filler:
             self._inodes.pop().unlink()
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip the lowest bit of the byte at `offset` (negative: from the end), as failing media does."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 # --- other processes ---------------------------------------------------------------------------
 
 # Runs in a child: build a CheckpointManager, report the outcome as one JSON line, hold it open
@@ -187,6 +194,22 @@ def manager_in_child(run_dir: Path, hold_s: float = 60.0, **kwargs: Any) -> Iter
     finally:
         child.kill()
         child.wait(timeout=30)
+
+
+def launch_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:
+    """One process per rank, wired as torchrun wires them (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank, cmd in enumerate(commands):
+        wiring = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(len(commands)),
+                  "RANK": str(rank), "LOCAL_RANK": str(rank)}  # fmt: skip
+        rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **wiring}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env))
+    return procs
 
 
 # --- crash harness -----------------------------------------------------------------------------
@@ -284,13 +307,16 @@ def _mentions(path: str, word: str) -> bool:
 def _zygote(preload: list[str]) -> None:
     """Serve lines, each forking a child that is SIGKILLed after DELAY_S; report its wait status.
 
-    ``run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC``: the saving child of :class:`CrashHarness`.
+    ``run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC [MODULE:FUNCTION]``: the saving child of
+    :class:`CrashHarness` (:func:`_saving_child`, or FUNCTION called the same way).
     ``call MODULE:FUNCTION DELAY_S JSON_KWARGS``: any function of a module on sys.path (tests/).
     """
     import ckptguard  # noqa: F401  (import once here; every forked child inherits it)
 
-    for module in preload:  # heavy imports of the functions `call` will run, also done once
-        importlib.import_module(module)
+    for module in preload:  # heavy imports of the functions children will run, also done once
+        loaded = importlib.import_module(module)
+        if hasattr(loaded, "preload"):  # e.g. the training libraries an integration's savers use
+            loaded.preload()
     print("ready", flush=True)
     for line in sys.stdin:
         command, _, rest = line.partition(" ")
@@ -302,8 +328,10 @@ def _zygote(preload: list[str]) -> None:
             start_after = kwargs.pop("kill_clock_starts_at", None)
             status = _fork_and_kill(functools.partial(function, **kwargs), float(delay), start_after)
         else:
-            run_dir, delay, max_steps, keep_last, async_save = rest.split()
-            saver = functools.partial(_saving_child, run_dir, int(max_steps), int(keep_last), async_save == "1")
+            run_dir, delay, max_steps, keep_last, async_save, *named = rest.split()
+            module, _, name = named[0].partition(":") if named else ("", "", "")
+            function = getattr(importlib.import_module(module), name) if named else _saving_child
+            saver = functools.partial(function, run_dir, int(max_steps), int(keep_last), async_save == "1")
             status = _fork_and_kill(saver, float(delay))
         # Every line the child wrote is already in the pipe: it is dead.
         print(f"done {status}", flush=True)
@@ -343,10 +371,13 @@ class CrashHarness:
     reply timeout, even if the child hangs.
     """
 
-    def __init__(self, reply_timeout_s: float = 30.0, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, reply_timeout_s: float = 30.0, preload: tuple[str, ...] = (), savers: str | None = None) -> None:
+        """`preload`: modules importable from tests/ to import once in the zygote; `savers`: one of them whose
+        functions :meth:`trial` may fork by name (``trial(saver="hf_saver")``)."""
         self.reply_timeout_s = reply_timeout_s
+        self._savers = savers
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "zygote", *preload],
+            [sys.executable, __file__, "zygote", *preload, *([savers] if savers else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -369,11 +400,20 @@ class CrashHarness:
             raise TimeoutError(f"crash harness: no reply within {timeout} s") from None
 
     def trial(
-        self, run_dir: Path, delay_s: float, *, async_save: bool = False, max_steps: int = 100, keep_last: int = 3
+        self,
+        run_dir: Path,
+        delay_s: float,
+        *,
+        async_save: bool = False,
+        max_steps: int = 100,
+        keep_last: int = 3,
+        saver: str = "",
     ) -> Trial:
-        """Fork a saver on `run_dir`, SIGKILL it after `delay_s`, and return what it reported."""
+        """Fork a saver on `run_dir`, SIGKILL it after `delay_s` (unless it ends first), and return what it reported."""
         assert self._proc.stdin is not None
-        self._proc.stdin.write(f"run {run_dir} {delay_s:.4f} {max_steps} {keep_last} {int(async_save)}\n")
+        saver = f"{self._savers}:{saver}" if saver and ":" not in saver else saver
+        line = f"run {run_dir} {delay_s:.4f} {max_steps} {keep_last} {int(async_save)} {saver}"
+        self._proc.stdin.write(line.rstrip() + "\n")
         self._proc.stdin.flush()
         result = Trial()
         while True:

@@ -13,7 +13,7 @@ import torch
 from ckptguard import CheckpointManager, CorruptCheckpointError, verify_checkpoint
 from ckptguard.manifest import _checksum
 from conftest import make_training_state
-from faultkit import python_cmd
+from faultkit import flip_bit, python_cmd
 
 STATE_FILE = "state/model.safetensors"
 
@@ -36,12 +36,6 @@ def rewrite_manifest(ckpt: Path, edit) -> None:
     edit(body)
     body["checksum"] = _checksum(body)
     (ckpt / "MANIFEST.json").write_text(json.dumps(body))
-
-
-def flip_bit(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def damage_cases():

@@ -134,17 +134,22 @@ def adopt_files(staging: Path) -> dict[str, FileEntry]:
     and loaded exactly like a file this module wrote. Links and special files are refused: a
     checkpoint holds regular files only.
     """
-    entries: dict[str, FileEntry] = {}
+    files: list[Path] = []
     for path in sorted(staging.rglob("*")):
-        relpath = path.relative_to(staging).as_posix()
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            relpath = path.relative_to(staging).as_posix()
             raise ValueError(f"{relpath} in {staging} is a link or a special file; a checkpoint holds regular files")
-        if path.is_dir():
-            continue
-        fsync_file(path)
-        size, digest = hash_file(path)
-        entries[relpath] = FileEntry(size=size, xxh3_128=digest, tensors=_tensor_count(path))
-    return entries
+        if not path.is_dir():
+            files.append(path)
+    with ThreadPoolExecutor(max_workers=MAX_PARALLEL_FILES) as pool:  # fsync and hash several files at once
+        adopted = list(pool.map(_adopt_file, files))
+    return {path.relative_to(staging).as_posix(): entry for path, entry in zip(files, adopted, strict=True)}
+
+
+def _adopt_file(path: Path) -> FileEntry:
+    fsync_file(path)
+    size, digest = hash_file(path)
+    return FileEntry(size=size, xxh3_128=digest, tensors=_tensor_count(path))
 
 
 def _tensor_count(path: Path) -> int:

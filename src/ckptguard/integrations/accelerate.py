@@ -1,0 +1,107 @@
+"""Companions to Accelerate's ``save_state`` / ``load_state`` that commit and resume only verified checkpoints.
+
+    from ckptguard.integrations.accelerate import load_state, save_state
+
+    accelerator = Accelerator()
+    model, opt, data = accelerator.prepare(model, opt, data)
+    load_state(accelerator, "runs/exp1")             # the newest verified checkpoint, if any
+    for step, batch in enumerate(data, start=1):
+        ...
+        save_state(accelerator, "runs/exp1", step, keep_last=3)   # runs/exp1/checkpoint-{step}
+
+``save_state`` lets ``Accelerator.save_state`` write everything it writes (models, optimizers,
+schedulers, samplers, scaler, every process's RNG, registered objects) on every process into one
+staging directory whose name rank 0 chose and broadcast; the main process then commits it. Unlike
+Accelerate's automatic naming, older checkpoints are deleted only after the new one is verified, and
+``load_state`` never picks an empty or torn directory. Accelerate's save counter
+(``save_iteration``) is stored with the checkpoint and restored on load, which Accelerate's own
+``load_state`` does not do.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+from ckptguard.dist import Coordinator
+from ckptguard.errors import CheckpointError, CorruptCheckpointError
+from ckptguard.integrations import staged
+from ckptguard.layout import checkpoint_name
+from ckptguard.manifest import ManifestError, parse_json
+from ckptguard.publish import clean_leftovers
+
+ITERATION_FILE = "ckptguard_accelerate.json"  # {"iteration": N}: Accelerate's save counter at this save
+TIMEOUT_S = 600.0  # bound on every agreement between processes (a dead process becomes a CoordinationError)
+_coordinators: weakref.WeakKeyDictionary[Any, Coordinator] = weakref.WeakKeyDictionary()
+
+
+def _coordinator(accelerator: Any) -> Coordinator:
+    if accelerator not in _coordinators:  # first use: every process calls this alike
+        _coordinators[accelerator] = Coordinator(TIMEOUT_S)
+    return _coordinators[accelerator]
+
+
+def save_state(
+    accelerator: Any, run_dir: str | Path, step: int | None = None, *, keep_last: int | None = None, **kwargs: Any
+) -> Path:
+    """``accelerator.save_state`` into ``run_dir/checkpoint-{step}``, committed and verified; call it on every process.
+
+    `step` defaults to Accelerate's save counter. `keep_last` deletes the oldest verified checkpoints
+    beyond that many, after the commit. `kwargs` go to ``Accelerator.save_state``. Returns the
+    checkpoint's path; a failure on any process raises the same CheckpointError on every process.
+    """
+    run_dir = Path(run_dir)
+    step = accelerator.save_iteration if step is None else step
+    coord = _coordinator(accelerator)
+    staging = staged.begin(coord, run_dir, step)
+    config = accelerator.project_configuration
+    automatic, config.automatic_checkpoint_naming = config.automatic_checkpoint_naming, False  # ours names it
+    error: CheckpointError | None = None
+    try:
+        iteration = accelerator.save_iteration
+        accelerator.save_state(str(staging), **kwargs)
+        if coord.is_primary:
+            (staging / ITERATION_FILE).write_text(json.dumps({"iteration": iteration}))
+    except Exception as exc:  # any failure on any process must reach every process as one typed error
+        error = staged.write_error(exc, staging, step)
+    finally:
+        config.automatic_checkpoint_naming = automatic
+    target = staged.finish(coord, staging, run_dir / checkpoint_name(step), step, error)
+    coord.on_primary(lambda: staged.rotate(run_dir, keep_last), step=step)
+    return target
+
+
+def load_state(accelerator: Any, run_dir: str | Path, path: str | Path | None = None, **kwargs: Any) -> Path | None:
+    """Load the newest verified checkpoint of `run_dir` (or exactly `path`, verified first); call it on every process.
+
+    Returns the checkpoint loaded, or None when `run_dir` holds no verified checkpoint. Staging
+    directories a killed save left are removed first. Accelerate's save counter continues after the
+    loaded checkpoint's.
+    """
+    run_dir = Path(run_dir)
+
+    def choose() -> str | None:
+        if run_dir.is_dir():
+            clean_leftovers(run_dir)
+        found = staged.require_verified(path) if path is not None else staged.newest_verified(run_dir)
+        return str(found) if found is not None else None
+
+    chosen = _coordinator(accelerator).on_primary(choose)
+    if chosen is None:
+        return None
+    accelerator.load_state(chosen, **kwargs)
+    accelerator.project_configuration.iteration = _saved_iteration(Path(chosen)) + 1
+    return Path(chosen)
+
+
+def _saved_iteration(checkpoint: Path) -> int:
+    try:
+        doc = parse_json((checkpoint / ITERATION_FILE).read_bytes(), ITERATION_FILE)
+    except (OSError, ManifestError) as exc:
+        raise CorruptCheckpointError(f"cannot read {ITERATION_FILE}: {exc}", path=checkpoint) from exc
+    iteration = doc.get("iteration") if isinstance(doc, dict) else None
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise CorruptCheckpointError(f"{ITERATION_FILE} holds no iteration count", path=checkpoint)
+    return iteration

@@ -1,0 +1,208 @@
+"""A staged save of files another library writes: the one sequence every integration follows.
+
+    1. :func:`begin`: rank 0 creates one staging directory in the run directory; every rank gets its path
+    2. every rank lets its library write into it (the library's own save, pointed there)
+    3. :func:`finish`: the ranks agree (a failure on any rank becomes the same typed error on every rank,
+       and the staging directory is removed); rank 0 fsyncs and hashes what was written, and
+       :func:`ckptguard.publish.publish` writes the manifest, renames into place, verifies and moves LATEST
+    4. only then does rotation delete older checkpoints, through :func:`ckptguard.publish.remove`
+
+Resume goes through :func:`newest_verified`: the newest checkpoint (by save sequence) whose every
+byte matches its manifest, never a directory that merely has the highest number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ckptguard import discovery, publish, retention, writer
+from ckptguard.dist import Coordinator
+from ckptguard.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    WriteError,
+    from_os_error,
+    remedy_for_errno,
+)
+from ckptguard.events import EventLog
+from ckptguard.layout import checkpoint_name
+from ckptguard.manifest import Manifest, library_versions
+from ckptguard.pruning import Pruner
+from ckptguard.verify import verify_checkpoint
+
+log = logging.getLogger("ckptguard")
+
+LEVEL = "full"  # re-read every byte and compare with the hash taken when it was adopted
+_OS_CODE = re.compile(r"\(os error (\d+)\)")  # safetensors reports OS errors as text: `... (os error 28)`
+
+
+def begin(coord: Coordinator, run_dir: Path, step: int) -> Path:
+    """Rank 0 creates one staging directory for `step`; every rank returns the same path."""
+
+    def create() -> str:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return str(publish.create_staging(run_dir, checkpoint_name(step)))
+        except OSError as exc:
+            what = "could not create the staging directory"
+            raise from_os_error(WriteError, what, exc, path=run_dir, step=step) from exc
+
+    return Path(coord.on_primary(create, step=step))
+
+
+def write_error(exc: BaseException, path: Path, step: int) -> CheckpointError:
+    """The typed error for a failure while a library wrote into staging (its errno kept where it has one)."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):  # torch.save wraps the file's OSError
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        exc = cause
+    if isinstance(exc, OSError):
+        return from_os_error(WriteError, "could not write checkpoint file", exc, path=exc.filename or path, step=step)
+    found = _OS_CODE.search(str(exc))
+    code = int(found.group(1)) if found else None
+    return WriteError(
+        f"could not write checkpoint file: {type(exc).__name__}: {str(exc)[:300]}",
+        path=path,
+        step=step,
+        errno=code,
+        remedy=remedy_for_errno(code, WriteError.default_remedy),
+    )
+
+
+def finish(
+    coord: Coordinator,
+    staging: Path,
+    target: Path,
+    step: int,
+    error: CheckpointError | None,
+    *,
+    written: Path | None = None,
+    metrics: Mapping[str, float] | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> Path:
+    """Agree on every rank's outcome, then commit on rank 0; every rank returns `target` or raises the same error.
+
+    `written`: the directory the library filled, when it is a subdirectory of `staging` (a library that
+    appends its own ``checkpoint-N`` to the directory it is given); `prepare` runs on rank 0 just
+    before the commit.
+    """
+    events = EventLog(target.parent, rank=coord.rank, enabled=coord.is_primary)
+    try:
+        coord.agree(error, None, step=step)
+    except CheckpointError as exc:
+        if coord.is_primary:
+            publish.discard_staging(staging)
+            events.emit("save_failed", step=step, path=target, error=exc.summary())
+        raise
+
+    def commit_here() -> str:
+        return str(
+            commit(
+                staging, target, step, written=written, world_size=coord.world_size, metrics=metrics, prepare=prepare
+            )
+        )
+
+    return Path(coord.on_primary(commit_here, step=step))
+
+
+def commit(
+    staging: Path,
+    target: Path,
+    step: int,
+    *,
+    written: Path | None = None,
+    world_size: int = 1,
+    metrics: Mapping[str, float] | None = None,
+    prepare: Callable[[], None] | None = None,
+) -> Path:
+    """Rank 0's part of :func:`finish`, also for a library that writes on one process only: make the files in
+    `written` (default: `staging`) durable, hash them and publish them as `target`. The staging directory
+    is gone afterwards, whatever happened; a failure is logged and raised as a CheckpointError."""
+    events = EventLog(target.parent)
+    try:
+        return _commit(staging, written or staging, target, step, world_size, metrics or {}, prepare, events)
+    except CheckpointError as exc:
+        events.emit("save_failed", step=step, path=target, error=exc.summary())
+        raise
+    finally:
+        publish.discard_staging(staging)  # gone already when the written directory is staging itself
+
+
+def _commit(
+    staging: Path,
+    written: Path,
+    target: Path,
+    step: int,
+    world_size: int,
+    metrics: Mapping[str, float],
+    prepare: Callable[[], None] | None,
+    events: EventLog,
+) -> Path:
+    started = time.monotonic()
+    try:
+        if prepare is not None:
+            prepare()
+        files = writer.adopt_files(written)
+        manifest = Manifest(
+            step=step,
+            sequence=next_sequence(target.parent),
+            created=time.time(),
+            world_size=world_size,
+            files=files,
+            metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
+            versions=library_versions(),
+        )
+        publish.publish(written, target, manifest, level=LEVEL, latest=True, events=events)
+    except OSError as exc:
+        what = "could not make the written files durable"
+        raise from_os_error(WriteError, what, exc, path=staging, step=step) from exc
+    except ValueError as exc:  # a link or special file among the written ones
+        raise WriteError(str(exc), path=staging, step=step) from exc
+    events.emit("save", step=step, path=target, bytes=manifest.total_bytes, seconds=time.monotonic() - started)
+    return target
+
+
+def next_sequence(run_dir: Path) -> int:
+    """One more than the highest save sequence in `run_dir`, so a new save is the newest."""
+    return max((c.sequence for c in discovery.discover(run_dir)), default=0) + 1
+
+
+def rotate(run_dir: Path, keep_last: int | None, protected: frozenset[str] = frozenset()) -> None:
+    """Delete the oldest valid checkpoints beyond `keep_last` (never the newest or a `protected` name).
+
+    Runs after a commit, on the primary rank: a failed delete is logged, never a failed save.
+    """
+    if keep_last is None or keep_last < 1:
+        return
+    pruner = Pruner(run_dir, retention.RetentionPolicy(keep_last=keep_last), EventLog(run_dir), primary=True)
+    pruner.protected = set(protected)
+    try:
+        pruner.prune(discovery.discover(run_dir))
+    except OSError as exc:
+        log.warning("could not rotate old checkpoints in %s: %s", run_dir, exc)
+
+
+def newest_verified(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint in `run_dir` that passes full verification, or None; skipped ones are logged."""
+    for c in discovery.newest_first(discovery.discover(Path(run_dir))):
+        report = verify_checkpoint(c.path, LEVEL)
+        if report.ok:
+            return c.path
+        log.warning("not resuming from %s: %s", c.path, report.reason)
+    return None
+
+
+def require_verified(path: str | Path) -> Path:
+    """`path` if every byte of it matches its manifest; CorruptCheckpointError naming the problem otherwise."""
+    report = verify_checkpoint(Path(path), LEVEL)
+    if not report.ok:
+        raise CorruptCheckpointError(f"refusing to load an unverified checkpoint ({report.reason})", path=path)
+    return Path(path)

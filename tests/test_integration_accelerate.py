@@ -1,0 +1,82 @@
+"""The Accelerate integration, with the real Accelerator on a tiny Llama on CPU.
+
+Each hazard is shown first with Accelerate's own ``save_state``/``load_state`` (same model, same
+data, same fault), then shown gone with ckptguard's companions.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckptguard.errors import CorruptCheckpointError, WriteError
+from faultkit import Filler, committed_steps, flip_bit, tmpfs
+from integrationkit import TORN_STEP, accelerate_run
+from integrationranks import random_kill_trials
+
+pytest.importorskip("accelerate")
+
+from ckptguard.integrations.accelerate import load_state
+
+KILL_TRIALS = int(os.environ.get("CKPTGUARD_KILL_TRIALS", "8"))
+
+
+def _weights(acc) -> dict[str, torch.Tensor]:
+    return acc.unwrap_model(acc._models[0]).state_dict()
+
+
+def test_plain_accelerate_deletes_before_saving_and_resumes_into_an_empty_checkpoint(integration_harness, tmp_path):
+    """The hazard: automatic naming deletes the oldest checkpoint first; a kill leaves an empty newest one."""
+    trial = integration_harness.trial(tmp_path, 120.0, saver="accelerate_plain_torn")
+    assert trial.killed and trial.saved == [1, 2]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_1", "checkpoint_2"]  # _0 already deleted
+    assert not any((checkpoints / "checkpoint_2").iterdir())
+    with pytest.raises(FileNotFoundError, match="checkpoint_2"):
+        accelerate_run(tmp_path, guarded=False, max_steps=0)  # load_state() picks the empty checkpoint_2
+
+
+def test_same_kill_with_ckptguard_resumes_the_newest_verified_checkpoint_and_its_counter(integration_harness, tmp_path):
+    trial = integration_harness.trial(tmp_path, 120.0, saver="accelerate_guarded_torn")
+    assert trial.killed and trial.saved == [1, 2]
+    assert not (tmp_path / f"checkpoint-{TORN_STEP}").exists()
+    acc = accelerate_run(tmp_path, guarded=True, max_steps=0)
+    assert acc.save_iteration == 2, "Accelerate's save counter continues after the loaded checkpoint"
+    assert not any(p.name.startswith(".staging-") for p in tmp_path.iterdir())
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    live = _weights(acc)
+    assert all(torch.equal(live[k], v) for k, v in saved.items())
+
+
+def test_random_kills_then_load_state_lands_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    killed, resumed = random_kill_trials(integration_harness, tmp_path, "accelerate_saver", KILL_TRIALS, (0.2, 0.9))
+    assert killed == KILL_TRIALS and resumed >= 1
+
+
+def test_bit_flip_plain_load_state_takes_it_ckptguard_refuses_it(tmp_path):
+    plain, guarded = tmp_path / "plain", tmp_path / "guarded"
+    accelerate_run(plain, guarded=False, max_steps=2)
+    accelerate_run(guarded, guarded=True, max_steps=2)
+    flip_bit(plain / "checkpoints" / "checkpoint_1" / "model.safetensors", -5)
+    flip_bit(guarded / "checkpoint-2" / "model.safetensors", -5)
+    acc = accelerate_run(plain, guarded=False, max_steps=0)  # the hazard: loads the flipped weights silently
+    assert acc.save_iteration == 0, "and Accelerate's own load_state does not restore its save counter"
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors") as caught:
+        load_state(acc, guarded, guarded / "checkpoint-2")
+    assert caught.value.path == str(guarded / "checkpoint-2")
+    assert load_state(acc, guarded) == guarded / "checkpoint-1", "auto-resume skips to the previous one"
+
+
+def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path):
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        out, filler = disk / "run", Filler(disk)
+        with pytest.raises(WriteError) as caught:
+            accelerate_run(out, guarded=True, max_steps=4, after_save=lambda s: s == 2 and filler.leave_bytes(64 << 10))
+        assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
+        assert committed_steps(out) == [1, 2]
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
+        assert (out / "LATEST").read_text().strip() == "checkpoint-2"

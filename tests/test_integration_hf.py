@@ -1,0 +1,150 @@
+"""The Hugging Face Trainer integration, with the real transformers Trainer on a tiny Llama on CPU.
+
+Each hazard is shown first on a plain ``Trainer`` (same model, same data, same fault), then shown
+gone with ``CheckpointGuardMixin``: a real SIGKILL in the middle of a save, random kills, a bit
+flip, and a real full tmpfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckptguard import verify_checkpoint
+from ckptguard.errors import CorruptCheckpointError, UnsupportedStateError, WriteError
+from faultkit import Filler, committed_steps, flip_bit, tmpfs
+from integrationkit import TORN_STEP, hf_trainer, require, resumed_step
+from integrationranks import random_kill_trials
+
+require("hf")
+from transformers import TrainerCallback  # noqa: E402 (after the version check)
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+KILL_TRIALS = int(os.environ.get("CKPTGUARD_KILL_TRIALS", "4"))
+
+
+def test_hook_names_this_integration_overrides_still_exist():
+    """transformers has no public checkpoint hook: if these private names change, fail here, loudly."""
+    from transformers import Trainer
+
+    for name in ("_save_checkpoint", "_get_output_dir", "_save_optimizer_and_scheduler"):
+        assert callable(getattr(Trainer, name, None)), f"transformers.Trainer.{name} is gone: re-pin the hf extra"
+
+
+def test_plain_trainer_resumes_into_a_checkpoint_torn_by_a_kill(integration_harness, tmp_path):
+    """The hazard: a SIGKILL mid-save leaves checkpoint-3 that HF's own resume picks and cannot load."""
+    trial = integration_harness.trial(tmp_path, 120.0, saver="hf_plain_torn")
+    assert trial.killed and trial.saved == [1, 2]
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / f"checkpoint-{TORN_STEP}")
+    with pytest.raises(FileNotFoundError, match=r"trainer_state\.json"):
+        hf_trainer(tmp_path, guarded=False, max_steps=5).train(resume_from_checkpoint=True)
+
+
+def test_same_kill_with_ckptguard_resumes_from_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    trial = integration_harness.trial(tmp_path, 120.0, saver="hf_guarded_torn")
+    assert trial.killed and trial.saved == [1, 2]
+    assert not (tmp_path / f"checkpoint-{TORN_STEP}").exists(), "a torn save must never appear under its name"
+    assert any(p.name.startswith(".staging-") for p in tmp_path.iterdir())
+    trainer = hf_trainer(tmp_path, max_steps=2)  # resume only: nothing left to train
+    assert resumed_step(trainer, True) == 2
+    assert not any(p.name.startswith(".staging-") for p in tmp_path.iterdir()), "the killed save's staging is removed"
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(trainer.resumed_weights[k], v) for k, v in saved.items())
+
+
+def test_random_kills_then_resume_lands_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    """Each trial resumes with resume_from_checkpoint=True where the last one was killed at a random instant."""
+    killed, resumed = random_kill_trials(integration_harness, tmp_path, "hf_saver", KILL_TRIALS, (1.0, 3.0))
+    assert killed == KILL_TRIALS and resumed >= 1
+
+
+def test_bit_flip_plain_trainer_loads_it_silently_ckptguard_refuses_it(tmp_path):
+    plain, guarded = tmp_path / "plain", tmp_path / "guarded"
+    for out, is_guarded in ((plain, False), (guarded, True)):
+        hf_trainer(out, guarded=is_guarded, max_steps=2).train()
+        weights = out / "checkpoint-2" / "model.safetensors"
+        flip_bit(weights, -5)  # inside the last tensor's data
+    trainer = hf_trainer(plain, guarded=False, max_steps=2)
+    assert resumed_step(trainer, True) == 2  # the hazard: flipped weights loaded without a word
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors") as caught:
+        hf_trainer(guarded, max_steps=2).train(resume_from_checkpoint=str(guarded / "checkpoint-2"))
+    assert caught.value.path == str(guarded / "checkpoint-2")
+    assert resumed_step(hf_trainer(guarded, max_steps=2), True) == 1, "auto-resume skips to the previous one"
+
+
+class FillDiskAfter(TrainerCallback):
+    """Leaves `free` bytes on the disk once step `step` is saved, so the next save runs out mid-write."""
+
+    def __init__(self, filler: Filler, step: int, free: int) -> None:
+        self.filler, self.step, self.free = filler, step, free
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.filler.leave_bytes(self.free)
+
+
+def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path):
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        out = disk / "run"
+        trainer = hf_trainer(out, max_steps=4, callbacks=[FillDiskAfter(Filler(disk), 2, 64 << 10)])
+        with pytest.raises(WriteError) as caught:
+            trainer.train()
+        assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith((".staging", "checkpoint"))) == [
+            "checkpoint-1",
+            "checkpoint-2",
+        ]
+        assert committed_steps(out) == [1, 2]
+        assert (out / "LATEST").read_text().strip() == "checkpoint-2"
+
+
+def test_full_disk_plain_trainer_leaves_a_checkpoint_its_resume_picks(tmp_path):
+    """The hazard on the same disk: the failed save stays as checkpoint-3, the one HF's resume would take."""
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        out = disk / "run"
+        trainer = hf_trainer(out, guarded=False, max_steps=4, callbacks=[FillDiskAfter(Filler(disk), 2, 64 << 10)])
+        with pytest.raises(Exception, match="No space left on device"):
+            trainer.train()
+        assert get_last_checkpoint(str(out)) == str(out / "checkpoint-3")
+        assert not (out / "checkpoint-3" / "trainer_state.json").exists()
+
+
+def test_sigterm_jit_checkpoint_is_committed_and_verified(integration_harness, tmp_path):
+    """HF's JIT save pre-creates checkpoint-N with a sentinel file; the committed checkpoint replaces it cleanly."""
+    trial = integration_harness.trial(tmp_path, 120.0, saver="hf_jit_saver")
+    assert trial.error is None and not trial.killed, trial
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("checkpoint-", ".staging", ".trash")))
+    assert len(names) == 1 and names[0].startswith("checkpoint-"), names
+    checkpoint = tmp_path / names[0]
+    assert verify_checkpoint(checkpoint).ok and not (checkpoint / "checkpoint-is-incomplete.txt").exists()
+    step = int(names[0].split("-")[1])
+    assert step > 2
+    assert resumed_step(hf_trainer(tmp_path, max_steps=step), True) == step
+
+
+def test_best_model_checkpoint_names_the_final_directory_and_rotation_keeps_it(tmp_path):
+    """HF computes best_model_checkpoint during the save, that is inside staging: it must name the final path."""
+    trainer = hf_trainer(
+        tmp_path, evaluate=True, max_steps=5, save_total_limit=2, eval_strategy="steps", eval_steps=1,
+        metric_for_best_model="loss", greater_is_better=True, load_best_model_at_end=True,
+    )  # fmt: skip
+    trainer.train()  # load_best_model_at_end loads from best_model_checkpoint: a staging path would fail here
+    best = trainer.state.best_model_checkpoint
+    assert best == str(tmp_path / f"checkpoint-{trainer.state.best_global_step}")
+    assert verify_checkpoint(best).ok
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == sorted({"checkpoint-4", "checkpoint-5", Path(best).name}), "the newest 2 and the best"
+    recorded = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert recorded == best
+
+
+def test_save_on_each_node_is_refused_before_training(tmp_path):
+    with pytest.raises(UnsupportedStateError, match="save_on_each_node"):
+        hf_trainer(tmp_path, save_on_each_node=True).train()
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -1,0 +1,104 @@
+"""The Lightning integration, with the real Lightning Trainer on a tiny Llama on CPU.
+
+The hazard is shown first with Lightning's own CheckpointIO (same model, same data, same fault),
+then shown gone with VerifiedCheckpointIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from ckptguard import verify_checkpoint
+from ckptguard.errors import CorruptCheckpointError, WriteError
+from faultkit import Filler, flip_bit, tmpfs
+from integrationkit import lightning_run
+
+pytest.importorskip("lightning")
+
+from ckptguard.integrations.lightning import newest_verified_ckpt
+
+KILL_TRIALS = int(os.environ.get("CKPTGUARD_KILL_TRIALS", "6"))
+
+
+def _step(checkpoint) -> int:
+    report = verify_checkpoint(checkpoint)
+    assert report.ok and report.manifest is not None, report.reason
+    return report.manifest.step
+
+
+def test_bit_flip_plain_lightning_resumes_it_silently_verified_io_refuses_it(tmp_path):
+    plain, guarded = tmp_path / "plain", tmp_path / "guarded"
+    lightning_run(plain, guarded=False, max_steps=2)
+    lightning_run(guarded, guarded=True, max_steps=2)
+    flip_bit(plain / "last.ckpt", -2000)
+    assert lightning_run(plain, guarded=False, max_steps=2).global_step == 2  # the hazard: loaded, not a word
+    flip_bit(guarded / "last.ckpt" / "checkpoint.pt", -2000)
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.pt"):
+        VerifiedCheckpointIO().load_checkpoint(guarded / "last.ckpt")
+    assert newest_verified_ckpt(guarded) == str(guarded / "epoch=0-step=2.ckpt"), "the intact copy of step 2"
+
+
+def test_random_kills_then_resume_lands_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    rng = random.Random(5)
+    for _ in range(KILL_TRIALS):
+        newest = newest_verified_ckpt(tmp_path)
+        expected = _step(newest) if newest else 0
+        trial = integration_harness.trial(tmp_path, rng.uniform(0.3, 1.5), saver="lightning_saver")
+        assert trial.error is None, trial.error
+        # start None: killed while it started up (a loaded machine), before it resumed anything
+        assert trial.start in (None, expected), f"resumed at {trial.start}, {newest} is the newest verified"
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".ckpt" and not verify_checkpoint(p).ok]
+
+
+def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path):
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        out, filler = disk / "run", Filler(disk)
+
+        def fill(step: int) -> None:
+            if step == 2:
+                while any(p.name.startswith(".trash-") for p in out.iterdir()):  # the replaced last.ckpt, freeing
+                    time.sleep(0.01)
+                filler.leave_bytes(64 << 10)
+
+        with pytest.raises(WriteError) as caught:
+            lightning_run(out, guarded=True, max_steps=4, after_save=fill)
+        assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("events", "LATEST"))) == [
+            "epoch=0-step=1.ckpt",
+            "epoch=0-step=2.ckpt",
+            "last.ckpt",
+        ]
+        assert _step(out / "last.ckpt") == 2
+
+
+def test_removal_waits_for_the_save_in_flight_and_keeps_the_old_one_if_it_failed(tmp_path):
+    """What AsyncCheckpointIO does: submit the new save, then at once remove the previous checkpoint."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    io = VerifiedCheckpointIO()
+    old, new = tmp_path / "epoch=0-step=1.ckpt", tmp_path / "epoch=0-step=2.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.zeros(4)}, old)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(io.save_checkpoint, {"global_step": 2, "w": torch.ones(16 << 20)}, new)
+        time.sleep(0.02)  # the save is under way
+        io.remove_checkpoint(old)
+        assert verify_checkpoint(new).ok, "the previous checkpoint was removed before the newer one was committed"
+        pending.result()
+    assert not old.exists()
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        kept = disk / "epoch=0-step=2.ckpt"
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(4)}, kept)
+        with pytest.raises(WriteError):
+            io.save_checkpoint({"global_step": 3, "w": torch.ones(4 << 20)}, disk / "epoch=0-step=3.ckpt")
+        io.remove_checkpoint(kept)
+        assert verify_checkpoint(kept).ok, "the only good checkpoint was removed after the newer save failed"
