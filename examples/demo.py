@@ -51,17 +51,23 @@ def main() -> int:
     if RUN_DIR.exists():
         say(f"removing the previous demo run in {RUN_DIR}")
         shutil.rmtree(RUN_DIR)
+    code = kill_resume_and_list("checkpoint-100", TRAIN, RUN_DIR, start)
+    print(f"run report (open in a browser): {(RUN_DIR / REPORT_NAME).absolute()}", flush=True)
+    return code
+
+
+def kill_resume_and_list(after: str, train: list[str], run_dir: Path, start: float) -> int:
+    """The demo's story: train, SIGKILL a random moment after `after` is committed, resume, list."""
     delay = random.uniform(0.5, 4.0)
-    say(f"training; {delay:.1f} s after checkpoint-100 is committed, the trainer gets SIGKILL")
-    train_until_killed("checkpoint-100", delay)
+    say(f"training; {delay:.1f} s after {after} is committed, the trainer gets SIGKILL")
+    train_until_killed(after, delay, train, run_dir)
     say("SIGKILL sent: the process is gone without any cleanup, maybe mid-save. Running the same command again")
-    resumed = subprocess.run(TRAIN, check=False)
+    resumed = subprocess.run(train, check=False)
     if resumed.returncode != 0:
         return resumed.returncode
-    say(f"ckptguard ls {RUN_DIR}")
-    listed = subprocess.run([sys.executable, "-m", "ckptguard.cli", "ls", str(RUN_DIR)], check=False)
+    say(f"ckptguard ls {run_dir}")
+    listed = subprocess.run([sys.executable, "-m", "ckptguard.cli", "ls", str(run_dir)], check=False)
     say(f"demo finished in {time.perf_counter() - start:.0f} s")
-    print(f"run report (open in a browser): {(RUN_DIR / REPORT_NAME).absolute()}", flush=True)
     return listed.returncode
 
 

@@ -10,15 +10,13 @@
 
 from __future__ import annotations
 
-import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ckptguard.train.higgs.synthetic import write_dataset
-from demo import say, train_until_killed
+from demo import kill_resume_and_list, say
 
 DATA_DIR = Path("runs/higgs-data")
 RUN_DIR = Path("runs/higgs-demo")
@@ -42,17 +40,7 @@ def main() -> int:
             say(f"removing {old} from a previous demo")
             shutil.rmtree(old)
     say(f"writing the seeded synthetic data set: {write_dataset(DATA_DIR, records=96, seed=0)}")
-    delay = random.uniform(0.5, 4.0)
-    say(f"training; {delay:.1f} s after checkpoint-50 is committed, the trainer gets SIGKILL")
-    train_until_killed("checkpoint-50", delay, TRAIN, RUN_DIR)
-    say("SIGKILL sent: the process is gone without any cleanup, maybe mid-save. Running the same command again")
-    resumed = subprocess.run(TRAIN, check=False)
-    if resumed.returncode != 0:
-        return resumed.returncode
-    say(f"ckptguard ls {RUN_DIR}")
-    listed = subprocess.run([sys.executable, "-m", "ckptguard.cli", "ls", str(RUN_DIR)], check=False)
-    say(f"demo finished in {time.perf_counter() - start:.0f} s")
-    return listed.returncode
+    return kill_resume_and_list("checkpoint-50", TRAIN, RUN_DIR, start)
 
 
 if __name__ == "__main__":
