@@ -5,6 +5,9 @@ for a free port and nothing listens on any other address. Being a separate proce
 really stopped (SIGKILL: every connection drops, as when an endpoint goes away mid-upload).
 Loaded by conftest as a plugin, so one server serves the whole session (``s3_server``) and every
 test gets a bucket of its own (``remote``); a test that stops a server starts its own.
+A server can also sit behind a slow link (``S3Server(upload_bytes_per_s=...)``): a relay in the
+server's process passes request bytes on at that rate, so a test can kill a writer while a large
+upload is surely still in flight, however loaded the machine is.
 Tests reach it exactly as users reach theirs: through AWS_ENDPOINT_URL and the AWS_* credential
 variables, no code. moto does not check client checksums, so any bytes a test writes directly
 (``tamper``) are stored as given, as a damaged object would be.
@@ -12,10 +15,14 @@ variables, no code. moto does not check client checksums, so any bytes a test wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +36,14 @@ HOST = "127.0.0.1"
 class S3Server:
     """One moto server process on 127.0.0.1 with a port of its choosing."""
 
-    def __init__(self) -> None:
+    def __init__(self, upload_bytes_per_s: int = 0) -> None:
         pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (pip install -e '.[test]')")
         pytest.importorskip("boto3", reason="the s3 tests need boto3 (pip install -e '.[s3]')")
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            [sys.executable, __file__, "serve", str(upload_bytes_per_s)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline().strip()
@@ -129,7 +139,34 @@ def child_env(server: S3Server) -> dict[str, str]:
     return env
 
 
-def _serve() -> None:
+def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int) -> None:
+    """Copy src to dst until either side closes, at most `bytes_per_s` (0: unthrottled)."""
+    with contextlib.suppress(OSError):
+        while data := src.recv(64 << 10):
+            dst.sendall(data)
+            if bytes_per_s:
+                time.sleep(len(data) / bytes_per_s)
+    for sock in (src, dst):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _relay(upstream_port: int, bytes_per_s: int) -> int:
+    """Listen on HOST and relay every connection to moto, requests throttled. Returns the port."""
+    listener = socket.create_server((HOST, 0))
+
+    def accept() -> None:
+        while True:
+            client, _ = listener.accept()
+            server = socket.create_connection((HOST, upstream_port))
+            threading.Thread(target=_pipe, args=(client, server, bytes_per_s), daemon=True).start()
+            threading.Thread(target=_pipe, args=(server, client, 0), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def _serve(upload_bytes_per_s: int) -> None:
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -137,9 +174,10 @@ def _serve() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     server.start()
-    print(server.get_host_and_port()[1], flush=True)
+    port = server.get_host_and_port()[1]
+    print(_relay(port, upload_bytes_per_s) if upload_bytes_per_s else port, flush=True)
     server._thread.join()  # type: ignore[union-attr]  # serves until killed
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
-    _serve()
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    _serve(int(sys.argv[2]))

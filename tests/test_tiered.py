@@ -41,13 +41,15 @@ def wait_for(predicate, what: str, timeout: float = 30.0) -> None:  # type: igno
 
 
 def test_sigkill_mid_upload_leaves_nothing_committed_and_resume_finds_the_newest_committed(
-    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    use_server(monkeypatch, s3_server)
-    remote = new_run(s3_server)
+    slow = S3Server(upload_bytes_per_s=2 << 20)  # 48 MiB in 5 MiB parts, 8 at a time: about 5 s per upload
+    request.addfinalizer(slow.stop)
+    use_server(monkeypatch, slow)
+    remote = new_run(slow)
     child = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(tmp_path / "a"), remote.url],
-        env=child_env(s3_server), stdout=subprocess.PIPE, text=True,
+        env=child_env(slow), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "uploading"
@@ -76,7 +78,7 @@ def test_sigkill_mid_upload_leaves_nothing_committed_and_resume_finds_the_newest
 def test_server_killed_mid_upload_is_typed_keeps_the_local_checkpoint_and_is_raised_at_the_next_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = S3Server()  # its own: this test kills it
+    server = S3Server(upload_bytes_per_s=2 << 20)  # its own: this test kills it, mid-upload (about 5 s each)
     try:
         use_server(monkeypatch, server)
         remote = new_run(server)
