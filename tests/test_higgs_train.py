@@ -22,6 +22,7 @@ from ckptguard.train.config import config_from_dict
 from ckptguard.train.export import _saved_config
 from ckptguard.train.higgs.backend import HiggsAudioBackend
 from higgs_kit import tiny_higgs
+from trainkit import signal_at
 
 
 def _losses(stdout: str) -> list[float]:
@@ -150,23 +151,7 @@ def test_preflight_estimate_covers_a_real_higgs_checkpoint(trained: Path, higgs_
 
 def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path: Path, higgs_data: Path) -> None:
     args = tiny_higgs(higgs_data, tmp_path / "run", "checkpoint.save_every=100", steps=40)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "ckptguard.train", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:
-            if line.startswith("step 2/"):
-                child.send_signal(signal.SIGTERM)
-                break
-        text = child.communicate(timeout=120)[0]
-    finally:
-        child.kill()
-    assert child.returncode == 75, text
+    returncode, text = signal_at(args, "step 2/", signal.SIGTERM)
+    assert returncode == 75, text
     stopped = int(text.split("stopped by SIGTERM: step ")[1].split("/")[0])
     assert (tmp_path / "run" / f"checkpoint-{stopped}" / "adapter_model.safetensors").is_file() and stopped < 40

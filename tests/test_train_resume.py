@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptguard.cli import main
+from trainkit import signal_at
 
 MAX_STEPS = 40
 
@@ -154,19 +155,8 @@ def test_sigterm_saves_at_the_next_step_and_exits_75_then_resume_finishes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "ckptguard.train", *tiny(out, "checkpoint.save_every=100")]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:
-            if line.startswith("step 3/"):
-                child.send_signal(signal.SIGTERM)
-                break
-        text = child.communicate(timeout=120)[0]
-    finally:
-        child.kill()
-    assert child.returncode == 75, text
+    returncode, text = signal_at(tiny(out, "checkpoint.save_every=100"), "step 3/", signal.SIGTERM)
+    assert returncode == 75, text
     stopped = int(text.split("stopped by SIGTERM: step ")[1].split("/")[0])
     assert (out / f"checkpoint-{stopped}").is_dir() and stopped < MAX_STEPS
 

@@ -7,42 +7,20 @@ one aborts at once (exit 130) without a traceback; a SIGTERM before step 1 stops
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from ckptguard import CheckpointManager
 from test_train_resume import tiny
+from trainkit import finish, read_until, start_train
 
 # 100 micro-batches a step: a step lasts long enough to press Ctrl-C twice within it.
 LONG_STEPS = ("checkpoint.save_every=100", "train.grad_accum=100", "train.eval_every=100")
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ckptguard.train", *tiny(out, *extra)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def read_until(child: subprocess.Popen[str], text: str) -> str:
-    """The child's output up to and including the first line holding `text`."""
-    assert child.stdout is not None
-    seen = []
-    for line in child.stdout:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    child.wait(timeout=60)
-    raise AssertionError(f"the trainer ended (rc={child.returncode}) before printing {text!r}:\n{''.join(seen)}")
-
-
-def finish(child: subprocess.Popen[str], timeout: float) -> str:
-    try:
-        return child.communicate(timeout=timeout)[0]
-    finally:
-        child.kill()
+    return start_train(tiny(out, *extra), threads=1)
 
 
 def valid_steps(out: Path) -> list[int]:
