@@ -213,12 +213,13 @@ class ObjectStore:
             if code in ("NoSuchBucket", "404"):  # HEAD replies carry no body, so no code: 404 is the bucket
                 raise BucketNotFoundError(f"{what}: the bucket {self.url.bucket!r} does not exist", path=where) from exc
             if code in _AUTH_CODES or status == 403:
+                why = f"{code}: {error.get('Message', '')}"
                 raise RemoteAuthError(
-                    f"{what}: access refused ({code}: {error.get('Message', '')})", path=where
+                    f"{what}: the credentials were refused on bucket {self.url.bucket!r} ({why})", path=where
                 ) from exc
             raise RemoteError(f"{what}: {code or status} {error.get('Message', '')}".rstrip(), path=where) from exc
         except NoCredentialsError as exc:
-            raise RemoteAuthError(f"{what}: no credentials found", path=where) from exc
+            raise RemoteAuthError(f"{what}: no credentials found for bucket {self.url.bucket!r}", path=where) from exc
         except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError) as exc:
             raise EndpointUnreachableError(f"{what}: the endpoint cannot be reached ({exc})", path=where) from exc
         except (RemoteError, PreconditionFailed, FileNotFoundError):
