@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -175,22 +176,72 @@ def test_a_bad_remote_location_is_a_value_error_before_anything_is_created(
     assert list(tmp_path.iterdir()) == []
 
 
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=4"]
+TINY += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
+
+
+def train(*overrides: str) -> int:
+    from ckptguard.cli import main
+
+    return main(["train", *[a for kv in [*TINY, *overrides] for a in ("--set", kv)]])
+
+
 def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_from_it(
     tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ckptguard.cli import main
-
-    tiny = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=4"]
-    tiny += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
-    tiny += [f"checkpoint.remote={remote.url}", "checkpoint.remote_keep_last=1"]
-
-    def train(out: str, steps: int) -> int:
-        extra = [f"checkpoint.output_dir={tmp_path / out}", f"train.max_steps={steps}"]
-        return main(["train", *[a for kv in tiny + extra for a in ("--set", kv)]])
-
-    assert train("first", 10) == 0  # saves at 5 and 10
+    bucket = [f"checkpoint.remote={remote.url}", "checkpoint.remote_keep_last=1"]
+    assert train(*bucket, f"checkpoint.output_dir={tmp_path / 'first'}", "train.max_steps=10") == 0  # saves 5, 10
     committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
     assert committed == ["checkpoint-10"]  # remote retention: the newest one only
     capsys.readouterr()
-    assert train("second", 12) == 0  # an empty output_dir: the run continues from the bucket
+    # an empty output_dir: the run continues from the bucket
+    assert train(*bucket, f"checkpoint.output_dir={tmp_path / 'second'}", "train.max_steps=12") == 0
     assert "resumed from" in capsys.readouterr().out and (tmp_path / "second" / "checkpoint-10").is_dir()
+
+
+def test_trainer_on_an_s3_output_dir_direct_then_tiered_and_export_from_the_bucket(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from ckptguard.cli import main
+
+    out = [f"checkpoint.output_dir={remote.url}", "checkpoint.keep_last=1", "checkpoint.keep_best=0"]
+    direct = ["checkpoint.remote_mode=direct", "train.max_steps=10"]
+    assert train(*out, *direct, f"checkpoint.local_dir={tmp_path / 'a'}") == 0
+    assert "saved s3://" in capsys.readouterr().out
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-10"] and not list((tmp_path / "a").glob("checkpoint-*"))
+    # tiered, its local tier in the cache: resumes from the bucket, saves 15 locally and uploads it
+    assert train(*out, "train.max_steps=15") == 0
+    assert f"resumed from {os.environ['CKPTGUARD_CACHE']}" in capsys.readouterr().out
+    assert "checkpoint-15/COMMITTED" in remote.objects()
+
+    assert main(["export", remote.url, "--out", str(tmp_path / "adapter")]) == 0  # the newest: 15
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "raw.safetensors").write_bytes(remote.read("checkpoint-15/adapter_model.safetensors"))
+    saved = load_file(tmp_path / "raw.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    data = bytearray(remote.read("checkpoint-15/adapter_model.safetensors"))
+    data[-1] ^= 0xFF  # same size: only the hash on download can tell
+    remote.tamper("checkpoint-15/adapter_model.safetensors", bytes(data))
+    capsys.readouterr()
+    assert main(["export", f"{remote.url}/checkpoint-15", "--out", str(tmp_path / "never")]) == 1
+    assert "CorruptCheckpointError" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["checkpoint.output_dir=s3://b/run", "checkpoint.remote=s3://b/run"], "is an s3:// URL already"),
+        (["checkpoint.local_dir=/tmp/x"], "applies to an s3:// checkpoint.output_dir"),
+        (["checkpoint.output_dir=s3://b/r", "checkpoint.remote_mode=direct", "checkpoint.remote_keep_last=2"],
+         "in direct mode checkpoint.keep_last is the bucket's retention"),
+        (["checkpoint.remote_mode=fast"], "expected one of 'tiered', 'direct'"),
+    ],
+)  # fmt: skip
+def test_remote_settings_that_contradict_each_other_are_config_errors(
+    overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(*overrides) == 2
+    assert message in capsys.readouterr().err
