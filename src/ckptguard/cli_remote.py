@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ckptguard import retention
+from ckptguard.discovery import newest_first
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.events import EventLog
 from ckptguard.layout import step_from_name
+from ckptguard.listing import checkpoints_check
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease, holder
 from ckptguard.storage.objectstore import ObjectStore
@@ -56,7 +58,7 @@ def download(url: str, into: Path) -> Path:
     """
     store, name = _locate(url)
     found = remote_publish.discover(store)
-    chosen = [c for c in found if c.name == name] if name is not None else remote_publish.newest_first(found)[:1]
+    chosen = [c for c in found if c.name == name] if name is not None else newest_first(found)[:1]
     if not chosen:
         committed = [c.name for c in found if c.valid]
         raise CheckpointNotFoundError(f"no such checkpoint (committed here: {committed or 'none'})", path=url)
@@ -102,10 +104,4 @@ def doctor(url: str, check: Callable[[str, bool, str], None]) -> None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held[1]))
             check("lease", True, f"{state}: {held[0]}, expiry {when}")
     found = remote_publish.discover(store)
-    invalid = [c for c in found if not c.valid]
-    check(
-        "checkpoints",
-        not invalid,
-        f"{len(found) - len(invalid)} committed, {len(invalid)} invalid or uncommitted"
-        + "".join(f"; {c.name}: {c.reason}" for c in invalid[:3]),
-    )
+    check("checkpoints", *checkpoints_check(found, "committed", "invalid or uncommitted"))

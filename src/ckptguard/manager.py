@@ -268,11 +268,8 @@ class CheckpointManager:
             latest=True, events=self._events,
         ).path  # fmt: skip
         self._pruner.after_save(
-            CheckpointInfo(
-                name=path.name, path=path, step=step, valid=True, bytes=manifest.total_bytes,
-                sequence=manifest.sequence, created=manifest.created, metrics=dict(metrics),
-            )
-        )  # fmt: skip
+            CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))
+        )
         return path
 
     def _manifest(self, step: int, files: dict[str, Any], metrics: dict[str, float]) -> Manifest:

@@ -24,38 +24,31 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
 from ckptguard import publish, writer
+from ckptguard.discovery import Checkpoint
 from ckptguard.errors import CorruptCheckpointError, UploadError
 from ckptguard.events import EventLog
 from ckptguard.layout import MANIFEST_NAME, MARKER_NAME, step_from_name
 from ckptguard.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, ManifestError, parse_json, parse_manifest
 from ckptguard.snapshot import FilePlan
 from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
-from ckptguard.verify import Problem, VerifyReport, hash_mismatch, size_mismatch
+from ckptguard.verify import Problem, VerifyReport, check_listing, hash_mismatch, size_mismatch
 
 MARKER_FORMAT = "ckptguard-commit"
 _MAX_MARKER_BYTES = 4096
 _PARALLEL_FILES = 4
 
 
-@dataclass(frozen=True)
-class RemoteCheckpoint:
-    """One ``checkpoint-{step}/`` prefix in a bucket as discovery sees it (retention's Checkpoint)."""
+@dataclass(frozen=True, kw_only=True)
+class RemoteCheckpoint(Checkpoint):
+    """One ``checkpoint-{step}/`` prefix in a bucket as discovery sees it, with its manifest (to download it)."""
 
-    name: str
     url: str
-    step: int
-    valid: bool
-    reason: str | None = None
-    bytes: int = 0
-    sequence: int = -1
-    created: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
     manifest: Manifest | None = None
 
 
@@ -223,13 +216,8 @@ def _quick(store: ObjectStore, name: str, present: dict[str, int], report: Verif
         return
     if manifest.step != step_from_name(name):
         report.problems.append(Problem(MANIFEST_NAME, f"manifest says step {manifest.step}, the name says {name}"))
-    for relpath in sorted(set(present) - set(manifest.files) - {MANIFEST_NAME, MARKER_NAME}):
-        report.problems.append(Problem(relpath, "unexpected object (not in the manifest)"))
-    for relpath, entry in sorted(manifest.files.items()):
-        if relpath not in present:
-            report.problems.append(Problem(relpath, "missing (listed in the manifest)"))
-        elif present[relpath] != entry.size:
-            report.problems.append(Problem(relpath, size_mismatch(present[relpath], entry)))
+    data_objects = {k: v for k, v in present.items() if k not in (MANIFEST_NAME, MARKER_NAME)}
+    check_listing(report, manifest, data_objects, "object")
 
 
 def discover(store: ObjectStore) -> list[RemoteCheckpoint]:
@@ -238,19 +226,13 @@ def discover(store: ObjectStore) -> list[RemoteCheckpoint]:
     for name, present in sorted(_group(store.list()).items(), key=lambda kv: step_from_name(kv[0]) or 0):
         report = VerifyReport(store.where(name), "quick")
         _quick(store, name, present, report)
-        m = report.manifest
         found.append(
             RemoteCheckpoint(
                 name=name, url=report.path, step=step_from_name(name) or 0, valid=report.ok, reason=report.reason,
-                bytes=m.total_bytes if m else 0, sequence=m.sequence if m else -1, created=m.created if m else 0.0,
-                metrics=dict(m.metrics) if m else {}, manifest=m,
+                manifest=report.manifest, **Checkpoint.facts(report.manifest),
             )
         )  # fmt: skip
     return found
-
-
-def newest_first(found: list[RemoteCheckpoint]) -> list[RemoteCheckpoint]:
-    return sorted((c for c in found if c.valid), key=lambda c: (c.sequence, c.step), reverse=True)
 
 
 class _Discard:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptguard import discovery, publish, retention
+from ckptguard.discovery import Checkpoint
 from ckptguard.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -282,7 +283,7 @@ class RemoteMirror:
 
     def fetch_newer(self, local_sequence: int) -> Path | None:
         """Download the newest remote checkpoint saved after `local_sequence`, skipping damaged ones."""
-        found = remote_publish.newest_first(remote_publish.discover(self.store))
+        found = discovery.newest_first(remote_publish.discover(self.store))
         for c in (c for c in found if c.sequence > local_sequence):
             try:
                 path = remote_publish.download(self.store, c, self.run_dir, self._events)
@@ -316,9 +317,13 @@ def _upload_error(exc: Exception, where: str, step: int, remedy: str | None) -> 
 
 def _as_remote(store: ObjectStore, name: str, manifest: Manifest) -> remote_publish.RemoteCheckpoint:
     return remote_publish.RemoteCheckpoint(
-        name=name, url=store.where(name), step=manifest.step, valid=True, bytes=manifest.total_bytes,
-        sequence=manifest.sequence, created=manifest.created, metrics=dict(manifest.metrics), manifest=manifest,
-    )  # fmt: skip
+        name=name,
+        url=store.where(name),
+        step=manifest.step,
+        valid=True,
+        manifest=manifest,
+        **Checkpoint.facts(manifest),
+    )
 
 
 def _link_aside(checkpoint: Path, files: Mapping[str, Any]) -> Path:
