@@ -8,7 +8,6 @@ does), and the async path (snapshot into reused host buffers, return, persist in
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -21,15 +20,13 @@ from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, WriteError, from_os_error
-from ckptguard.events import EventLog
+from ckptguard.events import EventLog, record_failure
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
 from ckptguard.storage import tiered
 from ckptguard.verify import check_level
-
-log = logging.getLogger("ckptguard")
 
 
 @dataclass(frozen=True)
@@ -50,12 +47,10 @@ class CheckpointManager:
     `expected_bytes` is given, removal of staging leftovers), so an unusable output directory fails
     before the first training step.
 
-    `run_dir` may be an ``s3://bucket/prefix`` URL (or a local directory with ``remote=URL``, the
-    same run): each checkpoint is committed and verified in a local directory as without it, then
-    uploaded in the background; with ``storage_options={"mode": "direct"}`` it goes from memory
-    straight to the bucket instead (:mod:`ckptguard.storage.tiered`). `storage_options` override the
-    AWS environment (endpoint_url, profile, key, secret...) and name the local directory
-    (``local_dir``); `remote_keep_last` is the bucket's retention in tiered mode (None keeps every one).
+    `run_dir` may be an ``s3://bucket/prefix`` URL (or a local directory with ``remote=URL``): each
+    checkpoint is then committed locally and uploaded in the background, or in ``storage_options``
+    ``mode="direct"`` sent from memory to the bucket; see :mod:`ckptguard.storage.tiered` and
+    :data:`ckptguard.storage.objectstore.OPTIONS`. `remote_keep_last`: the bucket's retention when tiered.
     """
 
     def __init__(
@@ -182,8 +177,9 @@ class CheckpointManager:
         local_error: CheckpointError | None,
     ) -> SaveResult:
         """Phases of one save; each ends in agreement between ranks (a no-op on one process)."""
-        if self._tier.direct:
-            return self._persist_direct(step, snap, metrics, start, stall)
+        if self._tier.direct:  # from memory to the bucket, committed there; nothing is written locally
+            url, nbytes = self._tier.save_direct(step, snap.files, lambda files: self._manifest(step, files, metrics))
+            return self._saved(step, url, nbytes, start, stall)
         staging: Path | None = None
         try:
             # 1. rank 0 checks space and creates the staging directory; every rank reports readiness
@@ -209,17 +205,6 @@ class CheckpointManager:
             raise
         self._tier.submit(path)
         return self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
-
-    def _persist_direct(
-        self, step: int, snap: snapshot.Snapshot, metrics: dict[str, float], start: float, stall: float | None
-    ) -> SaveResult:
-        """Direct mode: the files go from memory to the bucket and are committed there; nothing is written locally."""
-        try:
-            url, nbytes = self._tier.save_direct(step, snap.files, lambda files: self._manifest(step, files, metrics))
-        except CheckpointError as exc:
-            self._record_failure("save_failed", exc, step=step)
-            raise
-        return self._saved(step, url, nbytes, start, stall)
 
     def _saved(self, step: int, path: Path | str, nbytes: int, start: float, stall: float | None) -> SaveResult:
         seconds = time.perf_counter() - start
@@ -330,10 +315,7 @@ class CheckpointManager:
         self.close()
 
     def _record_failure(self, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
-        log.error("%s: %s", type(exc).__name__, exc)  # once: the traceback comes with the raise
-        self._events.emit(
-            event, step=step, error=type(exc).__name__, message=str(exc), errno=exc.errno, failed_rank=exc.rank
-        )
+        record_failure(self._events, event, exc, step=step)
 
     # ---- discovery, restore, retention --------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from ckptguard.errors import (
     UploadError,
     VerificationError,
 )
-from ckptguard.events import EventLog
+from ckptguard.events import EventLog, record_failure
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import FileEntry, Manifest, ManifestError, read_manifest
 from ckptguard.snapshot import FilePlan
@@ -218,6 +218,17 @@ class RemoteMirror:
         """
         name = checkpoint_name(step)
         try:
+            manifest = self._send_direct(name, step, plans, make_manifest)
+        except CheckpointError as exc:
+            record_failure(self._events, "save_failed", exc, step=step)
+            raise
+        self._committed(name, manifest, manifest.total_bytes)
+        return self.store.where(name), manifest.total_bytes
+
+    def _send_direct(
+        self, name: str, step: int, plans: list[FilePlan], make_manifest: Callable[[dict[str, FileEntry]], Manifest]
+    ) -> Manifest:
+        try:
             manifest = remote_publish.upload_from_memory(
                 self.store, name, step, plans, make_manifest, before_marker=self._lease.renew, events=self._events
             )
@@ -229,8 +240,7 @@ class RemoteMirror:
         if not report.ok:
             remote_publish.remove(self.store, name)
             raise VerificationError(f"the bucket does not hold what was sent: {report.reason}", path=report.path)
-        self._committed(name, manifest, manifest.total_bytes)
-        return self.store.where(name), manifest.total_bytes
+        return manifest
 
     def _committed(self, name: str, manifest: Manifest, sent: int) -> None:
         self.index[name] = _as_remote(self.store, name, manifest)
