@@ -351,7 +351,7 @@ class LoRARecipe:
             tqdm.write(f"saving checkpoint-{step} in the background (checked at the next save or at the end)")
         else:
             tqdm.write(
-                f"saved {result.path} ({result.bytes / 1024:.0f} KiB, {result.seconds:.2f} s, "
+                f"saved checkpoint-{result.step} ({result.bytes / 1024:.0f} KiB, {result.seconds:.2f} s, "
                 f"verified: {self.cfg.checkpoint.verify})"
             )
 
