@@ -67,6 +67,8 @@ def test_direct_saves_write_no_local_checkpoint_and_a_fresh_machine_resumes_from
     assert restored is not None and restored.step == 3 and restored.metrics == {"loss": 0.25}
     for a, b in zip(state["model"].parameters(), fresh["model"].parameters(), strict=True):
         assert torch.equal(a, b)
+    with CheckpointManager(remote.url, storage_options={**options, "local_dir": str(tmp_path / "c")}) as mgr:
+        assert mgr.restore(fresh, step=2).metrics == {"loss": 0.5}  # type: ignore[union-attr]  # named: fetched
 
 
 def test_sigkill_mid_direct_upload_leaves_nothing_committed_and_resume_takes_the_previous(

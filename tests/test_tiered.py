@@ -245,3 +245,12 @@ def test_remote_settings_that_contradict_each_other_are_config_errors(
 ) -> None:
     assert train(*overrides) == 2
     assert message in capsys.readouterr().err
+
+
+def test_trainer_on_a_missing_bucket_fails_before_step_1_naming_it(
+    remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train("checkpoint.output_dir=s3://no-such-bucket-here/run", "train.max_steps=5") == 1
+    out, err = capsys.readouterr()
+    assert "BucketNotFoundError" in err and "'no-such-bucket-here' does not exist" in err
+    assert "step 1/" not in out

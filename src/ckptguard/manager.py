@@ -347,7 +347,7 @@ class CheckpointManager:
         """
         self._check_usable("restore()")
         self.wait()
-        if step is None and path is None and self._tier.fetch_for_resume(self.run_dir):
+        if path is None and self._tier.fetch_for_resume(step):
             self._pruner.reindex(discovery.discover(self.run_dir))
         names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
         try:

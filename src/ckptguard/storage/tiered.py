@@ -18,9 +18,9 @@ manager then holds a tier: :class:`LocalOnly` (no URL) or a :class:`RemoteMirror
   background thread uploads them. At most one upload is in flight: a second submit waits for it.
 * A failed upload never touches the local checkpoint. It is logged to events.jsonl at once
   (``upload_failed``) and raised by :meth:`raise_failure` at the next save, or by :meth:`close`.
-* :meth:`fetch_newer` on restore: a remote checkpoint newer than anything valid on local disk (a
-  fresh machine) is downloaded, hashed as it arrives, and committed locally; a damaged one is
-  skipped for the previous.
+* :meth:`fetch_for_resume` on restore: a remote checkpoint newer than anything valid on local disk
+  (a fresh machine), or the step asked for, is downloaded, hashed as it arrives, and committed
+  locally; a damaged one is skipped for the previous.
 * Remote retention is its own policy, applied after each upload (marker deleted first).
 * :meth:`RemoteMirror.save_direct` in direct mode, in place of the local write and commit.
 """
@@ -129,7 +129,7 @@ class LocalOnly:
     def submit(self, checkpoint: Path) -> None:
         """Nothing to upload."""
 
-    def fetch_for_resume(self, run_dir: Path) -> bool:
+    def fetch_for_resume(self, step: int | None) -> bool:
         return False
 
     def close(self) -> None:
@@ -286,15 +286,22 @@ class RemoteMirror:
 
     # ---- resume ------------------------------------------------------------------------------------
 
-    def fetch_for_resume(self, run_dir: Path) -> bool:
-        """Before a resume: download the newest remote checkpoint newer than every local one, if any."""
-        local = discovery.newest_first(discovery.discover(run_dir))
-        return self.fetch_newer(local[0].sequence if local else -1) is not None
+    def fetch_for_resume(self, step: int | None) -> bool:
+        """Before a resume: download the newest remote checkpoint newer than every local one, if any.
 
-    def fetch_newer(self, local_sequence: int) -> Path | None:
-        """Download the newest remote checkpoint saved after `local_sequence`, skipping damaged ones."""
+        For an explicit `step`: that checkpoint, when only the bucket has it.
+        """
         found = discovery.newest_first(remote_publish.discover(self.store))
-        for c in (c for c in found if c.sequence > local_sequence):
+        if step is not None:
+            wanted = [c for c in found if c.step == step and not (self.run_dir / c.name).is_dir()]
+        else:
+            local = discovery.newest_first(discovery.discover(self.run_dir))
+            wanted = [c for c in found if c.sequence > (local[0].sequence if local else -1)]
+        return self._fetch_first(wanted) is not None
+
+    def _fetch_first(self, candidates: list[remote_publish.RemoteCheckpoint]) -> Path | None:
+        """Download the first of `candidates` that arrives intact, skipping damaged ones."""
+        for c in candidates:
             try:
                 path = remote_publish.download(self.store, c, self.run_dir, self._events)
             except CorruptCheckpointError as exc:
