@@ -8,6 +8,9 @@ One moto server on 127.0.0.1 (tests/s3kit.py), one checkpoint written by Checkpo
 * upload: ckptguard's upload (every byte hashed on the way, compared with the manifest, then
   manifest and create-only marker) vs boto3's managed ``upload_file`` of the same files, one after
   the other as a script would. Target: ckptguard >= 0.9x boto3.
+* direct save: ``CheckpointManager(url, storage_options={"mode": "direct"}).save`` of the same state
+  (serialized from memory into the objects, hashed as sent, manifest, marker, listing check) vs
+  the same ``upload_file`` of the files a local save wrote (the bytes are identical).
 * download: ckptguard's download (hashed as it arrives, fsynced, committed locally through
   publish, re-verified) vs a plain streamed ``get_object`` of the same objects to files (with and
   without fsync, the durability every local checkpoint gets), and vs boto3's managed
@@ -29,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,15 +49,16 @@ from s3kit import S3Server, new_run  # noqa: E402  (the tests' server kit: one w
 UPLOAD_TARGET = 0.9
 
 
-def make_checkpoint(where: Path, mib: int) -> Path:
-    """A checkpoint of about `mib` MiB: a model of four equal tensors plus AdamW state (so ~1/3 model)."""
+def make_checkpoint(where: Path, mib: int) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint of about `mib` MiB, and its state: four equal tensors plus AdamW state (so ~1/3 model)."""
     per = max(1, mib * 2**20 // 4 // 3 // 4)  # float32 elements per tensor
     model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(per)) for _ in range(4)])
     opt = torch.optim.AdamW(model.parameters())
     sum(p.sum() for p in model).backward()
     opt.step()
+    state = {"model": model, "optimizer": opt}
     with CheckpointManager(where) as mgr:
-        return mgr.save(1, {"model": model, "optimizer": opt}).path
+        return mgr.save(1, state).path, state
 
 
 def timed(fn: Callable[[int], None], i: int) -> float:
@@ -75,7 +80,13 @@ def main() -> int:
         os.environ.update(AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
         runs = [new_run(server, f"run{i}") for i in range(args.repeats)]  # one per repeat: same name each
         run = runs[0]
-        ckpt = make_checkpoint(work / "local", args.mib)
+        ckpt, state = make_checkpoint(work / "local", args.mib)
+        direct = [
+            CheckpointManager(
+                new_run(server, f"direct{i}").url, storage_options={"mode": "direct", "local_dir": str(work / f"d{i}")}
+            )
+            for i in range(args.repeats)
+        ]  # opened (access check, lease) before the clock starts
         manifest = read_manifest(ckpt)
         stores, client = [ObjectStore(r.url) for r in runs], server.client()
         files = sorted(manifest.files)
@@ -87,6 +98,9 @@ def main() -> int:
         def boto_up(i: int) -> None:
             for rel in files:
                 client.upload_file(str(ckpt / rel), run.bucket, f"{prefix}/boto-{i}/{rel}")
+
+        def direct_save(i: int) -> None:
+            direct[i].save(1, state)
 
         def ours_down(i: int) -> None:
             target = work / f"down-{i}"
@@ -115,7 +129,7 @@ def main() -> int:
                 client.download_file(run.bucket, f"{prefix}/boto-0/{rel}", str(target / rel))
             shutil.rmtree(target)
 
-        cases = {"ckptguard upload": ours_up, "boto3 upload_file": boto_up}
+        cases = {"ckptguard upload": ours_up, "boto3 upload_file": boto_up, "ckptguard direct save": direct_save}
         cases |= {"ckptguard download+verify": ours_down, "plain get_object": plain_down}
         cases |= {"plain get_object+fsync": lambda i: plain_down(i, fsync=True)}
         cases |= {"boto3 download_file": managed_down}
@@ -123,6 +137,8 @@ def main() -> int:
         for i in range(args.repeats):
             for name, fn in cases.items():  # interleaved: each repeat runs every case once
                 samples[name].append(timed(fn, i))
+        for mgr in direct:
+            mgr.close()
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -130,6 +146,7 @@ def main() -> int:
     speed = {name: mib / statistics.median(s) for name, s in samples.items()}
     ratios = {
         "upload: ckptguard / boto3 upload_file": speed["ckptguard upload"] / speed["boto3 upload_file"],
+        "direct save: ckptguard / boto3 upload_file": speed["ckptguard direct save"] / speed["boto3 upload_file"],
         "download+verify: ckptguard / plain get_object": speed["ckptguard download+verify"] / speed["plain get_object"],
         "download+verify: ckptguard / plain get_object+fsync": speed["ckptguard download+verify"]
         / speed["plain get_object+fsync"],

@@ -7,7 +7,10 @@ Loaded by conftest as a plugin, so one server serves the whole session (``s3_ser
 test gets a bucket of its own (``remote``); a test that stops a server starts its own.
 A server can also sit behind a slow link (``S3Server(upload_bytes_per_s=...)``): a relay in the
 server's process passes request bytes on at that rate, so a test can kill a writer while a large
-upload is surely still in flight, however loaded the machine is.
+upload is surely still in flight, however loaded the machine is; :meth:`S3Server.cut_link` then
+drops every connection and refuses new ones, while the server and its objects stay for the test to
+inspect (``S3Server.inside``). ``S3Server(auth=True)`` checks every request's signature against the
+users of its own IAM, and the kit's client uses a key it created there; any other key is refused.
 Tests reach it exactly as users reach theirs: through AWS_ENDPOINT_URL and the AWS_* credential
 variables, no code. moto does not check client checksums, so any bytes a test writes directly
 (``tamper``) are stored as given, as a damaged object would be.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -36,29 +40,64 @@ HOST = "127.0.0.1"
 class S3Server:
     """One moto server process on 127.0.0.1 with a port of its choosing."""
 
-    def __init__(self, upload_bytes_per_s: int = 0) -> None:
+    def __init__(self, upload_bytes_per_s: int = 0, *, auth: bool = False) -> None:
         pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (pip install -e '.[test]')")
         pytest.importorskip("boto3", reason="the s3 tests need boto3 (pip install -e '.[s3]')")
+        env = dict(os.environ)
+        if auth:  # the kit's three IAM calls below go unsigned; every request after them is checked
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
         self._proc = subprocess.Popen(
             [sys.executable, __file__, "serve", str(upload_bytes_per_s)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            env=env,
         )
         assert self._proc.stdout is not None
-        line = self._proc.stdout.readline().strip()
-        if not line.isdigit():
+        ports = self._proc.stdout.readline().split()
+        if len(ports) != 2 or not all(p.isdigit() for p in ports):
             self.stop()
-            pytest.fail(f"the moto server did not start (said {line!r})")
-        self.endpoint = f"http://{HOST}:{line}"
+            pytest.fail(f"the moto server did not start (said {ports!r})")
+        self.endpoint = f"http://{HOST}:{ports[0]}"
+        self.inside = f"http://{HOST}:{ports[1]}"  # the server itself, behind the relay (if any)
+        self.key, self.secret = "test", "test"
+        if auth:
+            self.key, self.secret = self._create_user()
 
-    def client(self) -> Any:
+    def _create_user(self) -> tuple[str, str]:
+        """An IAM user allowed everything on S3, and its access key."""
+        import json
+
+        iam = self._boto("iam", self.inside, "unsigned", "unsigned")
+        iam.create_user(UserName="ckptguard-tests")
+        key = iam.create_access_key(UserName="ckptguard-tests")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="ckptguard-tests", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    @staticmethod
+    def _boto(service: str, endpoint: str, key: str, secret: str) -> Any:
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+            service, endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
             region_name="us-east-1",
         )  # fmt: skip
+
+    def client(self) -> Any:
+        """An S3 client of the server itself (past a cut link too)."""
+        return self._boto("s3", self.inside, self.key, self.secret)
+
+    def cut_link(self) -> None:
+        """The relay drops every connection and refuses new ones; the server and its objects stay."""
+        self._proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex((HOST, int(self.endpoint.rpartition(":")[2]))) != 0:
+                    return
+            time.sleep(0.01)
+        raise AssertionError("the relay still accepts connections after cut_link")
 
     def stop(self) -> None:
         """SIGKILL: connections drop mid-request, as when an endpoint goes away."""
@@ -95,8 +134,8 @@ def use_server(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
     """Point the standard AWS variables at `server`, and nothing from ~/.aws at all."""
     for name, value in {
         "AWS_ENDPOINT_URL": server.endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_ACCESS_KEY_ID": server.key,
+        "AWS_SECRET_ACCESS_KEY": server.secret,
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
@@ -113,6 +152,12 @@ def new_run(server: S3Server, name: str = "run") -> RemoteRun:
     return RemoteRun(server, bucket, f"s3://{bucket}/exp/{name}")
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A manager on a URL keeps its local tier in $CKPTGUARD_CACHE: never the user's ~/.cache in tests."""
+    monkeypatch.setenv("CKPTGUARD_CACHE", str(tmp_path_factory.getbasetemp() / f"cache-{secrets.token_hex(4)}"))
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     server = S3Server()
@@ -127,16 +172,52 @@ def remote(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> RemoteRun:
     return new_run(s3_server)
 
 
+@pytest.fixture
+def slow_remote(monkeypatch: pytest.MonkeyPatch) -> Iterator[RemoteRun]:
+    """A run on a server of its own behind a 2 MiB/s-per-connection link (free to cut or stop)."""
+    server = S3Server(upload_bytes_per_s=2 << 20)  # 48 MiB in 5 MiB parts, 8 at a time: about 3-5 s per upload
+    try:
+        use_server(monkeypatch, server)
+        yield new_run(server)
+    finally:
+        server.stop()
+
+
 def child_env(server: S3Server) -> dict[str, str]:
     """The environment for a child process that talks to `server` (as use_server sets it here)."""
     env = dict(os.environ)
     env.update(
-        AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+        AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID=server.key, AWS_SECRET_ACCESS_KEY=server.secret,
         AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
         AWS_EC2_METADATA_DISABLED="true",
         PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
     )  # fmt: skip
     return env
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def kill_writer_mid_upload(remote: RemoteRun, script: str, *args: str) -> float:
+    """Run `script` in a child process; SIGKILL it once the first object of checkpoint-2 is in the bucket.
+
+    `script` prints "uploading" when the upload of checkpoint-2 starts. Returns the time of the kill.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=child_env(remote.server), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "uploading"
+        wait_for(lambda: remote.objects("checkpoint-2/"), "the first object of checkpoint-2")
+        child.kill()
+    finally:
+        child.kill()
+        child.wait()
+    return time.monotonic()
 
 
 def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int) -> None:
@@ -152,16 +233,29 @@ def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int) -> None:
 
 
 def _relay(upstream_port: int, bytes_per_s: int) -> int:
-    """Listen on HOST and relay every connection to moto, requests throttled. Returns the port."""
+    """Listen on HOST and relay every connection to moto, requests throttled. Returns the port.
+
+    SIGUSR1 cuts the link: the listener closes and every open connection is shut down.
+    """
     listener = socket.create_server((HOST, 0))
+    open_sockets: list[socket.socket] = []
 
     def accept() -> None:
-        while True:
-            client, _ = listener.accept()
-            server = socket.create_connection((HOST, upstream_port))
-            threading.Thread(target=_pipe, args=(client, server, bytes_per_s), daemon=True).start()
-            threading.Thread(target=_pipe, args=(server, client, 0), daemon=True).start()
+        with contextlib.suppress(OSError):  # the listener closed: the link is cut
+            while True:
+                client, _ = listener.accept()
+                server = socket.create_connection((HOST, upstream_port))
+                open_sockets.extend((client, server))
+                threading.Thread(target=_pipe, args=(client, server, bytes_per_s), daemon=True).start()
+                threading.Thread(target=_pipe, args=(server, client, 0), daemon=True).start()
 
+    def cut(*_: object) -> None:
+        listener.close()
+        for sock in open_sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    signal.signal(signal.SIGUSR1, cut)
     threading.Thread(target=accept, daemon=True).start()
     return int(listener.getsockname()[1])
 
@@ -175,8 +269,9 @@ def _serve(upload_bytes_per_s: int) -> None:
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     server.start()
     port = server.get_host_and_port()[1]
-    print(_relay(port, upload_bytes_per_s) if upload_bytes_per_s else port, flush=True)
-    server._thread.join()  # type: ignore[union-attr]  # serves until killed
+    print(_relay(port, upload_bytes_per_s) if upload_bytes_per_s else port, port, flush=True)
+    while True:  # serves until killed; the main thread stays free to run the SIGUSR1 handler
+        time.sleep(1)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:

@@ -25,7 +25,7 @@ from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease
 from ckptguard.storage.objectstore import ObjectStore
 from conftest import make_training_state
-from s3kit import RemoteRun
+from s3kit import RemoteRun, S3Server, new_run, use_server
 
 WEIGHTS = "state/model.safetensors"
 
@@ -79,6 +79,22 @@ def test_missing_bucket_unreachable_endpoint_and_no_credentials_are_typed_before
     kinds = [e["error"] for e in read_events(local) if e["event"] == "preflight" and "error" in e]
     assert kinds == ["BucketNotFoundError", "EndpointUnreachableError", "RemoteAuthError"]
     CheckpointManager(local).close()  # each failure released the local lock
+
+
+def test_refused_credentials_are_a_remote_auth_error_naming_the_bucket_before_step_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    server = S3Server(auth=True)  # checks every signature against its own IAM users
+    request.addfinalizer(server.stop)
+    use_server(monkeypatch, server)
+    remote = new_run(server)
+    saved_run(tmp_path, remote, steps=(1,))  # the kit's own key is accepted
+    for variable, value in (("AWS_SECRET_ACCESS_KEY", "not-the-secret"), ("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY")):
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(RemoteAuthError, match=f"credentials were refused on bucket '{remote.bucket}'") as raised:
+            CheckpointManager(remote.url, storage_options={"local_dir": str(tmp_path / "b")})
+        assert raised.value.path == remote.url and "AWS_ACCESS_KEY_ID" in raised.value.remedy
+    assert not list((tmp_path / "b").glob("checkpoint-*"))
 
 
 def test_second_writer_on_a_remote_run_gets_locked_error(tmp_path: Path, remote: RemoteRun) -> None:

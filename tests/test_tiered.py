@@ -1,11 +1,12 @@
-"""Tiered saving under real faults: a writer SIGKILLed mid-upload, the S3 server killed mid-upload."""
+"""A manager on object storage: the s3:// URL form and its local tier, tiered saving under real faults (a
+writer SIGKILLed mid-upload, the S3 server killed mid-upload), and the trainer and export on a bucket."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from ckptguard.errors import LockedError, UploadError
 from ckptguard.events import read_events
 from ckptguard.layout import MARKER_NAME
 from conftest import make_training_state
-from s3kit import RemoteRun, S3Server, child_env, new_run, use_server
+from s3kit import RemoteRun, S3Server, kill_writer_mid_upload, new_run, use_server, wait_for
 
 WEIGHTS = "state/model.safetensors"
 
@@ -33,32 +34,11 @@ time.sleep(60)
 """
 
 
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_sigkill_mid_upload_leaves_nothing_committed_and_resume_finds_the_newest_committed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    tmp_path: Path, slow_remote: RemoteRun
 ) -> None:
-    slow = S3Server(upload_bytes_per_s=2 << 20)  # 48 MiB in 5 MiB parts, 8 at a time: about 5 s per upload
-    request.addfinalizer(slow.stop)
-    use_server(monkeypatch, slow)
-    remote = new_run(slow)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(tmp_path / "a"), remote.url],
-        env=child_env(slow), stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "uploading"
-        wait_for(lambda: remote.objects("checkpoint-2/"), "the first object of upload 2")
-        child.kill()
-    finally:
-        child.kill()
-        child.wait()
-    killed_at = time.monotonic()
+    remote = slow_remote
+    killed_at = kill_writer_mid_upload(remote, _WRITER, str(tmp_path / "a"), remote.url)
     left = remote.objects("checkpoint-2/")
     assert f"checkpoint-2/{WEIGHTS}" not in left  # the 48 MiB object was still in flight
     assert f"checkpoint-2/{MARKER_NAME}" not in left
@@ -152,37 +132,125 @@ def test_async_saves_are_uploaded_after_their_background_commit(tmp_path: Path, 
     assert uploads == [1, 2]
 
 
-def test_a_url_as_run_dir_is_refused_before_anything_is_created(tmp_path: Path, remote: RemoteRun) -> None:
-    os_cwd = Path.cwd()
-    with pytest.raises(ValueError, match="pass a local directory and remote="):
-        CheckpointManager(remote.url)
-    assert not (os_cwd / "s3:").exists()
+def test_a_url_run_keeps_its_local_tier_in_the_cache_and_a_fresh_machine_resumes_from_the_bucket(
+    tmp_path: Path, remote: RemoteRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CKPTGUARD_CACHE", str(tmp_path / "cache"))
+    state = make_training_state(seed=1)
+    with CheckpointManager(remote.url, keep_last=1) as mgr:
+        mgr.save(1, state)
+        result = mgr.save(2, state)
+    local = tmp_path / "cache" / remote.bucket / "exp" / "run"
+    assert mgr.run_dir == local and result is not None and result.path == local / "checkpoint-2"
+    assert sorted(p.name for p in local.glob("checkpoint-*")) == ["checkpoint-2"]  # keep_last: the local tier
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-1", "checkpoint-2"]  # remote_keep_last None: the bucket keeps every one
+    fresh = make_training_state(seed=2)
+    with CheckpointManager(remote.url, storage_options={"local_dir": str(tmp_path / "empty")}) as mgr:
+        restored = mgr.restore(fresh)
+    assert restored is not None and restored.step == 2 and restored.path == tmp_path / "empty" / "checkpoint-2"
+    for a, b in zip(state["model"].parameters(), fresh["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    with CheckpointManager(tmp_path / "other", remote=remote.url) as mgr:  # the remote= form: the same run
+        assert mgr.restore(make_training_state(seed=3)).step == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "kwargs", "message"),
+    [
+        ("s3://b/run", {"remote": "s3://b/run"}, "is a URL already"),
+        ("local", {"remote": "s3://b/run", "storage_options": {"local_dir": "x"}}, "two local directories"),
+        ("local", {"storage_options": {"mode": "direct"}}, "apply to s3:// runs only"),
+        ("s3://b/run", {"storage_options": {"mode": "fast"}}, r"must be one of \('tiered', 'direct'\)"),
+        ("s3://b/run", {"storage_options": {"mode": "direct"}, "remote_keep_last": 2}, "keep_last is the bucket's"),
+        ("local", {"remote": "gs://bucket/run"}, "not an s3:// URL"),
+        ("local", {"remote": "s3://bucket/run", "storage_options": {"endpoint": "x"}}, r"unknown storage_options"),
+    ],
+)
+def test_a_bad_remote_location_is_a_value_error_before_anything_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: str, kwargs: dict[str, Any], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CKPTGUARD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=message):
+        CheckpointManager(run_dir, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=4"]
+TINY += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
+
+
+def train(*overrides: str) -> int:
+    from ckptguard.cli import main
+
+    return main(["train", *[a for kv in [*TINY, *overrides] for a in ("--set", kv)]])
 
 
 def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_from_it(
     tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ckptguard.cli import main
-
-    tiny = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=4"]
-    tiny += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
-    tiny += [f"checkpoint.remote={remote.url}", "checkpoint.remote_keep_last=1"]
-
-    def train(out: str, steps: int) -> int:
-        extra = [f"checkpoint.output_dir={tmp_path / out}", f"train.max_steps={steps}"]
-        return main(["train", *[a for kv in tiny + extra for a in ("--set", kv)]])
-
-    assert train("first", 10) == 0  # saves at 5 and 10
+    bucket = [f"checkpoint.remote={remote.url}", "checkpoint.remote_keep_last=1"]
+    assert train(*bucket, f"checkpoint.output_dir={tmp_path / 'first'}", "train.max_steps=10") == 0  # saves 5, 10
     committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
     assert committed == ["checkpoint-10"]  # remote retention: the newest one only
     capsys.readouterr()
-    assert train("second", 12) == 0  # an empty output_dir: the run continues from the bucket
+    # an empty output_dir: the run continues from the bucket
+    assert train(*bucket, f"checkpoint.output_dir={tmp_path / 'second'}", "train.max_steps=12") == 0
     assert "resumed from" in capsys.readouterr().out and (tmp_path / "second" / "checkpoint-10").is_dir()
 
 
-def test_a_bad_remote_url_or_option_is_a_value_error_before_anything_is_created(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not an s3:// URL"):
-        CheckpointManager(tmp_path / "run", remote="gs://bucket/run")
-    with pytest.raises(ValueError, match=r"unknown storage_options \['endpoint'\]"):
-        CheckpointManager(tmp_path / "run", remote="s3://bucket/run", storage_options={"endpoint": "http://x"})
-    assert not (tmp_path / "run").exists()
+def test_trainer_on_an_s3_output_dir_direct_then_tiered_and_export_from_the_bucket(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from ckptguard.cli import main
+
+    out = [f"checkpoint.output_dir={remote.url}", "checkpoint.keep_last=1", "checkpoint.keep_best=0"]
+    direct = ["checkpoint.remote_mode=direct", "train.max_steps=10"]
+    assert train(*out, *direct, f"checkpoint.local_dir={tmp_path / 'a'}") == 0
+    committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+    assert committed == ["checkpoint-10"] and not list((tmp_path / "a").glob("checkpoint-*"))
+    # tiered, its local tier in the cache: resumes from the bucket, saves 15 locally and uploads it
+    assert train(*out, "train.max_steps=15") == 0
+    assert f"resumed from {os.environ['CKPTGUARD_CACHE']}" in capsys.readouterr().out
+    assert "checkpoint-15/COMMITTED" in remote.objects()
+
+    assert main(["export", remote.url, "--out", str(tmp_path / "adapter")]) == 0  # the newest: 15
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "raw.safetensors").write_bytes(remote.read("checkpoint-15/adapter_model.safetensors"))
+    saved = load_file(tmp_path / "raw.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    data = bytearray(remote.read("checkpoint-15/adapter_model.safetensors"))
+    data[-1] ^= 0xFF  # same size: only the hash on download can tell
+    remote.tamper("checkpoint-15/adapter_model.safetensors", bytes(data))
+    capsys.readouterr()
+    assert main(["export", f"{remote.url}/checkpoint-15", "--out", str(tmp_path / "never")]) == 1
+    assert "CorruptCheckpointError" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["checkpoint.output_dir=s3://b/run", "checkpoint.remote=s3://b/run"], "is an s3:// URL already"),
+        (["checkpoint.local_dir=/tmp/x"], "applies to an s3:// checkpoint.output_dir"),
+        (["checkpoint.output_dir=s3://b/r", "checkpoint.remote_mode=direct", "checkpoint.remote_keep_last=2"],
+         "in direct mode checkpoint.keep_last is the bucket's retention"),
+        (["checkpoint.remote_mode=fast"], "expected one of 'tiered', 'direct'"),
+    ],
+)  # fmt: skip
+def test_remote_settings_that_contradict_each_other_are_config_errors(
+    overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(*overrides) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_trainer_on_a_missing_bucket_fails_before_step_1_naming_it(
+    remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train("checkpoint.output_dir=s3://no-such-bucket-here/run", "train.max_steps=5") == 1
+    out, err = capsys.readouterr()
+    assert "BucketNotFoundError" in err and "'no-such-bucket-here' does not exist" in err
+    assert "step 1/" not in out

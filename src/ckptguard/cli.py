@@ -216,13 +216,7 @@ def _doctor_run(run_dir: Path, check: Any) -> None:
         f"{len(leftovers)} unfinished save(s), removed at the next start" if leftovers else "no unfinished saves",
     )
     found = discovery.discover(run_dir)
-    invalid = [c for c in found if not c.valid]
-    check(
-        "checkpoints",
-        not invalid,
-        f"{len(found) - len(invalid)} valid, {len(invalid)} invalid"
-        + "".join(f"; {c.name}: {c.reason}" for c in invalid[:3]),
-    )
+    check("checkpoints", *listing.checkpoints_check(found, "valid", "invalid"))
     latest = publish.read_latest(run_dir)
     newest = discovery.newest_first(found)
     consistent = newest[0].name == latest if newest else True

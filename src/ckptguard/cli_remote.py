@@ -1,4 +1,4 @@
-"""``ckptguard ls | verify | doctor | prune`` on ``s3://`` URLs: the object-storage side of :mod:`ckptguard.cli`.
+"""``ckptguard ls | verify | doctor | prune | export`` on ``s3://`` URLs: the object-storage side of the CLI.
 
 Credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...), as for
 any S3 tool. Pruning takes the run's lease first, so it never races a writer, and removes each
@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ckptguard import retention
-from ckptguard.errors import CheckpointError
+from ckptguard.discovery import newest_first
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptguard.events import EventLog
 from ckptguard.layout import step_from_name
+from ckptguard.listing import checkpoints_check
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease, holder
 from ckptguard.storage.objectstore import ObjectStore
@@ -32,13 +36,35 @@ def ls_json(url: str) -> tuple[list[remote_publish.RemoteCheckpoint], dict[str, 
     return found, {"url": str(store.url), "checkpoints": rows}
 
 
-def verify_reports(url: str, level: str) -> list[VerifyReport]:
-    """A remote checkpoint (s3://.../checkpoint-N) or every checkpoint of a remote run."""
+def _locate(url: str) -> tuple[ObjectStore, str | None]:
+    """The run of a URL and the checkpoint it names: s3://.../checkpoint-N, or None for a whole run."""
     head, _, last = url.rstrip("/").rpartition("/")
     if step_from_name(last) is not None:
-        return [remote_publish.verify(ObjectStore(head), last, level)]
-    store = ObjectStore(url)
-    return [remote_publish.verify(store, c.name, level) for c in remote_publish.discover(store)]
+        return ObjectStore(head), last
+    return ObjectStore(url), None
+
+
+def verify_reports(url: str, level: str) -> list[VerifyReport]:
+    """A remote checkpoint (s3://.../checkpoint-N) or every checkpoint of a remote run."""
+    store, name = _locate(url)
+    names = [name] if name is not None else [c.name for c in remote_publish.discover(store)]
+    return [remote_publish.verify(store, n, level) for n in names]
+
+
+def download(url: str, into: Path) -> Path:
+    """A remote checkpoint, or the newest committed one of a remote run, downloaded into `into`.
+
+    Every object is hashed as it arrives and compared with the manifest (CorruptCheckpointError naming it).
+    """
+    store, name = _locate(url)
+    found = remote_publish.discover(store)
+    chosen = [c for c in found if c.name == name] if name is not None else newest_first(found)[:1]
+    if not chosen:
+        committed = [c.name for c in found if c.valid]
+        raise CheckpointNotFoundError(f"no such checkpoint (committed here: {committed or 'none'})", path=url)
+    if not chosen[0].valid:
+        raise CorruptCheckpointError(f"not a committed checkpoint: {chosen[0].reason}", path=chosen[0].url)
+    return remote_publish.download(store, chosen[0], into, EventLog(into, enabled=False))
 
 
 def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list[remote_publish.RemoteCheckpoint]:
@@ -78,10 +104,4 @@ def doctor(url: str, check: Callable[[str, bool, str], None]) -> None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held[1]))
             check("lease", True, f"{state}: {held[0]}, expiry {when}")
     found = remote_publish.discover(store)
-    invalid = [c for c in found if not c.valid]
-    check(
-        "checkpoints",
-        not invalid,
-        f"{len(found) - len(invalid)} committed, {len(invalid)} invalid or uncommitted"
-        + "".join(f"; {c.name}: {c.reason}" for c in invalid[:3]),
-    )
+    check("checkpoints", *checkpoints_check(found, "committed", "invalid or uncommitted"))

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ckptguard.errors import CheckpointNotFoundError
 from ckptguard.layout import checkpoint_name, set_aside_kind, step_from_name
+from ckptguard.manifest import Manifest
 from ckptguard.verify import verify_checkpoint
 
 log = logging.getLogger("ckptguard")
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One ``checkpoint-{step}`` directory as discovery sees it."""
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    """One checkpoint as discovery sees it, wherever it lives: valid or why not, and what its manifest says.
+
+    Retention, ``ls`` and resume order work on these fields alone, for directories and buckets alike.
+    """
 
     name: str
-    path: Path
     step: int
     valid: bool
     reason: str | None = None
@@ -33,7 +38,25 @@ class CheckpointInfo:
     sequence: int = -1
     created: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def facts(manifest: Manifest | None) -> dict[str, Any]:
+        """Size, save sequence, time and metrics from a manifest, as keyword arguments (none without one)."""
+        if manifest is None:
+            return {}
+        m = manifest
+        return {"bytes": m.total_bytes, "sequence": m.sequence, "created": m.created, "metrics": dict(m.metrics)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointInfo(Checkpoint):
+    """One ``checkpoint-{step}`` directory as discovery sees it."""
+
+    path: Path
     keep_reasons: tuple[str, ...] = ()
+
+
+C = TypeVar("C", bound=Checkpoint)
 
 
 def discover(run_dir: Path) -> list[CheckpointInfo]:
@@ -48,20 +71,12 @@ def discover(run_dir: Path) -> list[CheckpointInfo]:
         if step is None:
             continue
         report = verify_checkpoint(entry.path, "quick")
-        manifest = report.manifest
         found.append(
             CheckpointInfo(
-                name=entry.name,
-                path=Path(entry.path),
-                step=step,
-                valid=report.ok,
-                reason=report.reason,
-                bytes=manifest.total_bytes if manifest else 0,
-                sequence=manifest.sequence if manifest else -1,
-                created=manifest.created if manifest else 0.0,
-                metrics=dict(manifest.metrics) if manifest else {},
+                name=entry.name, path=Path(entry.path), step=step, valid=report.ok, reason=report.reason,
+                **Checkpoint.facts(report.manifest),
             )
-        )
+        )  # fmt: skip
     return sorted(found, key=lambda c: c.step)
 
 
@@ -113,6 +128,6 @@ def restore_candidates(run_dir: Path, step: int | None, path: str | os.PathLike[
     return [str(c.path) for c in newest_first(found)]
 
 
-def newest_first(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
-    """Valid checkpoints, most recently saved first."""
+def newest_first(checkpoints: Sequence[C]) -> list[C]:
+    """Valid checkpoints, most recently saved first (the highest save sequence: see the module docstring)."""
     return sorted((c for c in checkpoints if c.valid), key=lambda c: (c.sequence, c.step), reverse=True)

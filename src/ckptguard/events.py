@@ -8,13 +8,17 @@ never reads it, so it is not fsynced per line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from ckptguard.errors import CheckpointError
 from ckptguard.layout import EVENTS_NAME
+
+log = logging.getLogger("ckptguard")
 
 
 class EventLog:
@@ -48,6 +52,12 @@ class EventLog:
             pass
         finally:
             os.close(fd)
+
+
+def record_failure(events: EventLog, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
+    """Log a typed error once (its traceback comes with the raise) and append it to the run's events."""
+    log.error("%s: %s", type(exc).__name__, exc)
+    events.emit(event, step=step, error=type(exc).__name__, message=str(exc), errno=exc.errno, failed_rank=exc.rank)
 
 
 def _jsonable(value: Any) -> Any:

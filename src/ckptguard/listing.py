@@ -6,10 +6,11 @@ Which checkpoints exist comes from discovery, why each is kept from the run's ow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ckptguard import retention
-from ckptguard.discovery import CheckpointInfo, SetAside
+from ckptguard.discovery import Checkpoint, CheckpointInfo, SetAside
 from ckptguard.events import read_events
 from ckptguard.units import format_bytes
 
@@ -40,6 +41,13 @@ def keep_reasons(run_dir: Path, found: list[CheckpointInfo]) -> dict[str, list[s
     """Why the run's own retention policy keeps each valid checkpoint (an empty list: it would prune it)."""
     policy, protected = run_policy(run_dir)
     return retention.plan(found, policy, protected)
+
+
+def checkpoints_check(found: Sequence[Checkpoint], valid: str, invalid: str) -> tuple[bool, str]:
+    """`ckptguard doctor`'s checkpoints row: ok when none is invalid; the counts and the first three reasons."""
+    bad = [c for c in found if not c.valid]
+    reasons = "".join(f"; {c.name}: {c.reason}" for c in bad[:3])
+    return not bad, f"{len(found) - len(bad)} {valid}, {len(bad)} {invalid}{reasons}"
 
 
 def ls_rows(

@@ -8,7 +8,6 @@ does), and the async path (snapshot into reused host buffers, return, persist in
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -21,16 +20,13 @@ from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, WriteError, from_os_error
-from ckptguard.events import EventLog
+from ckptguard.events import EventLog, record_failure
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
-from ckptguard.storage.objectstore import check_location, is_remote
-from ckptguard.storage.tiered import RemoteMirror
+from ckptguard.storage import tiered
 from ckptguard.verify import check_level
-
-log = logging.getLogger("ckptguard")
 
 
 @dataclass(frozen=True)
@@ -38,7 +34,7 @@ class SaveResult:
     """A save that ended committed and verified. `stall_seconds` is what the training loop waited."""
 
     step: int
-    path: Path
+    path: Path | str  # the checkpoint's URL in direct-to-remote mode
     bytes: int
     seconds: float
     stall_seconds: float
@@ -51,11 +47,10 @@ class CheckpointManager:
     `expected_bytes` is given, removal of staging leftovers), so an unusable output directory fails
     before the first training step.
 
-    With `remote` (``s3://bucket/prefix``), each checkpoint is committed and verified in `run_dir`
-    as without it, then uploaded in the background (:mod:`ckptguard.storage.tiered`); `run_dir`
-    stays required because that local tier is what makes saves fast and an upload failure harmless.
-    `storage_options` override the AWS environment (endpoint_url, profile, key, secret...);
-    `remote_keep_last` is the remote retention (None keeps every uploaded checkpoint).
+    `run_dir` may be an ``s3://bucket/prefix`` URL (or a local directory with ``remote=URL``): each
+    checkpoint is then committed locally and uploaded in the background, or in ``storage_options``
+    ``mode="direct"`` sent from memory to the bucket; see :mod:`ckptguard.storage.tiered` and
+    :data:`ckptguard.storage.objectstore.OPTIONS`. `remote_keep_last`: the bucket's retention when tiered.
     """
 
     def __init__(
@@ -79,31 +74,28 @@ class CheckpointManager:
         self.policy = retention.RetentionPolicy(keep_last, keep_best, metric, mode, keep_every)
         self.verify_level = check_level(verify)
         self.async_save = async_save
-        if is_remote(run_dir):  # Path() would turn it into a local directory named "s3:"
-            raise ValueError(f"run_dir {run_dir!r} is a URL: pass a local directory and remote={run_dir!r}")
-        self.run_dir = Path(run_dir).absolute()
+        self._coord = Coordinator(timeout_s)
+        # a bad URL or option is a ValueError now, before anything is created or locked
+        self.run_dir, cache, self._remote_spec = tiered.resolve(
+            run_dir, remote, storage_options, self.policy, remote_keep_last, self._coord.world_size
+        )
         preflight.refuse_inside_checkpoint(self.run_dir)  # first: not even a log line goes into a checkpoint
         self.results: list[SaveResult] = []
-        self._create_parents = create_parents
-        self._coord = Coordinator(timeout_s)
+        self._create_parents = create_parents or cache
+        direct = self._remote_spec is not None and self._remote_spec.direct
         self._events = EventLog(self.run_dir, rank=self._coord.rank, enabled=self._coord.is_primary)
         self._lock = preflight.RunLock(self.run_dir)
         self._pruner = Pruner(self.run_dir, self.policy, self._events, primary=self._coord.is_primary)
         self._buffers = snapshot.HostBuffers()
         self._background: BackgroundSaves[SaveResult] = BackgroundSaves()
         self._space_known = expected_bytes is not None
-        self._remote: RemoteMirror | None = None
-        remote_policy = replace(self.policy, keep_last=remote_keep_last)
-        if remote is not None:  # a bad URL or option is a ValueError now, before the lock is taken
-            check_location(remote, storage_options)
-        self._remote_args = (remote, storage_options, remote_policy) if remote is not None else None
-        self._sequence = self._coord.on_primary(lambda: self._preflight(expected_bytes))
+        self._tier: tiered.LocalOnly | tiered.RemoteMirror = tiered.LocalOnly()
+        self._sequence = self._coord.on_primary(lambda: self._preflight(None if direct else expected_bytes))
         try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N
             preflight.probe_every_rank(self.run_dir, self._coord)
         except CheckpointError as exc:
             self._lock.release()
-            if self._remote is not None:
-                self._remote.close()
+            self._tier.close()
             self._record_failure("preflight", exc)
             raise
         self._closed = False
@@ -117,20 +109,14 @@ class CheckpointManager:
                 self.run_dir, self._lock, create_parents=self._create_parents, expected_bytes=expected_bytes,
                 policy=self.policy, events=self._events,
             )  # fmt: skip
+            # endpoint, bucket, credentials and the lease: before step 1 too
+            self._tier = tiered.open_tier(self._remote_spec, self.run_dir, self._events)
         except CheckpointError as exc:
+            self._lock.release()
             self._record_failure("preflight", exc)
             raise
         self._pruner.reindex(found)
-        if self._remote_args is not None:  # endpoint, bucket, credentials and the lease: before step 1 too
-            url, options, remote_policy = self._remote_args
-            try:
-                self._remote = RemoteMirror.open(url, options, self.run_dir, self._events, remote_policy)
-            except CheckpointError as exc:
-                self._lock.release()
-                self._record_failure("preflight", exc)
-                raise
-            return max(self._remote.max_sequence, *(c.sequence for c in found), 0)
-        return max((c.sequence for c in found), default=0)
+        return max(self._tier.max_sequence, *(c.sequence for c in found), 0)
 
     # ---- save ------------------------------------------------------------------------------------
 
@@ -152,8 +138,7 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_INT:
             raise ValueError(f"step must be an int from 0 to 2**63-1, got {step!r}")
         self.wait()
-        if self._remote is not None:
-            self._remote.raise_failure()  # an upload that failed since the last save
+        self._tier.raise_failure()  # an upload that failed since the last save
         blocking = not self.async_save if blocking is None else blocking
         try:
             metrics = snapshot.check_metrics(metrics)
@@ -192,6 +177,9 @@ class CheckpointManager:
         local_error: CheckpointError | None,
     ) -> SaveResult:
         """Phases of one save; each ends in agreement between ranks (a no-op on one process)."""
+        if self._tier.direct:  # from memory to the bucket, committed there; nothing is written locally
+            url, nbytes = self._tier.save_direct(step, snap.files, lambda files: self._manifest(step, files, metrics))
+            return self._saved(step, url, nbytes, start, stall)
         staging: Path | None = None
         try:
             # 1. rank 0 checks space and creates the staging directory; every rank reports readiness
@@ -215,17 +203,17 @@ class CheckpointManager:
                 publish.discard_staging(staging)
             self._record_failure("save_failed", exc, step=step)
             raise
+        self._tier.submit(path)
+        return self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
+
+    def _saved(self, step: int, path: Path | str, nbytes: int, start: float, stall: float | None) -> SaveResult:
         seconds = time.perf_counter() - start
-        result = SaveResult(
-            step, path, sum(e.size for e in merged.values()), seconds, seconds if stall is None else stall
-        )
+        result = SaveResult(step, path, nbytes, seconds, seconds if stall is None else stall)
         self.results.append(result)
         self._events.emit(
             "save", step=step, path=path, bytes=result.bytes, seconds=seconds,
             stall_seconds=result.stall_seconds, verify=self.verify_level, **self._pruner.disk_use(),
         )  # fmt: skip
-        if self._remote is not None:
-            self._remote.submit(path)
         return result
 
     def _begin(
@@ -257,11 +245,7 @@ class CheckpointManager:
         metrics: dict[str, float],
         snap: snapshot.Snapshot,
     ) -> Path:
-        self._sequence += 1
-        manifest = Manifest(
-            step=step, sequence=self._sequence, created=time.time(), world_size=self._coord.world_size,
-            files=files, metrics=metrics, versions=library_versions(),
-        )  # fmt: skip
+        manifest = self._manifest(step, files, metrics)
         deep = self.verify_level == "deep"
         path = publish.publish(
             staging, self.run_dir / checkpoint_name(step), manifest, level=self.verify_level,
@@ -269,12 +253,17 @@ class CheckpointManager:
             latest=True, events=self._events,
         ).path  # fmt: skip
         self._pruner.after_save(
-            CheckpointInfo(
-                name=path.name, path=path, step=step, valid=True, bytes=manifest.total_bytes,
-                sequence=manifest.sequence, created=manifest.created, metrics=dict(metrics),
-            )
-        )  # fmt: skip
+            CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))
+        )
         return path
+
+    def _manifest(self, step: int, files: dict[str, Any], metrics: dict[str, float]) -> Manifest:
+        """The manifest of the next save: its sequence comes after every save before it, here or remote."""
+        self._sequence += 1
+        return Manifest(
+            step=step, sequence=self._sequence, created=time.time(), world_size=self._coord.world_size,
+            files=files, metrics=metrics, versions=library_versions(),
+        )  # fmt: skip
 
     # ---- waiting, errors, closing ------------------------------------------------------------------
 
@@ -298,8 +287,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             try:
-                if self._remote is not None:
-                    self._remote.close()  # waits for the upload in flight, releases the lease, raises a failure
+                self._tier.close()  # waits for the upload in flight, releases the lease, raises a failure
             finally:
                 self._events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
                 self._background.shutdown()
@@ -327,10 +315,7 @@ class CheckpointManager:
         self.close()
 
     def _record_failure(self, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
-        log.error("%s: %s", type(exc).__name__, exc)  # once: the traceback comes with the raise
-        self._events.emit(
-            event, step=step, error=type(exc).__name__, message=str(exc), errno=exc.errno, failed_rank=exc.rank
-        )
+        record_failure(self._events, event, exc, step=step)
 
     # ---- discovery, restore, retention --------------------------------------------------------------
 
@@ -362,7 +347,7 @@ class CheckpointManager:
         """
         self._check_usable("restore()")
         self.wait()
-        if self._remote is not None and step is None and path is None and self._remote.fetch_for_resume(self.run_dir):
+        if path is None and self._tier.fetch_for_resume(step):
             self._pruner.reindex(discovery.discover(self.run_dir))
         names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
         try:

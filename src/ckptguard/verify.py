@@ -115,9 +115,13 @@ def _check_structure(report: VerifyReport) -> None:
     except ManifestError as exc:
         report.problems.append(Problem(MANIFEST_NAME, exc.reason))
         return
-    present = _walk(root, report)
+    check_listing(report, manifest, _walk(root, report), "file")
+
+
+def check_listing(report: VerifyReport, manifest: Manifest, present: dict[str, int], kind: str) -> None:
+    """Every file the manifest lists is `present` (relpath -> size) with its size, and nothing else is."""
     for relpath in sorted(set(present) - set(manifest.files)):
-        report.problems.append(Problem(relpath, "unexpected file (not in the manifest)"))
+        report.problems.append(Problem(relpath, f"unexpected {kind} (not in the manifest)"))
     for relpath, entry in sorted(manifest.files.items()):
         if relpath not in present:
             report.problems.append(Problem(relpath, "missing (listed in the manifest)"))

@@ -103,19 +103,27 @@ def write_file(staging: Path, plan: FilePlan) -> FileEntry:
 
 def _write_plan(path: Path, plan: FilePlan) -> FileEntry:
     path.parent.mkdir(parents=True, exist_ok=True)
+    chunks, tensors = file_chunks(plan)
+    size, digest = _write_stream(path, chunks)
+    return FileEntry(size=size, xxh3_128=digest, tensors=tensors)
+
+
+def file_chunks(plan: FilePlan) -> tuple[Iterable[memoryview | bytes], int]:
+    """The bytes of a planned file, in order, lazily (one device tensor on the host at a time), and its tensor count.
+
+    The same bytes go to a local file here and to an object in direct-to-remote saving.
+    """
     if plan.tensors is None:
-        size, digest = _write_stream(path, [plan.data or b""])
-        return FileEntry(size=size, xxh3_128=digest, tensors=0)
+        return [plan.data or b""], 0
     header, order = safetensors_header(plan.tensors)
     tensors = plan.tensors
 
-    def chunks() -> Iterable[memoryview | bytes]:  # lazily: one device tensor on the host at a time
+    def chunks() -> Iterable[memoryview | bytes]:
         yield header
         for key in order:
             yield _tensor_bytes(tensors[key])
 
-    size, digest = _write_stream(path, chunks())
-    return FileEntry(size=size, xxh3_128=digest, tensors=len(order))
+    return chunks(), len(order)
 
 
 def write_files(staging: Path, plans: list[FilePlan]) -> dict[str, FileEntry]:

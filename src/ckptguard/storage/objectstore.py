@@ -14,7 +14,7 @@ xxh3-128 computed while transferring is compared with the manifest's before an o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +42,8 @@ OPTIONS = {
     "chunk_bytes": "multipart part size (default 16 MiB)",
     "max_concurrency": "parts in flight per object (default 8)",
     "lease_ttl_s": "seconds a writer's lease outlives its last renewal; a dead writer's run is free after it (300)",
+    "mode": "'tiered' (default: save locally, upload in the background) or 'direct' (upload from memory)",
+    "local_dir": "the local tier of a CheckpointManager on a URL (default: $CKPTGUARD_CACHE/<bucket>/<prefix>)",
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "403"}
 
@@ -100,6 +102,31 @@ class _HashingReader:
         self.hasher.update(data)
         self.size += len(data)
         return data
+
+    def seekable(self) -> bool:
+        return False
+
+
+class _ChunkReader:
+    """Chunks of bytes (a file serialized in memory) as an unseekable stream, read in order once."""
+
+    def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
+        self._chunks = iter(chunks)
+        self._head = memoryview(b"")
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while n < 0 or len(out) < n:
+            if not self._head:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._head = memoryview(chunk).cast("B")
+                continue
+            take = len(self._head) if n < 0 else min(n - len(out), len(self._head))
+            out += self._head[:take]
+            self._head = self._head[take:]
+        return bytes(out)
 
     def seekable(self) -> bool:
         return False
@@ -186,12 +213,13 @@ class ObjectStore:
             if code in ("NoSuchBucket", "404"):  # HEAD replies carry no body, so no code: 404 is the bucket
                 raise BucketNotFoundError(f"{what}: the bucket {self.url.bucket!r} does not exist", path=where) from exc
             if code in _AUTH_CODES or status == 403:
+                why = f"{code}: {error.get('Message', '')}"
                 raise RemoteAuthError(
-                    f"{what}: access refused ({code}: {error.get('Message', '')})", path=where
+                    f"{what}: the credentials were refused on bucket {self.url.bucket!r} ({why})", path=where
                 ) from exc
             raise RemoteError(f"{what}: {code or status} {error.get('Message', '')}".rstrip(), path=where) from exc
         except NoCredentialsError as exc:
-            raise RemoteAuthError(f"{what}: no credentials found", path=where) from exc
+            raise RemoteAuthError(f"{what}: no credentials found for bucket {self.url.bucket!r}", path=where) from exc
         except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError) as exc:
             raise EndpointUnreachableError(f"{what}: the endpoint cannot be reached ({exc})", path=where) from exc
         except (RemoteError, PreconditionFailed, FileNotFoundError):
@@ -232,14 +260,19 @@ class ObjectStore:
 
     def upload_file(self, relpath: str, path: Path) -> tuple[int, str]:
         """Upload a local file (multipart when large); returns (size, xxh3-128) of the bytes sent."""
-        key = self.url.key(relpath)
         with open(path, "rb") as fh:
-            reader = _HashingReader(fh)
-            self._guard(
-                "uploading",
-                lambda: self._client.upload_fileobj(reader, self.url.bucket, key, Config=self._transfer),
-                key,
-            )
+            return self._upload(relpath, fh)
+
+    def upload_chunks(self, relpath: str, chunks: Iterable[bytes | memoryview]) -> tuple[int, str]:
+        """Upload bytes produced in memory (no local file); returns (size, xxh3-128) of the bytes sent."""
+        return self._upload(relpath, _ChunkReader(chunks))  # type: ignore[arg-type]
+
+    def _upload(self, relpath: str, source: BinaryIO) -> tuple[int, str]:
+        key = self.url.key(relpath)
+        reader = _HashingReader(source)
+        self._guard(
+            "uploading", lambda: self._client.upload_fileobj(reader, self.url.bucket, key, Config=self._transfer), key
+        )
         return reader.size, reader.hasher.hexdigest()
 
     def download_file(self, relpath: str, fh: BinaryIO) -> tuple[int, str]:

@@ -1,7 +1,9 @@
 """The commit protocol on object storage, which has no rename: a checkpoint is committed by a marker.
 
-    upload:  1. an older commit of the same name (another timeline) is un-committed first: marker deleted
-             2. every data object, hashed as it is sent and compared with the manifest
+    upload (of a local checkpoint's files, or direct from memory):
+             1. an older commit of the same name (another timeline) is un-committed first: marker deleted
+             2. every data object, hashed as it is sent (and compared with the local manifest, or
+                recorded into the manifest of a direct save, whose bytes exist nowhere but in memory)
              3. MANIFEST.json (the local manifest, byte for byte); objects of an abandoned upload removed
              4. the lease is renewed (a writer that lost it stops here)
              5. ``COMMITTED`` written create-only (``If-None-Match: *``), naming the manifest's xxh3-128
@@ -22,37 +24,31 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from ckptguard import publish
+from ckptguard import publish, writer
+from ckptguard.discovery import Checkpoint
 from ckptguard.errors import CorruptCheckpointError, UploadError
 from ckptguard.events import EventLog
 from ckptguard.layout import MANIFEST_NAME, MARKER_NAME, step_from_name
-from ckptguard.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_json, parse_manifest
+from ckptguard.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, ManifestError, parse_json, parse_manifest
+from ckptguard.snapshot import FilePlan
 from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
-from ckptguard.verify import Problem, VerifyReport, hash_mismatch, size_mismatch
+from ckptguard.verify import Problem, VerifyReport, check_listing, hash_mismatch, size_mismatch
 
 MARKER_FORMAT = "ckptguard-commit"
 _MAX_MARKER_BYTES = 4096
 _PARALLEL_FILES = 4
 
 
-@dataclass(frozen=True)
-class RemoteCheckpoint:
-    """One ``checkpoint-{step}/`` prefix in a bucket as discovery sees it (retention's Checkpoint)."""
+@dataclass(frozen=True, kw_only=True)
+class RemoteCheckpoint(Checkpoint):
+    """One ``checkpoint-{step}/`` prefix in a bucket as discovery sees it, with its manifest (to download it)."""
 
-    name: str
     url: str
-    step: int
-    valid: bool
-    reason: str | None = None
-    bytes: int = 0
-    sequence: int = -1
-    created: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
     manifest: Manifest | None = None
 
 
@@ -72,32 +68,87 @@ def upload(
 
     Raises UploadError (with the RemoteError cause) or the lease's LockedError; nothing is committed then.
     """
-    manifest_bytes = manifest.to_json_bytes()
-    digest = xxhash.xxh3_128_hexdigest(manifest_bytes)
-    try:
-        marker = _read_marker(store, name)
-    except ManifestError:  # not a marker this writer can read: un-commit it like any other (we hold the lease)
-        marker = "damaged"
-    if marker == digest:
-        return 0  # committed by an earlier upload of this very save (a retry after a lost reply)
-    if marker is not None:  # 1.
-        store.delete([f"{name}/{MARKER_NAME}"])
-        if events is not None:
-            events.emit("remote_superseded", step=manifest.step, url=store.where(name))
 
-    def send(relpath: str) -> None:  # 2.
+    def send(relpath: str) -> None:
         size, sent = store.upload_file(f"{name}/{relpath}", source / relpath)
         entry = manifest.files[relpath]
         if size != entry.size or sent != entry.xxh3_128:
             problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(sent, entry)
             raise UploadError(f"{relpath} changed on local disk while uploading: {problem}", path=source / relpath)
 
-    _each_file(send, manifest)
+    def send_all() -> Manifest:
+        _each_file(send, {p: e.size for p, e in manifest.files.items()})
+        return manifest
+
+    done = commit(store, name, manifest.step, send_all, before_marker=before_marker, events=events, same=manifest)
+    return done.total_bytes if done is not None else 0
+
+
+def upload_from_memory(
+    store: ObjectStore,
+    name: str,
+    step: int,
+    plans: list[FilePlan],
+    make_manifest: Callable[[dict[str, FileEntry]], Manifest],
+    *,
+    before_marker: Callable[[], None],
+    events: EventLog | None = None,
+) -> Manifest:
+    """Direct-to-remote saving: each planned file serialized straight into its object, hashed as it is sent.
+
+    No local file is written. The manifest is made from what was sent, then committed as :func:`upload` commits.
+    """
+    files: dict[str, FileEntry] = {}
+
+    def send(relpath: str) -> None:
+        plan = next(p for p in plans if p.relpath == relpath)
+        chunks, tensors = writer.file_chunks(plan)
+        size, digest = store.upload_chunks(f"{name}/{relpath}", chunks)
+        files[relpath] = FileEntry(size=size, xxh3_128=digest, tensors=tensors)
+
+    def send_all() -> Manifest:
+        _each_file(send, {p.relpath: p.nbytes for p in plans})
+        return make_manifest(files)
+
+    done = commit(store, name, step, send_all, before_marker=before_marker, events=events)
+    assert done is not None  # only a retry of the very same manifest can find itself committed
+    return done
+
+
+def commit(
+    store: ObjectStore,
+    name: str,
+    step: int,
+    send_all: Callable[[], Manifest],
+    *,
+    before_marker: Callable[[], None],
+    events: EventLog | None,
+    same: Manifest | None = None,
+) -> Manifest | None:
+    """Steps 1-5 of the module docstring around `send_all` (step 2, which returns the manifest to commit).
+
+    Returns the committed manifest, or None when `same` was committed already (a retry after a lost reply).
+    """
+    try:
+        marker = _read_marker(store, name)
+    except ManifestError:  # not a marker this writer can read: un-commit it like any other (we hold the lease)
+        marker = "damaged"
+    if same is not None and marker == xxhash.xxh3_128_hexdigest(same.to_json_bytes()):
+        return None
+    if marker is not None:  # 1.
+        store.delete([f"{name}/{MARKER_NAME}"])
+        if events is not None:
+            events.emit("remote_superseded", step=step, url=store.where(name))
+    manifest = send_all()  # 2.
+    manifest_bytes = manifest.to_json_bytes()
     store.put_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)  # 3.
     stray = sorted(set(store.list(f"{name}/")) - {f"{name}/{p}" for p in [*manifest.files, MANIFEST_NAME]})
     store.delete(stray)
     before_marker()  # 4.
-    body = {"format": MARKER_FORMAT, "manifest_xxh3_128": digest, "step": manifest.step, "sequence": manifest.sequence}
+    body = {
+        "format": MARKER_FORMAT, "manifest_xxh3_128": xxhash.xxh3_128_hexdigest(manifest_bytes),
+        "step": manifest.step, "sequence": manifest.sequence,
+    }  # fmt: skip
     try:  # 5.
         store.put_bytes(f"{name}/{MARKER_NAME}", json.dumps(body, sort_keys=True).encode(), create_only=True)
     except PreconditionFailed as exc:
@@ -107,12 +158,12 @@ def upload(
             step=manifest.step,
             remedy="Two writers shared one remote run; stop one of them and check `ckptguard ls` on the URL.",
         ) from exc
-    return manifest.total_bytes
+    return manifest
 
 
-def _each_file(transfer: Callable[[str], None], manifest: Manifest) -> None:
-    """Run `transfer` on every file of the manifest, largest first, a few at a time; the first error wins."""
-    largest_first = sorted(manifest.files, key=lambda p: -manifest.files[p].size)
+def _each_file(transfer: Callable[[str], None], sizes: dict[str, int]) -> None:
+    """Run `transfer` on every file, largest first, a few at a time; the first error wins."""
+    largest_first = sorted(sizes, key=lambda p: -sizes[p])
     with ThreadPoolExecutor(max_workers=_PARALLEL_FILES, thread_name_prefix="ckptguard-transfer") as pool:
         for done in [pool.submit(transfer, relpath) for relpath in largest_first]:
             done.result()
@@ -165,13 +216,8 @@ def _quick(store: ObjectStore, name: str, present: dict[str, int], report: Verif
         return
     if manifest.step != step_from_name(name):
         report.problems.append(Problem(MANIFEST_NAME, f"manifest says step {manifest.step}, the name says {name}"))
-    for relpath in sorted(set(present) - set(manifest.files) - {MANIFEST_NAME, MARKER_NAME}):
-        report.problems.append(Problem(relpath, "unexpected object (not in the manifest)"))
-    for relpath, entry in sorted(manifest.files.items()):
-        if relpath not in present:
-            report.problems.append(Problem(relpath, "missing (listed in the manifest)"))
-        elif present[relpath] != entry.size:
-            report.problems.append(Problem(relpath, size_mismatch(present[relpath], entry)))
+    data_objects = {k: v for k, v in present.items() if k not in (MANIFEST_NAME, MARKER_NAME)}
+    check_listing(report, manifest, data_objects, "object")
 
 
 def discover(store: ObjectStore) -> list[RemoteCheckpoint]:
@@ -180,19 +226,13 @@ def discover(store: ObjectStore) -> list[RemoteCheckpoint]:
     for name, present in sorted(_group(store.list()).items(), key=lambda kv: step_from_name(kv[0]) or 0):
         report = VerifyReport(store.where(name), "quick")
         _quick(store, name, present, report)
-        m = report.manifest
         found.append(
             RemoteCheckpoint(
                 name=name, url=report.path, step=step_from_name(name) or 0, valid=report.ok, reason=report.reason,
-                bytes=m.total_bytes if m else 0, sequence=m.sequence if m else -1, created=m.created if m else 0.0,
-                metrics=dict(m.metrics) if m else {}, manifest=m,
+                manifest=report.manifest, **Checkpoint.facts(report.manifest),
             )
         )  # fmt: skip
     return found
-
-
-def newest_first(found: list[RemoteCheckpoint]) -> list[RemoteCheckpoint]:
-    return sorted((c for c in found if c.valid), key=lambda c: (c.sequence, c.step), reverse=True)
 
 
 class _Discard:
@@ -243,7 +283,7 @@ def download(store: ObjectStore, checkpoint: RemoteCheckpoint, run_dir: Path, ev
             raise CorruptCheckpointError(f"{relpath}: {problem}", path=store.where(f"{checkpoint.name}/{relpath}"))
 
     try:
-        _each_file(fetch, manifest)
+        _each_file(fetch, {p: e.size for p, e in manifest.files.items()})
         return publish.publish(
             staging, run_dir / checkpoint.name, manifest, level="full", latest=True, events=events
         ).path

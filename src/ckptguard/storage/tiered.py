@@ -1,6 +1,15 @@
-"""Tiered saving: every checkpoint is committed and verified on local disk first, then uploaded.
+"""A CheckpointManager's object storage: where its local tier is, and the hooks it calls around each save.
 
-What the manager sees (and all it sees of object storage):
+Two modes, chosen by ``storage_options["mode"]``:
+
+* ``tiered`` (default): every checkpoint is committed and verified on local disk first, then uploaded.
+* ``direct``: for machines without local disk: each file is serialized from memory straight into its
+  object, hashed on the way, then committed by the same marker protocol; nothing is written locally
+  at save (one process only: the files of several ranks would need a remote staging area).
+
+:func:`resolve` turns the manager's arguments into a local directory and a :class:`RemoteSpec`; the
+manager then holds a tier: :class:`LocalOnly` (no URL) or a :class:`RemoteMirror`, opened by
+:func:`open_tier`. What the manager sees (and all it sees of object storage):
 
 * :meth:`RemoteMirror.open` at construction, before step 1: endpoint, bucket and credentials
   checked (typed errors), the lease taken, uploads a crash left uncommitted removed.
@@ -9,10 +18,11 @@ What the manager sees (and all it sees of object storage):
   background thread uploads them. At most one upload is in flight: a second submit waits for it.
 * A failed upload never touches the local checkpoint. It is logged to events.jsonl at once
   (``upload_failed``) and raised by :meth:`raise_failure` at the next save, or by :meth:`close`.
-* :meth:`fetch_newer` on restore: a remote checkpoint newer than anything valid on local disk (a
-  fresh machine) is downloaded, hashed as it arrives, and committed locally; a damaged one is
-  skipped for the previous.
+* :meth:`fetch_for_resume` on restore: a remote checkpoint newer than anything valid on local disk
+  (a fresh machine), or the step asked for, is downloaded, hashed as it arrives, and committed
+  locally; a damaged one is skipped for the previous.
 * Remote retention is its own policy, applied after each upload (marker deleted first).
+* :meth:`RemoteMirror.save_direct` in direct mode, in place of the local write and commit.
 """
 
 from __future__ import annotations
@@ -20,31 +30,120 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ckptguard import discovery, publish, retention
-from ckptguard.errors import CheckpointError, CorruptCheckpointError, RemoteError, UploadError
-from ckptguard.events import EventLog
-from ckptguard.manifest import Manifest, ManifestError, read_manifest
+from ckptguard.discovery import Checkpoint
+from ckptguard.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    LockedError,
+    RemoteError,
+    UploadError,
+    VerificationError,
+)
+from ckptguard.events import EventLog, record_failure
+from ckptguard.layout import checkpoint_name
+from ckptguard.manifest import FileEntry, Manifest, ManifestError, read_manifest
+from ckptguard.snapshot import FilePlan
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.storage.objectstore import ObjectStore, RemoteURL, check_location, is_remote
 
 log = logging.getLogger("ckptguard")
+MODES = ("tiered", "direct")
+CACHE_ENV = "CKPTGUARD_CACHE"
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """A checked remote location: URL, options, mode and the bucket's retention (nothing touched yet)."""
+
+    url: RemoteURL
+    options: dict[str, Any]
+    direct: bool
+    policy: retention.RetentionPolicy
+
+
+def resolve(
+    run_dir: str | os.PathLike[str],
+    remote: str | None,
+    storage_options: Mapping[str, Any] | None,
+    policy: retention.RetentionPolicy,
+    remote_keep_last: int | None,
+    world_size: int,
+) -> tuple[Path, bool, RemoteSpec | None]:
+    """(local directory, whether it is the default cache, the remote) of a manager; ValueError for bad input.
+
+    ``CheckpointManager("s3://b/run")`` and ``CheckpointManager(local, remote="s3://b/run")`` are the
+    same run: the first takes its local tier from ``storage_options["local_dir"]``, else from the cache
+    ``$CKPTGUARD_CACHE/<bucket>/<prefix>`` (default ``~/.cache/ckptguard``).
+    """
+    options = dict(storage_options or {})
+    if is_remote(run_dir):
+        if remote is not None:
+            raise ValueError(f"run_dir {run_dir!r} is a URL already; drop remote={remote!r}")
+        remote = str(run_dir)
+    elif remote is None:
+        if options:
+            raise ValueError(f"storage_options apply to s3:// runs only; {run_dir!r} is a local directory")
+        return Path(run_dir).absolute(), False, None
+    elif "local_dir" in options:
+        raise ValueError(f"two local directories: run_dir {run_dir!r} and storage_options['local_dir']")
+    else:
+        options["local_dir"] = run_dir
+    url = check_location(remote, options)
+    mode = options.pop("mode", "tiered")
+    if mode not in MODES:
+        raise ValueError(f"storage_options['mode'] must be one of {MODES}, got {mode!r}")
+    if mode == "direct" and remote_keep_last is not None:
+        raise ValueError("remote_keep_last applies to tiered runs; in direct mode keep_last is the bucket's retention")
+    if mode == "direct" and world_size > 1:
+        raise ValueError("direct-to-remote saving runs in one process; use the tiered mode with several ranks")
+    local = options.pop("local_dir", None)
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckptguard"
+    cache = Path(os.environ.get(CACHE_ENV) or default) / url.bucket / url.prefix
+    remote_policy = policy if mode == "direct" else replace(policy, keep_last=remote_keep_last)
+    spec = RemoteSpec(url, options, mode == "direct", remote_policy)
+    return (Path(local) if local is not None else cache).absolute(), local is None, spec
+
+
+def open_tier(spec: RemoteSpec | None, run_dir: Path, events: EventLog) -> LocalOnly | RemoteMirror:
+    """The tier a manager saves through: endpoint, bucket, credentials and lease checked now, before step 1."""
+    return LocalOnly() if spec is None else RemoteMirror.open(spec, run_dir, events)
+
+
+class LocalOnly:
+    """The tier of a run without a URL: every hook does nothing."""
+
+    direct = False
+    max_sequence = 0
+
+    def raise_failure(self) -> None:
+        """Nothing is uploaded, so nothing can have failed."""
+
+    def submit(self, checkpoint: Path) -> None:
+        """Nothing to upload."""
+
+    def fetch_for_resume(self, step: int | None) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Nothing to wait for or release."""
 
 
 class RemoteMirror:
     """The remote copy of one run directory: uploads, remote retention, fetch on resume."""
 
-    def __init__(
-        self, store: ObjectStore, lease: Lease, run_dir: Path, events: EventLog, policy: retention.RetentionPolicy
-    ) -> None:
+    def __init__(self, store: ObjectStore, lease: Lease, run_dir: Path, events: EventLog, spec: RemoteSpec) -> None:
         self.store = store
+        self.direct = spec.direct
         self.run_dir = run_dir
-        self.policy = policy
+        self.policy = spec.policy
         self.protected: set[str] = set()
         self.index: dict[str, remote_publish.RemoteCheckpoint] = {}
         self._lease = lease
@@ -54,16 +153,9 @@ class RemoteMirror:
         self._failure: CheckpointError | None = None
 
     @classmethod
-    def open(
-        cls,
-        url: str,
-        storage_options: Mapping[str, Any] | None,
-        run_dir: Path,
-        events: EventLog,
-        policy: retention.RetentionPolicy,
-    ) -> RemoteMirror:
+    def open(cls, spec: RemoteSpec, run_dir: Path, events: EventLog) -> RemoteMirror:
         """Check access, take the lease, remove uncommitted uploads, index what is committed."""
-        store = ObjectStore(url, storage_options)
+        store = ObjectStore(spec.url, spec.options)
         store.check_access()
         lease = Lease(store)
         lease.acquire()
@@ -73,11 +165,17 @@ class RemoteMirror:
         except BaseException:
             lease.release()
             raise
-        mirror = cls(store, lease, run_dir, events, policy)
+        mirror = cls(store, lease, run_dir, events, spec)
         mirror.index = {c.name: c for c in found if c.valid}
         if removed:
             log.warning("removed %d uncommitted upload(s) from %s: %s", len(removed), store.url, removed)
-        events.emit("remote_preflight", url=str(store.url), checkpoints=len(mirror.index), removed=removed)
+        events.emit(
+            "remote_preflight",
+            url=str(store.url),
+            mode=MODES[spec.direct],
+            checkpoints=len(mirror.index),
+            removed=removed,
+        )
         return mirror
 
     @property
@@ -103,13 +201,48 @@ class RemoteMirror:
                 self.store, source, name, manifest, before_marker=self._lease.renew, events=self._events
             )
         except Exception as exc:  # whatever it is, the local checkpoint stands: report it, never lose it
-            message = exc.message if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-            error = exc if isinstance(exc, UploadError) else UploadError(f"could not upload {name}: {message}")
-            error.path, error.step = error.path or self.store.where(name), manifest.step
-            self._fail(error, name)
+            self._fail(_upload_error(exc, self.store.where(name), manifest.step, None), name)
             return
         finally:
             publish.discard_staging(source)
+        self._committed(name, manifest, sent)
+
+    def save_direct(
+        self, step: int, plans: list[FilePlan], make_manifest: Callable[[dict[str, FileEntry]], Manifest]
+    ) -> tuple[str, int]:
+        """Direct mode: upload `plans` from memory and commit them as ``checkpoint-{step}``; returns (URL, bytes).
+
+        Checked after the commit against the bucket's listing (sizes, marker naming the manifest): every
+        byte was hashed as it was sent. Raises UploadError (or the lease's LockedError); earlier
+        checkpoints in the bucket stay as they were.
+        """
+        name = checkpoint_name(step)
+        try:
+            manifest = self._send_direct(name, step, plans, make_manifest)
+        except CheckpointError as exc:
+            record_failure(self._events, "save_failed", exc, step=step)
+            raise
+        self._committed(name, manifest, manifest.total_bytes)
+        return self.store.where(name), manifest.total_bytes
+
+    def _send_direct(
+        self, name: str, step: int, plans: list[FilePlan], make_manifest: Callable[[dict[str, FileEntry]], Manifest]
+    ) -> Manifest:
+        try:
+            manifest = remote_publish.upload_from_memory(
+                self.store, name, step, plans, make_manifest, before_marker=self._lease.renew, events=self._events
+            )
+            report = remote_publish.verify(self.store, name, "quick")
+        except LockedError:
+            raise
+        except Exception as exc:
+            raise _upload_error(exc, self.store.where(name), step, _DIRECT_REMEDY) from exc
+        if not report.ok:
+            remote_publish.remove(self.store, name)
+            raise VerificationError(f"the bucket does not hold what was sent: {report.reason}", path=report.path)
+        return manifest
+
+    def _committed(self, name: str, manifest: Manifest, sent: int) -> None:
         self.index[name] = _as_remote(self.store, name, manifest)
         self._events.emit("upload", step=manifest.step, url=self.store.where(name), bytes=sent)
         self._prune()
@@ -153,15 +286,22 @@ class RemoteMirror:
 
     # ---- resume ------------------------------------------------------------------------------------
 
-    def fetch_for_resume(self, run_dir: Path) -> bool:
-        """Before a resume: download the newest remote checkpoint newer than every local one, if any."""
-        local = discovery.newest_first(discovery.discover(run_dir))
-        return self.fetch_newer(local[0].sequence if local else -1) is not None
+    def fetch_for_resume(self, step: int | None) -> bool:
+        """Before a resume: download the newest remote checkpoint newer than every local one, if any.
 
-    def fetch_newer(self, local_sequence: int) -> Path | None:
-        """Download the newest remote checkpoint saved after `local_sequence`, skipping damaged ones."""
-        found = remote_publish.newest_first(remote_publish.discover(self.store))
-        for c in (c for c in found if c.sequence > local_sequence):
+        For an explicit `step`: that checkpoint, when only the bucket has it.
+        """
+        found = discovery.newest_first(remote_publish.discover(self.store))
+        if step is not None:
+            wanted = [c for c in found if c.step == step and not (self.run_dir / c.name).is_dir()]
+        else:
+            local = discovery.newest_first(discovery.discover(self.run_dir))
+            wanted = [c for c in found if c.sequence > (local[0].sequence if local else -1)]
+        return self._fetch_first(wanted) is not None
+
+    def _fetch_first(self, candidates: list[remote_publish.RemoteCheckpoint]) -> Path | None:
+        """Download the first of `candidates` that arrives intact, skipping damaged ones."""
+        for c in candidates:
             try:
                 path = remote_publish.download(self.store, c, self.run_dir, self._events)
             except CorruptCheckpointError as exc:
@@ -174,11 +314,33 @@ class RemoteMirror:
         return None
 
 
+_DIRECT_REMEDY = (
+    "Nothing of this save was committed and earlier checkpoints in the bucket are intact; "
+    "fix the object storage problem and save again."
+)
+
+
+def _upload_error(exc: Exception, where: str, step: int, remedy: str | None) -> CheckpointError:
+    """`exc` as the UploadError of the save of `step` to `where`."""
+    if isinstance(exc, UploadError):
+        error: CheckpointError = exc
+    else:
+        message = exc.message if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+        name = where.rstrip("/").rpartition("/")[2]
+        error = UploadError(f"could not upload {name}: {message}", remedy=remedy)
+    error.path, error.step = error.path or where, step
+    return error
+
+
 def _as_remote(store: ObjectStore, name: str, manifest: Manifest) -> remote_publish.RemoteCheckpoint:
     return remote_publish.RemoteCheckpoint(
-        name=name, url=store.where(name), step=manifest.step, valid=True, bytes=manifest.total_bytes,
-        sequence=manifest.sequence, created=manifest.created, metrics=dict(manifest.metrics), manifest=manifest,
-    )  # fmt: skip
+        name=name,
+        url=store.where(name),
+        step=manifest.step,
+        valid=True,
+        manifest=manifest,
+        **Checkpoint.facts(manifest),
+    )
 
 
 def _link_aside(checkpoint: Path, files: Mapping[str, Any]) -> Path:

@@ -11,7 +11,9 @@ import argparse
 import logging
 import signal
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ckptguard.errors import CheckpointError
@@ -33,7 +35,11 @@ def register(subparsers: Any) -> None:
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
     p = subparsers.add_parser("export", help="write a checkpoint's adapter, or the merged model, to a directory")
-    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/demo/checkpoint-300")
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint directory, e.g. runs/demo/checkpoint-300, or an s3:// URL of a checkpoint or of a run "
+        "(its newest committed checkpoint), downloaded to a temporary directory with every object hashed",
+    )
     p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base model (HF layout)")
     p.add_argument(
@@ -110,11 +116,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.base is not None and not args.merge:
         return _fail(ValueError("--base only applies with --merge"), EXIT_BAD_INPUT)
+    from ckptguard.cli_remote import download
+    from ckptguard.storage.objectstore import is_remote
     from ckptguard.train.export import export
 
     _quiet_known_warnings()
     try:
-        path = export(args.checkpoint, args.out, merge=args.merge, base=args.base)
+        with tempfile.TemporaryDirectory(prefix="ckptguard-export-") as tmp:  # where a remote one is downloaded
+            source = download(args.checkpoint, Path(tmp)) if is_remote(args.checkpoint) else args.checkpoint
+            path = export(source, args.out, merge=args.merge, base=args.base)
     except CheckpointError as exc:
         return _fail(exc, EXIT_CHECKPOINT)
     except ConfigError as exc:

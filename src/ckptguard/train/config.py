@@ -102,6 +102,14 @@ class CheckpointConfig:
     timeout_s: float
     remote: str
     remote_keep_last: int
+    remote_mode: str
+    local_dir: str
+
+    def storage_options(self) -> dict[str, str] | None:
+        """CheckpointManager's storage_options for a run on object storage; None for a local run."""
+        if not (self.output_dir.startswith("s3://") or self.remote):
+            return None
+        return {"mode": self.remote_mode, **({"local_dir": self.local_dir} if self.local_dir else {})}
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("stop", "skip"),
     "checkpoint.mode": ("min", "max"),
     "checkpoint.verify": ("quick", "full", "deep"),
+    "checkpoint.remote_mode": ("tiered", "direct"),
 }
 # Numeric fields with a lower bound (inclusive) and, for fractions, an upper one.
 _RANGES: dict[str, tuple[float, float | None]] = {
@@ -282,6 +291,13 @@ def _check_combinations(cfg: RunConfig) -> None:
         )
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
         raise ConfigError('checkpoint.metric: keep_best > 0 needs a metric name, e.g. "eval_loss"')
+    c = cfg.checkpoint
+    if c.output_dir.startswith("s3://") and c.remote:
+        raise ConfigError("checkpoint.remote: checkpoint.output_dir is an s3:// URL already; set one of them")
+    if c.local_dir and not c.output_dir.startswith("s3://"):
+        raise ConfigError("checkpoint.local_dir: applies to an s3:// checkpoint.output_dir (the local tier)")
+    if c.remote_mode == "direct" and c.remote_keep_last:
+        raise ConfigError("checkpoint.remote_keep_last: in direct mode checkpoint.keep_last is the bucket's retention")
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:

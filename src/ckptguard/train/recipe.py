@@ -82,6 +82,7 @@ class LoRARecipe:
             create_parents=True,
             timeout_s=cfg.checkpoint.timeout_s,
             remote=cfg.checkpoint.remote or None,
+            storage_options=cfg.checkpoint.storage_options(),
             remote_keep_last=cfg.checkpoint.remote_keep_last or None,
         )
         # loss, lr and eval loss go to the run's events.jsonl too, for the run report
@@ -350,7 +351,7 @@ class LoRARecipe:
             tqdm.write(f"saving checkpoint-{step} in the background (checked at the next save or at the end)")
         else:
             tqdm.write(
-                f"saved {result.path.name} ({result.bytes / 1024:.0f} KiB, {result.seconds:.2f} s, "
+                f"saved checkpoint-{result.step} ({result.bytes / 1024:.0f} KiB, {result.seconds:.2f} s, "
                 f"verified: {self.cfg.checkpoint.verify})"
             )
 

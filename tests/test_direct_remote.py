@@ -1,0 +1,114 @@
+"""Direct-to-remote saving (``storage_options={"mode": "direct"}``): files go from memory to the bucket,
+hashed as they are sent, and are committed by the same marker protocol; nothing is written locally."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptguard import CheckpointManager
+from ckptguard.errors import LockedError, UploadError
+from ckptguard.events import read_events
+from ckptguard.layout import MARKER_NAME
+from ckptguard.storage import remote_publish
+from ckptguard.storage.objectstore import ObjectStore
+from conftest import make_training_state
+from s3kit import RemoteRun, kill_writer_mid_upload, wait_for
+from test_tiered import WEIGHTS
+
+# Saves a small step 1, then a 48 MiB step 2 straight from memory; killed while step 2 is in flight.
+_WRITER = """
+import sys, time, torch
+from ckptguard import CheckpointManager
+url, local = sys.argv[1:]
+options = {"mode": "direct", "local_dir": local, "lease_ttl_s": 3, "chunk_bytes": 5 << 20}
+mgr = CheckpointManager(url, storage_options=options)
+mgr.save(1, {"model": torch.nn.Linear(4, 4)})
+print("uploading", flush=True)
+mgr.save(2, {"model": torch.nn.Linear(3072, 4096)})
+print("committed", flush=True)
+time.sleep(60)
+"""
+
+
+def committed(remote: RemoteRun) -> list[str]:
+    return sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))
+
+
+def test_direct_saves_write_no_local_checkpoint_and_a_fresh_machine_resumes_from_the_bucket(
+    tmp_path: Path, remote: RemoteRun
+) -> None:
+    options = {"mode": "direct", "local_dir": str(tmp_path / "local")}
+    state = make_training_state(seed=1)
+    with CheckpointManager(remote.url, keep_last=2, storage_options=options) as mgr:
+        mgr.save(1, state, {"loss": 1.0})
+        mgr.save(2, state, {"loss": 0.5})
+        assert mgr.save(3, state, {"loss": 0.25}, blocking=False) is None  # in the background, from host buffers
+    assert [r.path for r in mgr.results] == [f"{remote.url}/checkpoint-{s}" for s in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == [
+        ".ckptguard.lock",
+        ".ckptguard.lock.owner",
+        "events.jsonl",
+    ]
+    assert committed(remote) == ["checkpoint-2", "checkpoint-3"]  # keep_last is the bucket's retention here
+    report = remote_publish.verify(ObjectStore(remote.url), "checkpoint-3", "full")
+    assert report.ok and report.bytes_read == mgr.results[-1].bytes
+    with CheckpointManager(tmp_path / "plain") as plain:  # the same bytes as a local save of the same state
+        plain.save(3, state, {"loss": 0.25})
+    local_files = json.loads((tmp_path / "plain" / "checkpoint-3" / "MANIFEST.json").read_text())["files"]
+    assert json.loads(remote.read("checkpoint-3/MANIFEST.json"))["files"] == local_files
+    fresh = make_training_state(seed=2)
+    with CheckpointManager(remote.url, storage_options={**options, "local_dir": str(tmp_path / "b")}) as mgr:
+        restored = mgr.restore(fresh)
+    assert restored is not None and restored.step == 3 and restored.metrics == {"loss": 0.25}
+    for a, b in zip(state["model"].parameters(), fresh["model"].parameters(), strict=True):
+        assert torch.equal(a, b)
+    with CheckpointManager(remote.url, storage_options={**options, "local_dir": str(tmp_path / "c")}) as mgr:
+        assert mgr.restore(fresh, step=2).metrics == {"loss": 0.5}  # type: ignore[union-attr]  # named: fetched
+
+
+def test_sigkill_mid_direct_upload_leaves_nothing_committed_and_resume_takes_the_previous(
+    tmp_path: Path, slow_remote: RemoteRun
+) -> None:
+    remote = slow_remote
+    killed_at = kill_writer_mid_upload(remote, _WRITER, remote.url, str(tmp_path / "a"))
+    left = remote.objects("checkpoint-2/")
+    assert f"checkpoint-2/{WEIGHTS}" not in left and f"checkpoint-2/{MARKER_NAME}" not in left
+    assert not list((tmp_path / "a").glob("checkpoint-*"))  # nothing of either save on local disk
+    options = {"mode": "direct", "local_dir": str(tmp_path / "b"), "lease_ttl_s": 3}
+    with pytest.raises(LockedError, match="another writer holds the lease"):
+        CheckpointManager(remote.url, storage_options=options)
+    time.sleep(max(0.0, killed_at + 3.5 - time.monotonic()))
+    with CheckpointManager(remote.url, storage_options=options) as mgr:  # takes the stale lease over
+        restored = mgr.restore({"model": torch.nn.Linear(4, 4)})
+    assert restored is not None and restored.step == 1
+    assert remote.objects("checkpoint-2/") == {}  # the uncommitted upload was removed by the new writer
+
+
+def test_link_cut_mid_direct_upload_is_an_upload_error_and_earlier_checkpoints_stay_committed(
+    tmp_path: Path, slow_remote: RemoteRun
+) -> None:
+    remote, server = slow_remote, slow_remote.server
+    options = {
+        "mode": "direct", "local_dir": str(tmp_path / "local"), "connect_timeout": 1, "read_timeout": 5,
+        "max_attempts": 1, "chunk_bytes": 5 << 20,
+    }  # fmt: skip
+    mgr = CheckpointManager(remote.url, storage_options=options)
+    mgr.save(1, make_training_state())
+    assert mgr.save(2, {"model": torch.nn.Linear(3072, 4096)}, blocking=False) is None
+    wait_for(lambda: remote.objects("checkpoint-2/"), "the first object of save 2")
+    server.cut_link()  # every connection drops; the server and its objects stay, for the checks below
+    with pytest.raises(UploadError, match="could not upload checkpoint-2") as raised:
+        mgr.wait()
+    assert "earlier checkpoints in the bucket are intact" in raised.value.remedy
+    assert raised.value.step == 2 and str(raised.value.path).endswith("/exp/run/checkpoint-2")
+    assert committed(remote) == ["checkpoint-1"]
+    inside = ObjectStore(remote.url, {"endpoint_url": server.inside})
+    assert remote_publish.verify(inside, "checkpoint-1", "full").ok
+    failed = [e for e in read_events(tmp_path / "local") if e["event"] == "save_failed"]
+    assert [(e["step"], e["error"]) for e in failed] == [(2, "UploadError")]
+    mgr.close()  # the lease cannot be released over a cut link: a warning, not an error
