@@ -181,10 +181,10 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32",
 TINY += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=false", "checkpoint.save_every=5"]
 
 
-def train(*overrides: str) -> int:
+def train(*overrides: str, flags: tuple[str, ...] = ()) -> int:
     from ckptguard.cli import main
 
-    return main(["train", *[a for kv in [*TINY, *overrides] for a in ("--set", kv)]])
+    return main(["train", *[a for kv in [*TINY, *overrides] for a in ("--set", kv)], *flags])
 
 
 def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_from_it(
@@ -198,6 +198,22 @@ def test_trainer_uploads_to_checkpoint_remote_and_a_fresh_output_dir_resumes_fro
     # an empty output_dir: the run continues from the bucket
     assert train(*bucket, f"checkpoint.output_dir={tmp_path / 'second'}", "train.max_steps=12") == 0
     assert "resumed from" in capsys.readouterr().out and (tmp_path / "second" / "checkpoint-10").is_dir()
+
+
+def test_resume_none_on_an_empty_machine_is_refused_over_the_buckets_checkpoints(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh start would supersede the bucket's checkpoints one by one: it must be meant, as it is locally."""
+    out = [f"checkpoint.output_dir={remote.url}", "train.max_steps=5"]
+    assert train(*out, f"checkpoint.local_dir={tmp_path / 'a'}") == 0
+    before = remote.read("checkpoint-5/MANIFEST.json")
+    capsys.readouterr()
+    assert train(*out, f"checkpoint.local_dir={tmp_path / 'b'}", flags=("--resume", "none")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint.output_dir {remote.url} already holds 1 valid checkpoint(s) of a run: checkpoint-5" in err
+    assert remote.read("checkpoint-5/MANIFEST.json") == before  # untouched
+    assert train(*out, f"checkpoint.local_dir={tmp_path / 'c'}", flags=("--resume", "none", "--new-timeline")) == 0
+    assert "--new-timeline: starting a new run at step 0 among them" in capsys.readouterr().err
 
 
 def test_trainer_on_an_s3_output_dir_direct_then_tiered_and_export_from_the_bucket(

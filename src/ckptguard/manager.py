@@ -325,6 +325,10 @@ class CheckpointManager:
         keep = retention.plan(found, self.policy, frozenset(self._pruner.protected))
         return [replace(c, keep_reasons=tuple(keep.get(c.name, []))) for c in found]
 
+    def list_remote(self) -> list[discovery.Checkpoint]:
+        """The checkpoints in the run's bucket (quick-verified; empty for a local run)."""
+        return self._tier.checkpoints()
+
     def latest(self) -> CheckpointInfo | None:
         """The most recently saved valid checkpoint (by save sequence), or None."""
         valid = discovery.newest_first(discovery.discover(self.run_dir))

@@ -132,6 +132,10 @@ class LocalOnly:
     def fetch_for_resume(self, step: int | None) -> bool:
         return False
 
+    def checkpoints(self) -> list[remote_publish.RemoteCheckpoint]:
+        """No bucket, no remote checkpoints."""
+        return []
+
     def close(self) -> None:
         """Nothing to wait for or release."""
 
@@ -285,6 +289,10 @@ class RemoteMirror:
         self.raise_failure()
 
     # ---- resume ------------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[remote_publish.RemoteCheckpoint]:
+        """Every checkpoint in the bucket, quick-verified, in step order."""
+        return remote_publish.discover(self.store)
 
     def fetch_for_resume(self, step: int | None) -> bool:
         """Before a resume: download the newest remote checkpoint newer than every local one, if any.

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from ckptguard import CheckpointInfo
+from ckptguard.discovery import Checkpoint
 from ckptguard.manifest import MANIFEST_NAME
 from ckptguard.train.config import ConfigError, OptimConfig
 
@@ -65,10 +66,11 @@ def check_resume_path(path: Path) -> None:
     raise ConfigError(f"--resume {path}: {found}. `ckptguard ls RUN_DIR` lists the checkpoints of a run")
 
 
-def check_fresh_start(output_dir: Path, found: list[CheckpointInfo], new_timeline: bool) -> str | None:
+def check_fresh_start(output_dir: Path | str, found: Sequence[Checkpoint], new_timeline: bool) -> str | None:
     """``--resume none`` over checkpoints already there: refused unless ``--new-timeline`` says to mix.
 
-    The new run's checkpoints would land among the old ones (a same-named one moved aside, the others
+    `found` holds the run directory's checkpoints and, for a run on a bucket, the bucket's. The new
+    run's checkpoints would land among the old ones (a same-named one moved aside, the others
     kept and counted), so starting over there must be a choice. Returns the warning to print when it is.
     """
     valid = [c for c in found if c.valid]

@@ -116,7 +116,11 @@ class LoRARecipe:
         """An explicit checkpoint must be one; a fresh start over another run's checkpoints must be meant."""
         assert self.manager is not None
         if self.resume == "none":
-            self._warn(guards.check_fresh_start(self.manager.run_dir, self.manager.list(), self.new_timeline))
+            local = self.manager.list()
+            names = {c.name for c in local}  # tiered: a checkpoint here and in the bucket counts once
+            found = [*local, *(c for c in self.manager.list_remote() if c.name not in names)]
+            output_dir = self.cfg.checkpoint.output_dir
+            self._warn(guards.check_fresh_start(output_dir, found, self.new_timeline))
         elif self.resume != "auto":
             guards.check_resume_path(Path(self.resume))
 
