@@ -27,7 +27,7 @@ from test_train_guards import poisoned_setup
 STEPS = 6
 
 
-def tiny(out: Path, batch_size: int, *extra: str) -> list[str]:
+def tiny(out: Path | str, batch_size: int, *extra: str) -> list[str]:
     values = [
         "model.hidden_size=32",
         "model.intermediate_size=64",
@@ -192,3 +192,15 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_
     )
     assert time.monotonic() - start < 150
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_direct_to_remote_saving_with_two_ranks_is_a_config_error_on_both(tmp_path: Path) -> None:
+    """Direct mode has no shared staging for several ranks' files: refused before any bucket is touched."""
+    overrides = ("checkpoint.remote_mode=direct", "checkpoint.timeout_s=60")
+    args = [sys.executable, "-m", "ckptguard.train", *tiny("s3://any-bucket/run", 1, *overrides)]
+    outputs = _finish(_launch([args, args]))
+    errors = _error_lines(outputs)
+    assert errors[0] == errors[1], outputs
+    assert errors[0] == (
+        "error: [checkpoint]: direct-to-remote saving runs in one process; use the tiered mode with several ranks"
+    )

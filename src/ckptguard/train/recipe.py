@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ckptguard import CheckpointManager, RNGState, per_rank
+from ckptguard.errors import CheckpointError
 from ckptguard.events import EventLog
 from ckptguard.preemption import PreemptionWatcher
 from ckptguard.report import write_report
@@ -70,21 +71,7 @@ class LoRARecipe:
         # 4. Preflight before the weights load: an unusable output_dir stops the run now, with its
         #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state); so does
         #    a --resume that names no checkpoint or would start over among another run's checkpoints.
-        self.manager = CheckpointManager(
-            cfg.checkpoint.output_dir,
-            keep_last=cfg.checkpoint.keep_last or None,
-            keep_best=cfg.checkpoint.keep_best,
-            metric=cfg.checkpoint.metric or None,
-            mode=cfg.checkpoint.mode,
-            verify=cfg.checkpoint.verify,
-            expected_bytes=self._checkpoint_bytes(meta),
-            async_save=cfg.checkpoint.async_save,
-            create_parents=True,
-            timeout_s=cfg.checkpoint.timeout_s,
-            remote=cfg.checkpoint.remote or None,
-            storage_options=cfg.checkpoint.storage_options(),
-            remote_keep_last=cfg.checkpoint.remote_keep_last or None,
-        )
+        self.manager = self._manager(cfg, meta)
         # loss, lr and eval loss go to the run's events.jsonl too, for the run report
         self.events = EventLog(self.manager.run_dir, rank=rt.rank, enabled=rt.is_primary)
         self._check_resume_request()
@@ -111,6 +98,29 @@ class LoRARecipe:
         if has_chat and self.rt and self.rt.is_primary:
             tqdm.write(self.chat.describe())
         return train, held_out
+
+    def _manager(self, cfg: RunConfig, meta: torch.nn.Module) -> CheckpointManager:
+        """The run's checkpoint manager; a combination of [checkpoint] keys it refuses is a ConfigError."""
+        try:
+            return CheckpointManager(
+                cfg.checkpoint.output_dir,
+                keep_last=cfg.checkpoint.keep_last or None,
+                keep_best=cfg.checkpoint.keep_best,
+                metric=cfg.checkpoint.metric or None,
+                mode=cfg.checkpoint.mode,
+                verify=cfg.checkpoint.verify,
+                expected_bytes=self._checkpoint_bytes(meta),
+                async_save=cfg.checkpoint.async_save,
+                create_parents=True,
+                timeout_s=cfg.checkpoint.timeout_s,
+                remote=cfg.checkpoint.remote or None,
+                storage_options=cfg.checkpoint.storage_options(),
+                remote_keep_last=cfg.checkpoint.remote_keep_last or None,
+            )
+        except CheckpointError:
+            raise
+        except ValueError as exc:  # e.g. direct-to-remote saving with several ranks
+            raise ConfigError(f"[checkpoint]: {exc}") from exc
 
     def _check_resume_request(self) -> None:
         """An explicit checkpoint must be one; a fresh start over another run's checkpoints must be meant."""
