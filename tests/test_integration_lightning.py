@@ -102,3 +102,31 @@ def test_removal_waits_for_the_save_in_flight_and_keeps_the_old_one_if_it_failed
             io.save_checkpoint({"global_step": 3, "w": torch.ones(4 << 20)}, disk / "epoch=0-step=3.ckpt")
         io.remove_checkpoint(kept)
         assert verify_checkpoint(kept).ok, "the only good checkpoint was removed after the newer save failed"
+
+
+@pytest.fixture
+def restores_process_state():
+    """A refused strategy has already set up torch.distributed (world of one) in this process: undo it."""
+    environ = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plugin", "async-plugin"])
+def test_a_strategy_that_goes_around_checkpoint_io_is_refused_before_the_first_step(
+    wrapped, tmp_path, restores_process_state
+):
+    """ModelParallelStrategy (FSDP2) writes its own distributed checkpoints: the plugin would never see them."""
+    from lightning.pytorch.plugins import AsyncCheckpointIO
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ckptguard.errors import UnsupportedStateError
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    plugin = AsyncCheckpointIO(VerifiedCheckpointIO()) if wrapped else VerifiedCheckpointIO()
+    with pytest.raises(UnsupportedStateError, match=r"ModelParallelStrategy replaces Strategy\.save_checkpoint"):
+        lightning_run(tmp_path / "run", guarded=True, max_steps=2, strategy=ModelParallelStrategy(), plugins=[plugin])
+    assert not (tmp_path / "run").exists(), "a step ran and saved before the refusal"
