@@ -281,14 +281,17 @@ def lightning_run(
     max_steps: int,
     after_save: Callable[[int], None] | None = None,
     resume: str = "verified",
+    ballast: int = 0,
+    callbacks: tuple[Any, ...] = (),
     **trainer_args: Any,
 ) -> Any:
     """Fit the tiny model with Lightning, saving every step (top 2 by step, and last.ckpt); reports on fd 1.
 
     `guarded`: with VerifiedCheckpointIO, resuming from newest_verified_ckpt (`resume="last"`: from
     ``ckpt_path="last"``); otherwise plain Lightning, resuming from ``ckpt_path="last"``. `trainer_args`
-    replace the Trainer's (strategy, devices, plugins). Returns the Trainer, with the step it resumed at
-    in ``started_at``."""
+    replace the Trainer's (strategy, devices, plugins); `callbacks` are added to its own. `ballast`: a buffer
+    of that many float32 zeros in the module, for checkpoints that take a while to write. Returns the
+    Trainer, with the step it resumed at in ``started_at``."""
     import lightning.pytorch as pl
 
     from ckptguard.integrations.lightning import VerifiedCheckpointIO, newest_verified_ckpt
@@ -297,6 +300,7 @@ def lightning_run(
         def __init__(self) -> None:
             super().__init__()
             self.model = tiny_llama()
+            self.register_buffer("ballast", torch.zeros(ballast))
 
         def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
             return self.model(**batch).loss
@@ -321,7 +325,7 @@ def lightning_run(
         dirpath=run_dir, every_n_train_steps=1, save_top_k=2, monitor="step", mode="max", save_last=True
     )
     args: dict[str, Any] = {
-        "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "callbacks": [every_step, Report()],
+        "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "callbacks": [every_step, Report(), *callbacks],
         "plugins": [Reporting()], "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
         "num_sanity_val_steps": 0,
     }  # fmt: skip

@@ -130,3 +130,31 @@ def test_a_strategy_that_goes_around_checkpoint_io_is_refused_before_the_first_s
     with pytest.raises(UnsupportedStateError, match=r"ModelParallelStrategy replaces Strategy\.save_checkpoint"):
         lightning_run(tmp_path / "run", guarded=True, max_steps=2, strategy=ModelParallelStrategy(), plugins=[plugin])
     assert not (tmp_path / "run").exists(), "a step ran and saved before the refusal"
+
+
+def test_plain_lightning_killed_while_rewriting_last_resumes_into_a_torn_file(integration_harness, tmp_path):
+    """The hazard: with the run directory on another filesystem than TMPDIR, Lightning's move into place is a
+    copy into last.ckpt; a kill during it leaves a torn last.ckpt, which ``ckpt_path="last"`` picks."""
+    from lightningkit import BALLAST
+
+    with tmpfs(tmp_path / "disk", size="512m") as disk:
+        run = disk / "run"
+        trial = integration_harness.trial(run, 120.0, saver="lightningkit:lightning_plain_torn")
+        assert trial.killed and trial.saved == [1, 2]
+        assert (run / "last.ckpt").stat().st_size < BALLAST * 4, "last.ckpt is cut short"
+        with pytest.raises(RuntimeError, match="zip archive"):
+            lightning_run(run, guarded=False, max_steps=4, ballast=BALLAST)  # ckpt_path="last"
+
+
+def test_same_kill_with_verified_io_resumes_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    from lightningkit import BALLAST
+
+    with tmpfs(tmp_path / "disk", size="512m") as disk:
+        run = disk / "run"
+        trial = integration_harness.trial(run, 120.0, saver="lightningkit:lightning_guarded_torn")
+        assert trial.killed and trial.saved == [1, 2]
+        assert any(p.name.startswith(".staging-last.ckpt") for p in run.iterdir()), "killed mid-write of last.ckpt"
+        assert _step(run / "last.ckpt") == 2, "the last.ckpt being replaced is intact, for ckpt_path='last'"
+        assert newest_verified_ckpt(run) == str(run / "epoch=0-step=3.ckpt")
+        assert lightning_run(run, guarded=True, max_steps=4, ballast=BALLAST).started_at == 3
+        assert _step(run / "last.ckpt") == 4
