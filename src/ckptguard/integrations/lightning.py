@@ -24,10 +24,11 @@ this plugin. With it, it does two things Lightning offers the plugin no hook for
   ``CheckpointIO``, so this plugin would never see their checkpoints: they are refused with an
   UnsupportedStateError in ``setup``, before the first step.
 - Lightning calls ``CheckpointIO`` on global rank 0 only, and every rank then waits in a barrier:
-  an error raised there would strand the other ranks. With more than one rank the plugin holds a
-  failed save's error (writing and removing nothing more), and the guard raises it on every rank,
-  the same type on each, at the next hook all ranks pass (the next batch, epoch, validation or the
-  end of training). Older checkpoints stay as they were.
+  an error raised there would strand the other ranks. With more than one rank, during training,
+  the plugin holds a failed save's error (writing and removing nothing more), and the guard raises
+  it on every rank, the same type on each, at the next hook all ranks pass (the next batch, epoch,
+  validation or the end of training). Older checkpoints stay as they were. A save outside training
+  (``trainer.save_checkpoint`` after ``fit``) raises on rank 0 at once.
 """
 
 from __future__ import annotations
@@ -192,7 +193,15 @@ class LightningGuard(Callback):
         check_strategy(trainer)
         if trainer.world_size > 1 and self._coord is None:
             self._coord = Coordinator(TIMEOUT_S)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._io is not None and self._coord is not None:  # from here on, a hook follows every save
             self._io.hold_errors = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._settle()
+        if self._io is not None:  # a save after training (trainer.save_checkpoint) raises on rank 0 at once
+            self._io.hold_errors = False
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self._coord is not None:
@@ -205,8 +214,7 @@ class LightningGuard(Callback):
         step, self._unsettled = self._unsettled, None
         self._coord.agree(self._io.take_held() if self._coord.is_primary else None, None, step=step)
 
-    on_train_batch_start = on_train_epoch_start = on_train_epoch_end = _settle
-    on_validation_start = on_train_end = _settle
+    on_train_batch_start = on_train_epoch_start = on_train_epoch_end = on_validation_start = _settle
 
 
 def lightning_callbacks() -> list[Callback]:
