@@ -275,12 +275,23 @@ def accelerate_saver(run_dir: str, max_steps: int, keep_last: int, async_save: b
 
 
 def lightning_run(
-    run_dir: Path, *, guarded: bool, max_steps: int, after_save: Callable[[int], None] | None = None
+    run_dir: Path,
+    *,
+    guarded: bool,
+    max_steps: int,
+    after_save: Callable[[int], None] | None = None,
+    resume: str = "verified",
+    ballast: int = 0,
+    callbacks: tuple[Any, ...] = (),
+    **trainer_args: Any,
 ) -> Any:
     """Fit the tiny model with Lightning, saving every step (top 2 by step, and last.ckpt); reports on fd 1.
 
-    `guarded`: with VerifiedCheckpointIO, resuming from newest_verified_ckpt; otherwise plain Lightning,
-    resuming from ``ckpt_path="last"``. Returns the Trainer."""
+    `guarded`: with VerifiedCheckpointIO, resuming from newest_verified_ckpt (`resume="last"`: from
+    ``ckpt_path="last"``); otherwise plain Lightning, resuming from ``ckpt_path="last"``. `trainer_args`
+    replace the Trainer's (strategy, devices, plugins); `callbacks` are added to its own. `ballast`: a buffer
+    of that many float32 zeros in the module, for checkpoints that take a while to write. Returns the
+    Trainer, with the step it resumed at in ``started_at``."""
     import lightning.pytorch as pl
 
     from ckptguard.integrations.lightning import VerifiedCheckpointIO, newest_verified_ckpt
@@ -289,6 +300,7 @@ def lightning_run(
         def __init__(self) -> None:
             super().__init__()
             self.model = tiny_llama()
+            self.register_buffer("ballast", torch.zeros(ballast))
 
         def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
             return self.model(**batch).loss
@@ -298,6 +310,7 @@ def lightning_run(
 
     class Report(pl.Callback):
         def on_train_start(self, trainer: Any, module: Any) -> None:
+            trainer.started_at = trainer.global_step
             os.write(1, f"start {trainer.global_step}\n".encode())
 
     class Reporting(VerifiedCheckpointIO if guarded else pl.plugins.TorchCheckpointIO):  # type: ignore[misc]
@@ -311,15 +324,19 @@ def lightning_run(
     every_step = pl.callbacks.ModelCheckpoint(
         dirpath=run_dir, every_n_train_steps=1, save_top_k=2, monitor="step", mode="max", save_last=True
     )
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=[every_step, Report()], plugins=[Reporting()],
-        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+    args: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "callbacks": [every_step, Report(), *callbacks],
+        "plugins": [Reporting()], "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }  # fmt: skip
+    trainer = pl.Trainer(**(args | trainer_args))
     torch.manual_seed(0)
     module = Module()
     data = torch.utils.data.DataLoader(TokenData(), batch_size=4)
-    resume = (newest_verified_ckpt(run_dir) if guarded else "last") if run_dir.is_dir() else None
-    trainer.fit(module, data, ckpt_path=resume)
+    verified = guarded and resume == "verified"
+    trainer.fit(
+        module, data, ckpt_path=(newest_verified_ckpt(run_dir) if verified else "last") if run_dir.is_dir() else None
+    )
     return trainer
 
 

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from integrationkit import accelerate_run, hf_trainer, quiet_child, report_steps, resumed_step
+from integrationkit import accelerate_run, hf_trainer, lightning_run, quiet_child, report_steps, resumed_step
 
 
 def _rank(library: str, out: Path, mode: str, disk: str) -> None:
     """One rank of a two-process run (see :func:`ranks`); prints one JSON line with its outcome."""
     import json
     import sys
+    import time
 
     from ckptguard.errors import CheckpointError
 
@@ -30,12 +31,19 @@ def _rank(library: str, out: Path, mode: str, disk: str) -> None:
 
         def fill(step: int) -> None:
             if step == 2:
+                while any(p.name.startswith(".trash-") for p in out.iterdir()):  # a replaced checkpoint, freeing
+                    time.sleep(0.01)
                 filler.leave_bytes(64 << 10)
 
     max_steps = {"enospc": 4, "train": 10_000, "resume": 0}[mode]
     try:
         if library == "hf":
             step = _hf_rank_run(out, mode, max_steps, fill)
+        elif library == "lightning":  # "enospc" and "resume" both train to step 4
+            run = lightning_run(
+                out, guarded=True, max_steps=4, after_save=fill, resume="last", strategy="ddp", devices=2
+            )
+            step = run.started_at
         else:
             step = accelerate_run(out, guarded=True, max_steps=max_steps, after_save=fill).save_iteration
     except CheckpointError as exc:
@@ -57,8 +65,9 @@ def _hf_rank_run(out: Path, mode: str, max_steps: int, fill: Callable[[int], Non
 
 
 def ranks(library: str, out: Path, mode: str, disk: Path | None = None) -> list[Any]:
-    """Start a two-rank (gloo) run of `library` ("hf" or "accelerate") on `out`: "train" saves every step
-    until killed, "enospc" fills `disk` after step 2, "resume" only resumes. Returns the rank processes."""
+    """Start a two-rank (gloo) run of `library` ("hf", "accelerate" or "lightning") on `out`: "train" saves
+    every step until killed, "enospc" fills `disk` after step 2, "resume" only resumes (Lightning: and
+    trains to step 4). Returns the rank processes."""
     import sys
 
     from faultkit import launch_ranks
@@ -156,4 +165,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["rank"] and len(sys.argv) == 6:
         _rank(sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
-        sys.exit("usage: integrationranks.py rank hf|accelerate OUT train|enospc|resume DISK")
+        sys.exit("usage: integrationranks.py rank hf|accelerate|lightning OUT train|enospc|resume DISK")

@@ -102,3 +102,59 @@ def test_removal_waits_for_the_save_in_flight_and_keeps_the_old_one_if_it_failed
             io.save_checkpoint({"global_step": 3, "w": torch.ones(4 << 20)}, disk / "epoch=0-step=3.ckpt")
         io.remove_checkpoint(kept)
         assert verify_checkpoint(kept).ok, "the only good checkpoint was removed after the newer save failed"
+
+
+@pytest.fixture
+def restores_process_state():
+    """A refused strategy has already set up torch.distributed (world of one) in this process: undo it."""
+    environ = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plugin", "async-plugin"])
+def test_a_strategy_that_goes_around_checkpoint_io_is_refused_before_the_first_step(
+    wrapped, tmp_path, restores_process_state
+):
+    """ModelParallelStrategy (FSDP2) writes its own distributed checkpoints: the plugin would never see them."""
+    from lightning.pytorch.plugins import AsyncCheckpointIO
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from ckptguard.errors import UnsupportedStateError
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    plugin = AsyncCheckpointIO(VerifiedCheckpointIO()) if wrapped else VerifiedCheckpointIO()
+    with pytest.raises(UnsupportedStateError, match=r"ModelParallelStrategy replaces Strategy\.save_checkpoint"):
+        lightning_run(tmp_path / "run", guarded=True, max_steps=2, strategy=ModelParallelStrategy(), plugins=[plugin])
+    assert not (tmp_path / "run").exists(), "a step ran and saved before the refusal"
+
+
+def test_plain_lightning_killed_while_rewriting_last_resumes_into_a_torn_file(integration_harness, tmp_path):
+    """The hazard: with the run directory on another filesystem than TMPDIR, Lightning's move into place is a
+    copy into last.ckpt; a kill during it leaves a torn last.ckpt, which ``ckpt_path="last"`` picks."""
+    from lightningkit import BALLAST
+
+    with tmpfs(tmp_path / "disk", size="512m") as disk:
+        run = disk / "run"
+        trial = integration_harness.trial(run, 120.0, saver="lightningkit:lightning_plain_torn")
+        assert trial.killed and trial.saved == [1, 2]
+        assert (run / "last.ckpt").stat().st_size < BALLAST * 4, "last.ckpt is cut short"
+        with pytest.raises(RuntimeError, match="zip archive"):
+            lightning_run(run, guarded=False, max_steps=4, ballast=BALLAST)  # ckpt_path="last"
+
+
+def test_same_kill_with_verified_io_resumes_on_the_newest_verified_checkpoint(integration_harness, tmp_path):
+    from lightningkit import BALLAST
+
+    with tmpfs(tmp_path / "disk", size="512m") as disk:
+        run = disk / "run"
+        trial = integration_harness.trial(run, 120.0, saver="lightningkit:lightning_guarded_torn")
+        assert trial.killed and trial.saved == [1, 2]
+        assert any(p.name.startswith(".staging-last.ckpt") for p in run.iterdir()), "killed mid-write of last.ckpt"
+        assert _step(run / "last.ckpt") == 2, "the last.ckpt being replaced is intact, for ckpt_path='last'"
+        assert newest_verified_ckpt(run) == str(run / "epoch=0-step=3.ckpt")
+        assert lightning_run(run, guarded=True, max_steps=4, ballast=BALLAST).started_at == 3
+        assert _step(run / "last.ckpt") == 4

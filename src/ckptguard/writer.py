@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,9 @@ _sync_file_range = _writeback_function()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing a range now, so the disk works while we copy the rest.
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range now (`nbytes` 0: to the end), so the disk works while we copy
+    the rest.
 
     Advisory only: the fsync at the end is what makes the file durable (and reports any error).
     """
@@ -80,7 +81,7 @@ def _write_stream(path: Path, chunks: Iterable[memoryview | bytes]) -> tuple[int
                     hasher.add(piece)
                     size += len(piece)
                     if size - flushed >= WRITEBACK_EVERY:
-                        _start_writeback(fd, flushed, size - flushed)
+                        start_writeback(fd, flushed, size - flushed)
                         flushed = size
             os.fsync(fd)
         finally:
@@ -135,12 +136,13 @@ def write_files(staging: Path, plans: list[FilePlan]) -> dict[str, FileEntry]:
         return {relpath: future.result() for relpath, future in futures.items()}
 
 
-def adopt_files(staging: Path) -> dict[str, FileEntry]:
+def adopt_files(staging: Path, hashed: Mapping[Path, tuple[int, str]] | None = None) -> dict[str, FileEntry]:
     """Manifest entries for files another library wrote into `staging` (``save_pretrained``), made durable.
 
     Each file is fsynced and hashed as it is now on disk, so from here on it is published, verified
-    and loaded exactly like a file this module wrote. Links and special files are refused: a
-    checkpoint holds regular files only.
+    and loaded exactly like a file this module wrote; `hashed` gives (size, xxh3-128) of files already
+    hashed as they are now (:mod:`ckptguard.integrations.closewatch`), which are not read again. Links
+    and special files are refused: a checkpoint holds regular files only.
     """
     files: list[Path] = []
     for path in sorted(staging.rglob("*")):
@@ -150,13 +152,13 @@ def adopt_files(staging: Path) -> dict[str, FileEntry]:
         if not path.is_dir():
             files.append(path)
     with ThreadPoolExecutor(max_workers=MAX_PARALLEL_FILES) as pool:  # fsync and hash several files at once
-        adopted = list(pool.map(_adopt_file, files))
+        adopted = list(pool.map(lambda path: _adopt_file(path, (hashed or {}).get(path)), files))
     return {path.relative_to(staging).as_posix(): entry for path, entry in zip(files, adopted, strict=True)}
 
 
-def _adopt_file(path: Path) -> FileEntry:
+def _adopt_file(path: Path, hashed: tuple[int, str] | None) -> FileEntry:
     fsync_file(path)
-    size, digest = hash_file(path)
+    size, digest = hashed or hash_file(path)
     return FileEntry(size=size, xxh3_128=digest, tensors=_tensor_count(path))
 
 

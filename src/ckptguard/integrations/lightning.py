@@ -16,9 +16,19 @@ otherwise). A removal Lightning asks for waits until no save is in flight, so wi
 ``AsyncCheckpointIO(VerifiedCheckpointIO())`` the previous checkpoint is never deleted while the newer
 one is still being written, and is kept if that save failed.
 
-Lightning calls ``CheckpointIO`` on global rank 0 only, so this plugin needs no agreement between
-ranks. Sharded strategies (FSDP with sharded state, DeepSpeed) write their checkpoints without
-``CheckpointIO``: :func:`check_strategy` refuses them with a clear error.
+Lightning adds :class:`LightningGuard` to every Trainer through the ``lightning.pytorch.callbacks_factory``
+entry point ckptguard installs (:func:`lightning_callbacks`); it does nothing for a Trainer without
+this plugin. With it, it does two things Lightning offers the plugin no hook for:
+
+- Strategies that save or load their own way (FSDP, DeepSpeed, ModelParallelStrategy, XLA) go around
+  ``CheckpointIO``, so this plugin would never see their checkpoints: they are refused with an
+  UnsupportedStateError in ``setup``, before the first step.
+- Lightning calls ``CheckpointIO`` on global rank 0 only, and every rank then waits in a barrier:
+  an error raised there would strand the other ranks. With more than one rank, during training,
+  the plugin holds a failed save's error (writing and removing nothing more), and the guard raises
+  it on every rank, the same type on each, at the next hook all ranks pass (the next batch, epoch,
+  validation or the end of training). Older checkpoints stay as they were. A save outside training
+  (``trainer.save_checkpoint`` after ``fit``) raises on rank 0 at once.
 """
 
 from __future__ import annotations
@@ -31,14 +41,19 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
 
 from ckptguard import publish
-from ckptguard.errors import UnsupportedStateError
+from ckptguard.dist import Coordinator
+from ckptguard.errors import CheckpointError, UnsupportedStateError
 from ckptguard.integrations import staged
 from ckptguard.layout import SUPERSEDED_MARK
 from ckptguard.verify import verify_checkpoint
 
 log = logging.getLogger("ckptguard")
+
+TIMEOUT_S = 600.0  # bound on the ranks' agreement on a save (a dead rank becomes a CoordinationError)
 
 PAYLOAD = "checkpoint.pt"  # Lightning's checkpoint dict, as Lightning's own torch.save writes it
 
@@ -50,10 +65,14 @@ class VerifiedCheckpointIO(CheckpointIO):
         self._in_flight = 0
         self._failed = False  # the newest save failed: keep what Lightning would delete after it
         self._idle = threading.Condition()
+        self.hold_errors = False  # set by LightningGuard when there is more than one rank
+        self._held: CheckpointError | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("VerifiedCheckpointIO takes no storage_options")
+        if self._held is not None:  # a failed save waits to be raised on every rank: write nothing more
+            return
         target = Path(path)
         step = int(checkpoint.get("global_step", 0))
         with self._idle:
@@ -62,6 +81,11 @@ class VerifiedCheckpointIO(CheckpointIO):
         try:
             self._save(checkpoint, target, step)
             ok = True
+        except Exception as exc:
+            if not self.hold_errors:
+                raise
+            self._held = staged.write_error(exc, target, step)
+            log.error("save of step %d failed; raised on every rank at the next hook: %s", step, self._held)
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -86,6 +110,11 @@ class VerifiedCheckpointIO(CheckpointIO):
 
         checked = staged.require_verified(path)
         return _load(checked / PAYLOAD, map_location=map_location, weights_only=weights_only)
+
+    def take_held(self) -> CheckpointError | None:
+        """The failed save's error held for the ranks to raise together (then no longer held)."""
+        held, self._held = self._held, None
+        return held
 
     def remove_checkpoint(self, path: Any) -> None:
         with self._idle:
@@ -121,12 +150,73 @@ def newest_verified_ckpt(dirpath: str | Path) -> str | None:
 
 
 def check_strategy(trainer: Any) -> None:
-    """Raise UnsupportedStateError when `trainer`'s strategy saves sharded checkpoints, bypassing CheckpointIO."""
+    """Raise UnsupportedStateError when `trainer`'s strategy saves or loads checkpoints without CheckpointIO.
+
+    Only ``Strategy``'s own ``save_checkpoint``/``load_checkpoint`` hand the checkpoint to CheckpointIO;
+    a strategy that replaces either writes (or reads) files this plugin never sees. FSDP does so even
+    with full state dicts: it refuses to save over a checkpoint directory and loads only files.
+    """
     strategy = trainer.strategy
-    sharded = getattr(strategy, "_state_dict_type", None) == "sharded" or "deepspeed" in type(strategy).__name__.lower()
-    if sharded:
+    own = [m for m in ("save_checkpoint", "load_checkpoint") if getattr(type(strategy), m) is not getattr(Strategy, m)]
+    if own:
         raise UnsupportedStateError(
-            f"{type(strategy).__name__} writes sharded checkpoints without CheckpointIO, so VerifiedCheckpointIO "
-            "cannot commit or verify them",
-            remedy="Use a strategy with full state dicts (DDP, or FSDP with state_dict_type='full').",
+            f"{type(strategy).__name__} replaces Strategy.{own[0]}: it saves or loads checkpoints without "
+            "CheckpointIO, so VerifiedCheckpointIO could not commit or verify them",
+            remedy="Use a strategy that saves through CheckpointIO (single device, DDP), or drop VerifiedCheckpointIO.",
         )
+
+
+def _verified_io(strategy: Any) -> VerifiedCheckpointIO | None:
+    """The VerifiedCheckpointIO `strategy` was given, directly or inside a wrapper (AsyncCheckpointIO)."""
+    io = getattr(strategy, "_checkpoint_io", None)  # not the property: it installs a default plugin when unset
+    while io is not None and not isinstance(io, VerifiedCheckpointIO):
+        io = getattr(io, "_checkpoint_io", None)
+    return io
+
+
+class LightningGuard(Callback):
+    """Refuses a strategy that would go around VerifiedCheckpointIO, and raises a failed save on every rank.
+
+    The saves Lightning makes through ModelCheckpoint are counted on every rank (``on_save_checkpoint``);
+    after one, the next hook every rank passes is where they agree on its outcome: one collective per save.
+    """
+
+    def __init__(self) -> None:
+        self._io: VerifiedCheckpointIO | None = None
+        self._coord: Coordinator | None = None
+        self._unsettled: int | None = None  # the step of a save whose outcome the ranks have not agreed on
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._io = _verified_io(trainer.strategy)
+        if self._io is None:
+            return
+        check_strategy(trainer)
+        if trainer.world_size > 1 and self._coord is None:
+            self._coord = Coordinator(TIMEOUT_S)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._io is not None and self._coord is not None:  # from here on, a hook follows every save
+            self._io.hold_errors = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._settle()
+        if self._io is not None:  # a save after training (trainer.save_checkpoint) raises on rank 0 at once
+            self._io.hold_errors = False
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self._coord is not None:
+            self._unsettled = trainer.global_step
+
+    def _settle(self, *_: Any) -> None:
+        """Every rank raises the failed save's error, or none does."""
+        if self._coord is None or self._io is None or self._unsettled is None:
+            return
+        step, self._unsettled = self._unsettled, None
+        self._coord.agree(self._io.take_held() if self._coord.is_primary else None, None, step=step)
+
+    on_train_batch_start = on_train_epoch_start = on_train_epoch_end = on_validation_start = _settle
+
+
+def lightning_callbacks() -> list[Callback]:
+    """The ``lightning.pytorch.callbacks_factory`` entry point: Lightning adds these to every Trainer."""
+    return [LightningGuard()]

@@ -1,10 +1,12 @@
 """A staged save of files another library writes: the one sequence every integration follows.
 
     1. :func:`begin`: rank 0 creates one staging directory in the run directory; every rank gets its path
-    2. every rank lets its library write into it (the library's own save, pointed there)
+    2. every rank lets its library write into it (the library's own save, pointed there), while rank 0
+       hashes each file as soon as it is closed (:mod:`ckptguard.integrations.closewatch`)
     3. :func:`finish`: the ranks agree (a failure on any rank becomes the same typed error on every rank,
-       and the staging directory is removed); rank 0 fsyncs and hashes what was written, and
-       :func:`ckptguard.publish.publish` writes the manifest, renames into place, verifies and moves LATEST
+       and the staging directory is removed); rank 0 fsyncs what was written and hashes what was not
+       hashed yet, and :func:`ckptguard.publish.publish` writes the manifest, renames into place,
+       verifies and moves LATEST
     4. only then does rotation delete older checkpoints, through :func:`ckptguard.publish.remove`
 
 Resume goes through :func:`newest_verified`: the newest checkpoint (by save sequence) whose every
@@ -30,6 +32,7 @@ from ckptguard.errors import (
     remedy_for_errno,
 )
 from ckptguard.events import EventLog
+from ckptguard.integrations.closewatch import CloseWatch
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import Manifest, library_versions
 from ckptguard.pruning import Pruner
@@ -37,7 +40,13 @@ from ckptguard.verify import verify_checkpoint
 
 log = logging.getLogger("ckptguard")
 
-LEVEL = "full"  # re-read every byte and compare with the hash taken when it was adopted
+LEVEL = "full"  # loading and resume: re-read every byte and compare with the hash taken when it was adopted
+# Right after the commit: every file was hashed by reading it back after the library wrote it (the
+# library's bytes never pass through ckptguard's memory), so a second read of the same page cache
+# would prove nothing the first did not; what the commit must still prove is that the published
+# directory holds exactly the manifest's files at their sizes.
+COMMIT_LEVEL = "quick"
+_watches: dict[Path, CloseWatch] = {}  # rank 0's watch on each staging directory, from begin to commit
 _OS_CODE = re.compile(r"\(os error (\d+)\)")  # safetensors reports OS errors as text: `... (os error 28)`
 
 
@@ -47,10 +56,12 @@ def begin(coord: Coordinator, run_dir: Path, step: int) -> Path:
     def create() -> str:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            return str(publish.create_staging(run_dir, checkpoint_name(step)))
+            staging = publish.create_staging(run_dir, checkpoint_name(step))
         except OSError as exc:
             what = "could not create the staging directory"
             raise from_os_error(WriteError, what, exc, path=run_dir, step=step) from exc
+        _watches[staging] = CloseWatch(staging)
+        return str(staging)
 
     return Path(coord.on_primary(create, step=step))
 
@@ -99,6 +110,7 @@ def finish(
         coord.agree(error, None, step=step)
     except CheckpointError as exc:
         if coord.is_primary:
+            _stop_watch(staging)
             publish.discard_staging(staging)
             events.emit("save_failed", step=step, path=target, error=exc.summary())
         raise
@@ -127,13 +139,22 @@ def commit(
     `written` (default: `staging`) durable, hash them and publish them as `target`. The staging directory
     is gone afterwards, whatever happened; a failure is logged and raised as a CheckpointError."""
     events = EventLog(target.parent)
+    watch = _watches.pop(staging, None)
     try:
-        return _commit(staging, written or staging, target, step, world_size, metrics or {}, prepare, events)
+        return _commit(staging, written or staging, target, step, world_size, metrics or {}, prepare, events, watch)
     except CheckpointError as exc:
         events.emit("save_failed", step=step, path=target, error=exc.summary())
         raise
     finally:
+        if watch is not None:
+            watch.abandon()
         publish.discard_staging(staging)  # gone already when the written directory is staging itself
+
+
+def _stop_watch(staging: Path) -> None:
+    watch = _watches.pop(staging, None)
+    if watch is not None:
+        watch.abandon()
 
 
 def _commit(
@@ -145,12 +166,13 @@ def _commit(
     metrics: Mapping[str, float],
     prepare: Callable[[], None] | None,
     events: EventLog,
+    watch: CloseWatch | None,
 ) -> Path:
     started = time.monotonic()
     try:
         if prepare is not None:
             prepare()
-        files = writer.adopt_files(written)
+        files = writer.adopt_files(written, watch.finish() if watch is not None else None)
         manifest = Manifest(
             step=step,
             sequence=next_sequence(target.parent),
@@ -160,7 +182,7 @@ def _commit(
             metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
             versions=library_versions(),
         )
-        publish.publish(written, target, manifest, level=LEVEL, latest=True, events=events)
+        publish.publish(written, target, manifest, level=COMMIT_LEVEL, latest=True, events=events)
     except OSError as exc:
         what = "could not make the written files durable"
         raise from_os_error(WriteError, what, exc, path=staging, step=step) from exc

@@ -1,0 +1,71 @@
+"""The commit's early hashes (rank 0 hashes each file a library closes while it writes the next) never decide
+what a checkpoint holds: whatever a library does to a file after closing it, the manifest describes the
+file as the commit finds it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from ckptguard import verify_checkpoint
+from ckptguard.dist import Coordinator
+from ckptguard.errors import WriteError
+from ckptguard.integrations import staged
+
+SIZE = 4 << 20
+
+
+def _save(run_dir, write):
+    """One staged save of step 1 whose library is `write(staging)`; the committed checkpoint."""
+    coord = Coordinator(60)
+    staging = staged.begin(coord, run_dir, 1)
+    write(staging)
+    time.sleep(0.3)  # long enough for the early hashes of what `write` closed to be taken
+    return staged.finish(coord, staging, run_dir / "checkpoint-1", 1, None)
+
+
+def test_a_file_patched_after_its_close_through_a_handle_still_open_is_hashed_as_it_ends(tmp_path):
+    """Same size, the modification time put back by hand, and no second close before the commit: only the
+    write itself tells that the hash taken at the first close is stale."""
+    coord = Coordinator(60)
+    staging = staged.begin(coord, tmp_path, 1)
+    path = staging / "weights.bin"
+    path.write_bytes(os.urandom(SIZE))
+    time.sleep(0.3)  # long enough for its early hash to be taken
+    before = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(SIZE // 2)
+        fh.write(b"patched")
+        fh.flush()
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        target = staged.finish(coord, staging, tmp_path / "checkpoint-1", 1, None)
+    report = verify_checkpoint(target, "full")
+    assert report.ok, report.reason
+
+
+def test_files_written_under_a_temporary_name_and_renamed_are_hashed_under_their_own(tmp_path):
+    def write(staging):
+        for name in ("model.bin", "optimizer.bin"):
+            (staging / "part.tmp").write_bytes(os.urandom(SIZE))
+            time.sleep(0.1)
+            os.rename(staging / "part.tmp", staging / name)
+        (staging / "sub").mkdir()
+        (staging / "sub" / "state.json").write_text("{}")
+
+    target = _save(tmp_path, write)
+    report = verify_checkpoint(target, "full")
+    assert report.ok, report.reason
+    assert set(report.manifest.files) == {"model.bin", "optimizer.bin", "sub/state.json"}
+
+
+def test_a_failed_save_leaves_no_watch_running(tmp_path):
+    coord = Coordinator(60)
+    staging = staged.begin(coord, tmp_path, 1)
+    (staging / "weights.bin").write_bytes(os.urandom(SIZE))
+    with pytest.raises(WriteError):
+        staged.finish(coord, staging, tmp_path / "checkpoint-1", 1, WriteError("the library failed", step=1))
+    assert not staging.exists()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("ckptguard-close")]
