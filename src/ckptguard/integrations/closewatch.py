@@ -18,11 +18,8 @@ what a checkpoint holds.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import select
-import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,13 +28,14 @@ from pathlib import Path
 from ckptguard.hashing import hash_file
 from ckptguard.writer import start_writeback
 
+try:  # Linux only; elsewhere every file is hashed at commit, as the watch only ever saves time
+    from inotify_simple import INotify
+    from inotify_simple import flags as F
+except ImportError:  # pragma: no cover - not Linux
+    INotify = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger("ckptguard")
 
-_IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_FROM, _IN_MOVED_TO = 0x2, 0x8, 0x40, 0x80
-_IN_CREATE, _IN_DELETE, _IN_Q_OVERFLOW, _IN_ISDIR = 0x100, 0x200, 0x4000, 0x40000000
-_MASK = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
-_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, 0o2000000
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length; the name follows
 HASHERS = 2
 
 
@@ -55,77 +53,68 @@ def identity(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_ino, st.st_mtime_ns
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.inotify_init1, libc.inotify_add_watch  # noqa: B018 (present on Linux only)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-_LIBC = _libc()
-
-
 class CloseWatch:
     """Watches `root` (and directories created under it) from construction until :meth:`finish`."""
 
+    _MASK = (F.MODIFY | F.CLOSE_WRITE | F.MOVED_FROM | F.MOVED_TO | F.CREATE | F.DELETE) if INotify else 0
+
     def __init__(self, root: Path) -> None:
-        self._fd = _LIBC.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC) if _LIBC is not None else -1
+        self._inotify = self._open()
         self._dirs: dict[int, Path] = {}
         self._generation: dict[Path, int] = {}  # bumped by every event that may change a file
         self._pending: dict[Path, tuple[int, Future[EarlyHash]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=HASHERS, thread_name_prefix="ckptguard-early-hash")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if self._fd >= 0 and self._watch(root):
+        if self._inotify is not None and self._watch(root):
             self._thread = threading.Thread(target=self._run, name="ckptguard-closewatch", daemon=True)
             self._thread.start()
 
+    @staticmethod
+    def _open() -> INotify | None:
+        if INotify is None:
+            return None
+        try:
+            return INotify(nonblocking=True)
+        except OSError as exc:  # out of inotify instances, say
+            log.debug("no inotify (%s): hashing at commit", exc)
+            return None
+
     def _watch(self, directory: Path) -> bool:
-        wd = _LIBC.inotify_add_watch(self._fd, os.fsencode(directory), _MASK) if _LIBC is not None else -1
-        if wd < 0:
-            log.debug("no inotify watch on %s (errno %d): hashing at commit", directory, ctypes.get_errno())
+        assert self._inotify is not None
+        try:
+            wd = self._inotify.add_watch(directory, self._MASK)
+        except OSError as exc:
+            log.debug("no inotify watch on %s (%s): hashing at commit", directory, exc)
             return False
         self._dirs[wd] = directory
         return True
 
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
         while not self._stop.is_set():
-            if poller.poll(20):
-                self._drain()
+            self._drain(timeout_ms=20)
 
-    def _drain(self) -> None:
-        """Read every queued event and act on it."""
-        while True:
-            try:
-                buf = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                return
-            offset = 0
-            while offset < len(buf):
-                wd, mask, _, length = _EVENT.unpack_from(buf, offset)
-                name = buf[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
-                offset += _EVENT.size + length
-                self._event(wd, mask, name)
+    def _drain(self, timeout_ms: int = 0) -> None:
+        """Act on every queued event (waiting up to `timeout_ms` for the first)."""
+        assert self._inotify is not None
+        for event in self._inotify.read(timeout=timeout_ms):
+            self._event(event.wd, event.mask, event.name)
 
-    def _event(self, wd: int, mask: int, name: bytes) -> None:
-        if mask & _IN_Q_OVERFLOW:  # events were lost: no early hash can be trusted
+    def _event(self, wd: int, mask: int, name: str) -> None:
+        if mask & F.Q_OVERFLOW:  # events were lost: no early hash can be trusted
             self._generation = {path: gen + 1 for path, gen in self._generation.items()}
             self._pending.clear()
             return
         if wd not in self._dirs or not name:
             return
-        path = self._dirs[wd] / os.fsdecode(name)
-        if mask & _IN_ISDIR:
-            if mask & _IN_CREATE:
+        path = self._dirs[wd] / name
+        if mask & F.ISDIR:
+            if mask & F.CREATE:
                 self._watch(path)
             return
         generation = self._generation.get(path, 0) + 1
         self._generation[path] = generation
-        if mask & _IN_CLOSE_WRITE:
+        if mask & F.CLOSE_WRITE:
             self._pending[path] = (generation, self._pool.submit(_hash_closed, path))
 
     def finish(self) -> dict[Path, tuple[int, str]]:
@@ -159,9 +148,9 @@ class CloseWatch:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _close_fd(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
 
 
 def _hash_closed(path: Path) -> EarlyHash:
