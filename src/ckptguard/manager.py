@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ckptguard import discovery, preflight, publish, retention, snapshot, writer
+from ckptguard import discovery, preflight, publish, retention, sharded, snapshot, writer
 from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
@@ -207,6 +207,9 @@ class CheckpointManager:
             except ValueError as exc:
                 error = WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
             every_rank_files = self._coord.agree(error, files, step=step)
+            if snap.sharded:  # FSDP2 entries: every rank writes its shards into the same staging, through DCP
+                shards = sharded.save(staging, snap.sharded, coord=self._coord, step=step)
+                every_rank_files += self._coord.agree(None, shards, step=step)
             # 3. rank 0 writes the manifest, renames into place, verifies, points LATEST, prunes
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
             path = self._coord.on_primary(lambda: self._commit(step, staging, merged, metrics, snap), step=step)
