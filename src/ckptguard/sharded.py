@@ -31,6 +31,7 @@ import xxhash
 
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.hashing import hash_file
+from ckptguard.lora import is_peft_model
 from ckptguard.manifest import FileEntry, Manifest
 
 SHARDED_DIR = "sharded"  # inside a checkpoint: DCP's files (one or more per rank, and .metadata)
@@ -66,6 +67,13 @@ def _owner(state: Mapping[str, Any], name: str, optim: torch.optim.Optimizer) ->
     )
 
 
+def _options(**full: bool) -> Any:
+    """Frozen parameters (a LoRA run's base model) are the user's to load, never part of a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **full)
+
+
 def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
     """DCP state dicts of the sharded entries of `state` (views of the live shards, not copies)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -73,10 +81,25 @@ def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in state.items():
         if is_fsdp_module(value):
-            out[name] = get_model_state_dict(value)  # type: ignore[arg-type]
+            out[name] = get_model_state_dict(value, options=_options())  # type: ignore[arg-type]
         elif is_sharded(value):
             out[name] = get_optimizer_state_dict(_owner(state, name, value), value)
     return out
+
+
+def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """The sharded PEFT model of `state` and its full tensors, on the CPU of rank 0 only (a collective).
+
+    Frozen ones too: PEFT puts some base weights in an adapter (an adapted lm_head's, say), and
+    which ones is PEFT's decision (:func:`ckptguard.lora.adapter_state`), taken from the full dict.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    for value in state.values():
+        if is_fsdp_module(value) and is_peft_model(value):
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return value, get_model_state_dict(value, options=options)
+    return None
 
 
 def host_copy(sd: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +331,7 @@ def apply_entry(state: Mapping[str, Any], name: str, loaded: Any) -> None:
 
     value = state[name]
     if is_fsdp_module(value):
-        set_model_state_dict(value, loaded)
+        # not strict: frozen weights are not in it; DCP's load already refused a checkpoint lacking a trained one
+        set_model_state_dict(value, loaded, options=_options(strict=False))
     else:
         set_optimizer_state_dict(_owner(state, name, value), value, loaded)

@@ -153,6 +153,9 @@ def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], r
             except (TypeError, ValueError) as exc:  # tree.encode / json.dumps on values they cannot hold
                 raise UnsupportedStateError(f"state entry {name!r} cannot be saved: {exc}") from exc
     snap.sharded = sharded.state_dicts(state)
+    gathered = sharded.full_adapter(state)  # a collective: every rank sends its shards, rank 0 keeps them
+    if gathered is not None and rank == 0:  # so PeftModel.from_pretrained and export work as for DDP runs
+        snap.files.extend(peft_files(*gathered))
     for plan in snap.files:
         for key, tensor in (plan.tensors or {}).items():
             problem = tensor_problem(tensor)
@@ -196,9 +199,9 @@ def _json_bytes(doc: Any) -> bytes:
         raise ValueError(f"not JSON-serialisable: {exc}") from None
 
 
-def peft_files(model: Any) -> list[FilePlan]:
+def peft_files(model: Any, state_dict: dict[str, Any] | None = None) -> list[FilePlan]:
     """The adapter weights and config of a PEFT model's active adapter, as PEFT lays them out."""
-    weights, config = adapter_state(model)
+    weights, config = adapter_state(model, state_dict)
     return [FilePlan(ADAPTER_WEIGHTS, tensors=weights), FilePlan(ADAPTER_CONFIG, data=config)]
 
 
