@@ -5,8 +5,9 @@ as torchrun wires them); each rank prints one JSON line: what it saved or restor
 the full (gathered) parameters and optimizer moments, or the typed error it raised. Modes:
 
 * ``train``    6 steps, saves after steps 1 and 2 (the 2nd with ``ARG`` = a fault: ``kill1`` SIGKILLs
-               rank 1 while it writes its shard, ``fill`` fills the disk at ``ARG2`` first), and
-               reports the fingerprint of the state after every step;
+               rank 1 while it writes its shard, ``fill`` fills the disk at ``ARG2`` first; or
+               ``async``: in the background while step 3 changes the shards), and reports the
+               fingerprint of the state after every step;
 * ``resume``   a model built from another seed restores the newest checkpoint, reports its step and
                fingerprint, takes the next step and reports again (exact resume: equal to ``train``'s);
 * ``loop``     saves after every step until killed (SIGKILL of the whole job mid-save).
@@ -99,12 +100,40 @@ def _main(mode: str, run_dir: str, arg: str, arg2: str) -> dict[str, Any]:
         if step <= 2 or mode == "loop":
             start = time.monotonic()
             try:
-                mgr.save(step, state)
+                if arg == "async" and step == 2:
+                    _save_then_scribble(mgr, step, state)
+                else:
+                    mgr.save(step, state)
             except CheckpointError as exc:
                 return {**_error(exc), "seconds": time.monotonic() - start}
         trace[step] = fingerprint(model, opt)
     mgr.close()
     return {"ok": True, "trace": trace}
+
+
+def _save_then_scribble(mgr: Any, step: int, state: dict[str, Any]) -> None:
+    """A background save, then at once what a training step may do to the shards: overwrite them in place.
+
+    The save must hold the values of its step; they are put back once it has finished.
+    """
+    import torch
+
+    live = [t.to_local() for t in _shards(state)]
+    kept = [t.clone() for t in live]
+    mgr.save(step, state, blocking=False)
+    with torch.no_grad():
+        for t in live:
+            t.fill_(7.0)
+    mgr.wait()
+    with torch.no_grad():
+        for t, old in zip(live, kept, strict=True):
+            t.copy_(old)
+
+
+def _shards(state: dict[str, Any]) -> list[Any]:
+    model, opt = state["model"], state["optimizer"]
+    moments = [v for p in model.parameters() for k, v in opt.state[p].items() if k != "step"]
+    return [*model.parameters(), *moments]
 
 
 def _kill_while_writing() -> None:

@@ -68,6 +68,17 @@ def test_one_rank_checkpoint_restores_on_two_ranks(tmp_path: Path) -> None:
     assert (report["step"], report["restored"]) == (2, saved["trace"]["2"])
 
 
+def test_background_save_holds_the_shards_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
+    reports = run_ranks("train", tmp_path / "run", arg="async")
+    assert all(r["ok"] for r in reports), reports
+    report = _resumed(tmp_path / "run")
+    assert (report["step"], report["restored"], report["next"]) == (
+        2,
+        reports[0]["trace"]["2"],
+        reports[0]["trace"]["3"],
+    )
+
+
 def test_flipped_bit_in_one_shard_file_is_named_and_resume_takes_the_previous(
     trained: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
