@@ -206,10 +206,9 @@ class CheckpointManager:
                 error = from_os_error(WriteError, "could not write checkpoint file", exc, step=step)
             except ValueError as exc:
                 error = WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
+            if snap.sharded:  # FSDP2 entries: every rank (even one whose files failed) writes its shards via DCP
+                files = {**files, **sharded.save(staging, snap.sharded, coord=self._coord, step=step)}
             every_rank_files = self._coord.agree(error, files, step=step)
-            if snap.sharded:  # FSDP2 entries: every rank writes its shards into the same staging, through DCP
-                shards = sharded.save(staging, snap.sharded, coord=self._coord, step=step)
-                every_rank_files += self._coord.agree(None, shards, step=step)
             # 3. rank 0 writes the manifest, renames into place, verifies, points LATEST, prunes
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
             path = self._coord.on_primary(lambda: self._commit(step, staging, merged, metrics, snap), step=step)

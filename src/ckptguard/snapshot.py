@@ -138,6 +138,12 @@ def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], r
     """
     check_names(state)
     snap = Snapshot()
+    # First, before any user code can fail on one rank and leave the others waiting in this collective:
+    # every rank sends its shards of a sharded PEFT model, rank 0 keeps the full adapter (PEFT layout)
+    snap.sharded = sharded.state_dicts(state)
+    gathered = sharded.full_adapter(state)
+    if gathered is not None and rank == 0:
+        snap.files.extend(peft_files(*gathered))
     entries: dict[str, Any] = {}
     for name, value in state.items():
         is_per_rank = isinstance(value, PerRank)
@@ -152,10 +158,6 @@ def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], r
                 _take_entry(snap, name, value.obj if is_per_rank else value, record, rank)
             except (TypeError, ValueError) as exc:  # tree.encode / json.dumps on values they cannot hold
                 raise UnsupportedStateError(f"state entry {name!r} cannot be saved: {exc}") from exc
-    snap.sharded = sharded.state_dicts(state)
-    gathered = sharded.full_adapter(state)  # a collective: every rank sends its shards, rank 0 keeps them
-    if gathered is not None and rank == 0:  # so PeftModel.from_pretrained and export work as for DDP runs
-        snap.files.extend(peft_files(*gathered))
     for plan in snap.files:
         for key, tensor in (plan.tensors or {}).items():
             problem = tensor_problem(tensor)
