@@ -76,13 +76,17 @@ def _options(**full: bool) -> Any:
 
 def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
     """DCP state dicts of the sharded entries of `state` (views of the live shards, not copies)."""
+    names = [name for name, value in state.items() if is_sharded(value)]
+    if not names:  # DCP's state_dict module takes seconds to import: only runs that shard pay for it
+        return {}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     out: dict[str, Any] = {}
-    for name, value in state.items():
+    for name in names:
+        value = state[name]
         if is_fsdp_module(value):
-            out[name] = get_model_state_dict(value, options=_options())  # type: ignore[arg-type]
-        elif is_sharded(value):
+            out[name] = get_model_state_dict(value, options=_options())
+        else:
             out[name] = get_optimizer_state_dict(_owner(state, name, value), value)
     return out
 
@@ -93,10 +97,10 @@ def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
     Frozen ones too: PEFT puts some base weights in an adapter (an adapted lm_head's, say), and
     which ones is PEFT's decision (:func:`ckptguard.lora.adapter_state`), taken from the full dict.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     for value in state.values():
         if is_fsdp_module(value) and is_peft_model(value):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return value, get_model_state_dict(value, options=options)
     return None
@@ -104,6 +108,8 @@ def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
 
 def host_copy(sd: dict[str, Any]) -> dict[str, Any]:
     """A copy of state dicts whose tensors no training step can change (for a save in the background)."""
+    if not sd:
+        return sd
     from torch.utils._pytree import tree_map_only
 
     return tree_map_only(torch.Tensor, lambda t: t.detach().clone(), sd)
