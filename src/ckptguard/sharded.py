@@ -31,10 +31,10 @@ import xxhash
 
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.hashing import hash_file
+from ckptguard.layout import DCP_METADATA, SHARDED_DIR
 from ckptguard.lora import is_peft_model
 from ckptguard.manifest import FileEntry, Manifest
-
-SHARDED_DIR = "sharded"  # inside a checkpoint: DCP's files (one or more per rank, and .metadata)
+from ckptguard.verify import hash_mismatch, size_mismatch
 
 
 def is_fsdp_module(obj: Any) -> bool:
@@ -249,12 +249,10 @@ def check_files(path: Path, manifest: Manifest) -> None:
             size, digest = hash_file(path / relpath)
         except OSError as exc:
             raise CorruptCheckpointError(f"{relpath} cannot be read ({exc.strerror})", path=path / relpath) from exc
-        if (size, digest) != (entry.size, entry.xxh3_128):
-            raise CorruptCheckpointError(
-                f"{relpath}: holds {size} bytes with xxh3-128 {digest}; the manifest says {entry.size} bytes, "
-                f"{entry.xxh3_128}",
-                path=path / relpath,
-            )
+        if size != entry.size:
+            raise CorruptCheckpointError(f"{relpath}: {size_mismatch(size, entry)}", path=path / relpath)
+        if digest != entry.xxh3_128:
+            raise CorruptCheckpointError(f"{relpath}: {hash_mismatch(digest, entry)}", path=path / relpath)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -286,7 +284,7 @@ def _reader(root: Path) -> Any:
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
-            with open(root / ".metadata", "rb") as fh:
+            with open(root / DCP_METADATA, "rb") as fh:
                 metadata = _MetadataUnpickler(fh).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
