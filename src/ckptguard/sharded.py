@@ -106,8 +106,11 @@ def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
     return None
 
 
-def host_copy(sd: dict[str, Any]) -> dict[str, Any]:
-    """A copy of state dicts whose tensors no training step can change (for a save in the background)."""
+def copy_shards(sd: dict[str, Any]) -> dict[str, Any]:
+    """A copy of state dicts that no training step can change (a background save; a restore loads into one).
+
+    Tensors are copied on their own device; DCP moves each to the host as it writes it.
+    """
     if not sd:
         return sd
     from torch.utils._pytree import tree_map_only
@@ -319,7 +322,7 @@ def load(path: Path, state: Mapping[str, Any], *, coord: Any) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    target = host_copy(state_dicts(state))
+    target = copy_shards(state_dicts(state))
     try:
         dcp.load(target, storage_reader=_reader(path / SHARDED_DIR), planner=_planner(), process_group=coord.group)
     except CheckpointException as exc:

@@ -239,7 +239,7 @@ class HostBuffers:
                 if plan.tensors is not None:
                     plan.tensors = {k: self._copy(plan.relpath, k, t, memcpys) for k, t in plan.tensors.items()}
         _parallel_memcpy(memcpys)
-        snap.sharded = sharded.host_copy(snap.sharded)
+        snap.sharded = sharded.copy_shards(snap.sharded)
         if not cuda:
             return None
         torch.cuda.current_stream().wait_stream(self._stream)
