@@ -12,7 +12,7 @@ HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
 
-.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs bench-s3 fuzz powercut clean browser fuse integration-trials
+.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs bench-s3 bench-sharded fuzz powercut clean browser fuse integration-trials
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,10 @@ bench: $(VENV)/.installed
 # object storage: ckptguard's upload and download+verify against boto3's transfers, on a local moto server
 bench-s3: $(VENV)/.installed
 	$(PY) bench/objectstore.py
+
+# FSDP2 sharded saves on two gloo ranks: ckptguard against plain dcp.save / dcp.async_save (bench/sharded.py)
+bench-sharded: $(VENV)/.installed
+	$(PY) bench/sharded.py
 
 # the hostile-input properties of `make test`, with 20,000 examples each instead of 150
 fuzz: $(VENV)/.installed

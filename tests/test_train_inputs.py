@@ -31,7 +31,7 @@ def train_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     [
         ("train.max_step=5", "error: --set train.max_step: unknown key train.max_step; allowed keys in [train]: "
          "batch_size, device, eval_batches, eval_every, grad_accum, log_every, max_steps, on_nonfinite, precision, "
-         "progress_bar, seed"),
+         "progress_bar, seed, strategy"),
         ("trainer.max_steps=5", "error: --set trainer.max_steps: unknown section [trainer]; allowed sections: "
          "checkpoint, data, lora, model, optim, train"),
         ("train.batch_size=two", "error: train.batch_size: expected an integer, got 'two'"),
@@ -59,7 +59,8 @@ def test_bad_config_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFi
     run.write_text("[train]\nmax_steps = 10\nlearning_rate = 0.1\n")
     assert train_error(capsys, "--config", str(run)) == (
         f"error: {run}: unknown key train.learning_rate; allowed keys in [train]: batch_size, device, "
-        "eval_batches, eval_every, grad_accum, log_every, max_steps, on_nonfinite, precision, progress_bar, seed"
+        "eval_batches, eval_every, grad_accum, log_every, max_steps, on_nonfinite, precision, progress_bar, seed, "
+        "strategy"
     )
     run.write_text("[train\n")
     assert train_error(capsys, "--config", str(run)).startswith(f"error: {run} is not valid TOML: ")

@@ -82,17 +82,34 @@ class Coordinator:
                 raise from_summary(error)
         return [v for v, _ in gathered]
 
+    @property
+    def group(self) -> Any:
+        """The coordination group (gloo, with the timeout), for engines that run their own collectives; None alone."""
+        return self._group
+
     def _collective(self, op: Callable[[], None], step: int | None) -> None:
+        def reached(arrived: Callable[[], None]) -> None:
+            arrived()
+            op()
+
+        self.guarded(reached, step=step, missing="never reached it")
+
+    def guarded(self, op: Callable[[Callable[[], None]], T], *, step: int | None, missing: str) -> T:
+        """Run `op`, a stretch of collectives; when one fails, name the ranks that never marked their part done.
+
+        `op` calls the function it is given once this rank's share is done (for a plain collective:
+        on arrival; for a sharded write: once its files are written), so a rank killed before that
+        point is the one named, in the words of `missing` ("rank 1 never ...").
+        """
         self._calls += 1
         key = f"ckptguard/{getattr(self._group, 'group_name', '')}/{self._calls}/"
-        self._store_call(lambda store: store.set(f"{key}{self.rank}", "1"))
         try:
-            op()
+            result = op(lambda: self._store_call(lambda store: store.set(f"{key}{self.rank}", "1")))
         except (RuntimeError, ConnectionError) as exc:  # gloo reports timeouts and dead peers as these
             absent = self._store_call(
                 lambda store: [r for r in range(self.world_size) if not store.check([f"{key}{r}"])]
             )
-            who = f"rank {', '.join(map(str, absent))} never reached it" if absent else "another rank died or hung"
+            who = f"rank {', '.join(map(str, absent))} {missing}" if absent else "another rank died or hung"
             raise CoordinationError(
                 f"ranks could not agree on the save within {self.timeout_s:g}s: {who} "
                 f"(this is rank {self.rank}; {str(exc).splitlines()[0]})",
@@ -100,6 +117,7 @@ class Coordinator:
                 rank=absent[0] if absent and len(absent) == 1 else None,
             ) from exc
         self._store_call(lambda store: store.delete_key(f"{key}{self.rank}"))  # a long run leaves no keys behind
+        return result
 
     def _store_call(self, fn: Callable[[Any], T]) -> T | None:
         """A store operation for diagnosis only: never the reason a save fails or hangs."""

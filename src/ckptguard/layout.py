@@ -6,6 +6,7 @@ format is one edit and a grep for a name finds every user of it::
     runs/exp1/
       .ckptguard.lock  LATEST  events.jsonl
       checkpoint-400/            MANIFEST.json, adapter_model.safetensors, adapter_config.json, state/...
+                                 (+ sharded/: DCP's shard files and .metadata, for FSDP2 state)
       .staging-checkpoint-600-<nonce>/      .trash-*      checkpoint-N.superseded-<time>/
       checkpoint-N.corrupt-<time>-<id>/     checkpoint-N.unfinished-<time>-<id>/
 
@@ -31,6 +32,9 @@ OWNER_NAME = ".ckptguard.lock.owner"
 PROBE_PREFIX = ".ckptguard-probe-"
 MARKER_NAME = "COMMITTED"
 LEASE_NAME = ".ckptguard.lease"
+
+SHARDED_DIR = "sharded"  # in a checkpoint: DCP's shard files (__{rank}_{n}.distcp) of FSDP2 state
+DCP_METADATA = ".metadata"  # DCP's index of the shards, in SHARDED_DIR, written by rank 0
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"

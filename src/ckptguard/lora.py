@@ -48,13 +48,18 @@ def active_adapter(model: Any) -> str:
     return active if isinstance(active, str) else model.active_adapters[0]
 
 
-def adapter_state(model: Any) -> tuple[dict[str, torch.Tensor], bytes]:
-    """The active adapter's tensors (PEFT's key names) and its adapter_config.json bytes."""
+def adapter_state(model: Any, state_dict: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The active adapter's tensors (PEFT's key names) and its adapter_config.json bytes.
+
+    `state_dict` stands in for the model's own when its parameters are shards (FSDP): the full
+    tensors gathered from every rank.
+    """
     from peft import get_peft_model_state_dict
 
     model = unwrap_model(model)
     name = active_adapter(model)
-    weights = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    found = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+    weights = {k: v.detach() for k, v in found.items()}
     if not weights:
         raise ValueError(
             "the PEFT model's adapter is empty (no trainable adapter tensors); check target_modules "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ckptguard import discovery, preflight, publish, retention, snapshot, writer
+from ckptguard import discovery, preflight, publish, retention, sharded, snapshot, writer
 from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
@@ -194,6 +194,8 @@ class CheckpointManager:
                 error = from_os_error(WriteError, "could not write checkpoint file", exc, step=step)
             except ValueError as exc:
                 error = WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
+            if snap.sharded:  # FSDP2 entries: every rank (even one whose files failed) writes its shards via DCP
+                files = {**files, **sharded.save(staging, snap.sharded, coord=self._coord, step=step)}
             every_rank_files = self._coord.agree(error, files, step=step)
             # 3. rank 0 writes the manifest, renames into place, verifies, points LATEST, prunes
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}

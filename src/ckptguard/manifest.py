@@ -37,11 +37,16 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint as it was written."""
+    """One file of a checkpoint as it was written; `rank` is set for a sharded file, by the rank that wrote it."""
 
     size: int
     xxh3_128: str
     tensors: int = 0
+    rank: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"size": self.size, "xxh3_128": self.xxh3_128, "tensors": self.tensors}
+        return doc if self.rank is None else {**doc, "rank": self.rank}
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,7 @@ class Manifest:
             "tensor_count": self.tensor_count,
             "metrics": encode_metrics(self.metrics),
             "versions": self.versions,
-            "files": {
-                path: {"size": e.size, "xxh3_128": e.xxh3_128, "tensors": e.tensors}
-                for path, e in sorted(self.files.items())
-            },
+            "files": {path: e.to_json() for path, e in sorted(self.files.items())},
         }
         body["checksum"] = _checksum(body)
         return (json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
@@ -204,6 +206,7 @@ def parse_manifest(data: bytes) -> Manifest:
             size=_int(entry.get("size"), f"size of {path!r}"),
             xxh3_128=digest,
             tensors=_int(entry.get("tensors", 0), f"tensor count of {path!r}"),
+            rank=None if entry.get("rank") is None else _int(entry.get("rank"), f"rank of {path!r}"),
         )
     created = _require(body, "created", (int, float))
     if not 0 <= created <= 1e12:  # seconds since 1970: up to the year 33658

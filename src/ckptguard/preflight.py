@@ -171,7 +171,12 @@ def probe_writable(run_dir: Path) -> None:
 
 
 def probe_every_rank(run_dir: Path, coord: Coordinator) -> None:
-    """The write probe on every rank but the first (which probed in :func:`prepare`); all raise alike."""
+    """The write probe on every rank but the first (which probed in :func:`prepare`), then the shared check.
+
+    Every rank writes into rank 0's staging directory, so every rank must see rank 0's run
+    directory: ranks on node-local disks would each commit a different part of a checkpoint.
+    All ranks raise alike.
+    """
     if coord.world_size == 1:
         return
     error = None
@@ -181,6 +186,28 @@ def probe_every_rank(run_dir: Path, coord: Coordinator) -> None:
         except CheckpointError as exc:
             error = exc
     coord.agree(error, None)
+    marker = coord.on_primary(lambda: _shared_marker(run_dir))
+    seen = coord.agree(None, (run_dir / marker).is_dir())
+    if coord.is_primary:  # every rank has looked: all_gather returns only once all contributed
+        with contextlib.suppress(OSError):
+            (run_dir / marker).rmdir()
+    blind = [str(rank) for rank, found in enumerate(seen) if not found]
+    if blind:
+        raise PreflightError(
+            f"rank {', '.join(blind)} cannot see the run directory rank 0 writes to: {marker}, which rank 0 "
+            "created there, is missing on that rank (a node-local disk at the same path)",
+            path=run_dir,
+            remedy="Put the run directory on a filesystem every node mounts at this path (NFS, Lustre, a shared "
+            "volume); node-local disks cannot hold one checkpoint written by several nodes.",
+        )
+
+
+def _shared_marker(run_dir: Path) -> str:
+    """A directory with a fresh name in the run directory (a probe's name, so a leftover is cleared at startup)."""
+    name = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-shared-{secrets.token_hex(8)}"
+    (run_dir / name).mkdir()
+    fsync_dir(run_dir)
+    return name
 
 
 def remove_stale_probes(run_dir: Path) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckptguard import tree
+from ckptguard import sharded, tree
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.events import EventLog
@@ -104,6 +104,8 @@ def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
 def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: int) -> None:
     """Phase 1b: read, hash-check and decode the tensors of stateful entries and the adapter."""
     path, manifest = loaded.path, loaded.manifest
+    if any(entry_kind(value) == "sharded" for value in state.values()):
+        sharded.check_files(path, manifest)
     for name, value in state.items():
         kind = entry_kind(value)
         if kind == "peft":
@@ -190,6 +192,8 @@ def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
         try:
             if kind == "peft":
                 apply_adapter(obj, loaded.adapter or {})
+            elif kind == "sharded":
+                sharded.apply_entry(state, name, loaded.objects[name])
             elif kind == "stateful":
                 if not isinstance(obj, checked):
                     undo.append((obj, copy.deepcopy(obj.state_dict())))
@@ -246,6 +250,8 @@ def restore_into(
             events.emit("resume_skip", path=candidate, reason=str(exc))
             continue
         assert loaded is not None and result is not None
+        if any(entry_kind(value) == "sharded" for value in state.values()):  # a collective: DCP reads, reshards
+            loaded.objects.update(sharded.load(loaded.path, state, coord=coord))
         apply(loaded, state)
         events.emit("resume", step=loaded.step, path=loaded.path)
         return result

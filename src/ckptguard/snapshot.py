@@ -5,7 +5,9 @@ A "state" is the caller's dict ``{name: value}``. Each value becomes one *entry*
 * ``peft``     a PEFT model: the active adapter in PEFT's own layout at the checkpoint root, so
                ``PeftModel.from_pretrained(base, checkpoint_dir)`` works on a ckptguard checkpoint;
 * ``stateful`` anything with ``state_dict()`` / ``load_state_dict()`` (modules, optimizers, schedulers);
-* ``value``    plain JSON-able data (and tensors), returned to the caller on restore.
+* ``value``    plain JSON-able data (and tensors), returned to the caller on restore;
+* ``sharded``  an FSDP2 module or its optimizer: every rank writes its shards through DCP
+               (:mod:`ckptguard.sharded`), outside the file plan.
 
 ``per_rank(obj)`` marks an entry that differs between ranks (RNG): every rank writes its own copy
 under ``state/rank{r}/``. Everything else is replicated and written by rank 0 only.
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptguard import tree
+from ckptguard import sharded, tree
 from ckptguard.errors import UnsupportedStateError
 from ckptguard.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_FILE
 from ckptguard.lora import adapter_state, is_peft_model, unwrap_model
@@ -72,6 +74,7 @@ class Snapshot:
 
     files: list[FilePlan] = field(default_factory=list)
     peft_model: Any = None  # the unwrapped PEFT model, for the deep adapter check
+    sharded: dict[str, Any] = field(default_factory=dict)  # DCP state dicts of the sharded entries
 
     @property
     def nbytes(self) -> int:
@@ -88,6 +91,8 @@ class Snapshot:
 
 def entry_kind(value: Any) -> str:
     obj = value.obj if isinstance(value, PerRank) else value
+    if sharded.is_sharded(obj):  # first: an FSDP2-wrapped PEFT model is sharded, not a plain adapter
+        return "sharded"
     if is_peft_model(obj):
         return "peft"
     if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
@@ -133,11 +138,21 @@ def take(state: Mapping[str, Any], *, step: int, metrics: Mapping[str, float], r
     """
     check_names(state)
     snap = Snapshot()
+    # First, before any user code can fail on one rank and leave the others waiting in this collective:
+    # every rank sends its shards of a sharded PEFT model, rank 0 keeps the full adapter (PEFT layout)
+    snap.sharded = sharded.state_dicts(state)
+    gathered = sharded.full_adapter(state)
+    if gathered is not None and rank == 0:
+        snap.files.extend(peft_files(*gathered))
     entries: dict[str, Any] = {}
     for name, value in state.items():
         is_per_rank = isinstance(value, PerRank)
         record: dict[str, Any] = {"kind": entry_kind(value), "per_rank": is_per_rank}
         entries[name] = record
+        if record["kind"] == "sharded":
+            if is_per_rank:
+                raise UnsupportedStateError(f"state entry {name!r} is sharded already: do not wrap it in per_rank()")
+            continue
         if is_per_rank or rank == 0:
             try:
                 _take_entry(snap, name, value.obj if is_per_rank else value, record, rank)
@@ -186,9 +201,9 @@ def _json_bytes(doc: Any) -> bytes:
         raise ValueError(f"not JSON-serialisable: {exc}") from None
 
 
-def peft_files(model: Any) -> list[FilePlan]:
+def peft_files(model: Any, state_dict: dict[str, Any] | None = None) -> list[FilePlan]:
     """The adapter weights and config of a PEFT model's active adapter, as PEFT lays them out."""
-    weights, config = adapter_state(model)
+    weights, config = adapter_state(model, state_dict)
     return [FilePlan(ADAPTER_WEIGHTS, tensors=weights), FilePlan(ADAPTER_CONFIG, data=config)]
 
 
@@ -224,6 +239,7 @@ class HostBuffers:
                 if plan.tensors is not None:
                     plan.tensors = {k: self._copy(plan.relpath, k, t, memcpys) for k, t in plan.tensors.items()}
         _parallel_memcpy(memcpys)
+        snap.sharded = sharded.copy_shards(snap.sharded)
         if not cuda:
             return None
         torch.cuda.current_stream().wait_stream(self._stream)

@@ -87,6 +87,7 @@ class TrainConfig:
     device: str
     progress_bar: bool
     on_nonfinite: str
+    strategy: str
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.strategy": ("ddp", "fsdp"),
     "checkpoint.mode": ("min", "max"),
     "checkpoint.verify": ("quick", "full", "deep"),
     "checkpoint.remote_mode": ("tiered", "direct"),

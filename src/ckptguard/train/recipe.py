@@ -18,7 +18,6 @@ import functools
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,9 @@ class LoRARecipe:
     def setup(self) -> None:
         cfg = self.cfg
         # 1. Process group and device first: every later step is the same on every rank.
-        self.rt = rt = runtime.start(cfg.train.device, cfg.train.precision, cfg.checkpoint.timeout_s)
+        self.rt = rt = runtime.start(
+            cfg.train.device, cfg.train.precision, cfg.checkpoint.timeout_s, cfg.train.strategy
+        )
         self.backend: Backend = build_backend(cfg.model)
         # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
         #    records are rendered the way the model will be prompted (its chat template, if any).
@@ -79,11 +80,8 @@ class LoRARecipe:
         runtime.seed_everything(cfg.train.seed)
         self.model = self._peft_model(self.backend.build_model(rt.device))
         runtime.seed_everything(cfg.train.seed + rt.rank)
-        # The forward goes through DDP, so backward averages the gradients over ranks.
-        self.ddp = self.model
-        if rt.world_size > 1:
-            ids = [rt.device.index] if rt.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # The forward goes through DDP (or FSDP2), so backward averages the gradients over ranks.
+        self.ddp = runtime.distribute(self.model, rt)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
@@ -267,7 +265,7 @@ class LoRARecipe:
         for i, batch in enumerate(batches):
             # The forward goes through DDP; it averages gradients over ranks on the last micro-batch only.
             last = i == len(batches) - 1
-            with self.ddp.no_sync() if rt.world_size > 1 and not last else nullcontext():
+            with runtime.gradient_sync(self.ddp, rt, sync=last):
                 with rt.autocast():
                     total, _ = self.backend.loss(self.ddp, batch)
                 (total * rt.world_size / total_tokens).backward()
@@ -276,7 +274,7 @@ class LoRARecipe:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        return loss_sum, float(norm)
+        return loss_sum, runtime.scalar(norm)
 
     def _nonfinite_step(self, bar: tqdm, step: int, loss: float, grad_norm: float) -> None:
         """A step whose update was not applied: raise (train.on_nonfinite = "stop") or count it as skipped."""
@@ -324,7 +322,8 @@ class LoRARecipe:
         rt, b, blocks = self.rt, self.cfg.train.batch_size, self.eval_blocks
         assert rt is not None and blocks is not None
         n = min(len(blocks), self.cfg.train.eval_batches * b)
-        mine = list(range(rt.rank, n, rt.world_size))
+        # FSDP ranks must run the same forwards (each gathers the weights with the others): all see all
+        mine = list(range(n)) if rt.strategy == "fsdp" else list(range(rt.rank, n, rt.world_size))
         total, count = 0.0, 0.0
         self.model.eval()
         for start in range(0, len(mine), b):

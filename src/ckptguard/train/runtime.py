@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ class Runtime:
     device: torch.device
     bf16: bool
     owns_process_group: bool
+    strategy: str = "ddp"
 
     @property
     def is_primary(self) -> bool:
@@ -45,16 +48,22 @@ class Runtime:
         return t.tolist()
 
 
-def start(device: str, precision: str, timeout_s: float) -> Runtime:
+def start(device: str, precision: str, timeout_s: float, strategy: str = "ddp") -> Runtime:
     """Join the process group torchrun describes (RANK/WORLD_SIZE in the environment), pick the device.
 
     gloo on CPU, NCCL on GPU. A process group the caller already initialised is used as it is.
+    FSDP needs a process group even on one process (a checkpoint saved by 2 ranks resumes on 1).
     """
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
     owns = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if strategy == "fsdp" and "MASTER_ADDR" not in os.environ and not dist.is_initialized():
+        raise ConfigError(
+            'train.strategy: "fsdp" runs under torchrun (e.g. torchrun --nproc_per_node=2 -m ckptguard.train)'
+        )
+    grouped = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy == "fsdp"
+    if grouped and not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if want_cuda:
             torch.cuda.set_device(local_rank)
@@ -65,7 +74,50 @@ def start(device: str, precision: str, timeout_s: float) -> Runtime:
     dev = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
     auto_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     bf16 = auto_bf16 if precision == "auto" else precision == "bf16"
-    return Runtime(rank, world, dev, bf16, owns)
+    return Runtime(rank, world, dev, bf16, owns, strategy)
+
+
+def distribute(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """The module the forward goes through: DDP (replicas, gradients averaged) or FSDP2 shards.
+
+    FSDP2 gets an explicit mesh on the run's device: left to itself, it picks CUDA whenever a GPU
+    is visible, even for a gloo run on CPU (pytorch #132471). Each decoder layer is its own unit, so
+    only one layer's full weights exist at a time; the model itself is wrapped in place.
+    """
+    if rt.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+        for module in model.modules():
+            if isinstance(module, torch.nn.ModuleList) and module is not model:
+                for layer in module:
+                    fully_shard(layer, mesh=mesh)
+                break
+        return fully_shard(model, mesh=mesh)
+    if rt.world_size > 1:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+@contextmanager
+def gradient_sync(module: torch.nn.Module, rt: Runtime, sync: bool) -> Iterator[None]:
+    """Average gradients over ranks in this backward only when `sync` (the last micro-batch of a step)."""
+    if rt.strategy == "fsdp":
+        module.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        yield
+    elif rt.world_size > 1 and not sync:
+        with module.no_sync():  # type: ignore[operator]
+            yield
+    else:
+        yield
+
+
+def scalar(value: torch.Tensor) -> float:
+    """A number from a tensor that may be a DTensor (FSDP's gradient norm is one): the full value."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)
 
 
 def stop(rt: Runtime) -> None:

@@ -1,0 +1,344 @@
+"""Sharded state (FSDP2 modules and their optimizers) saved and loaded with torch.distributed.checkpoint.
+
+DCP is the engine; the commit protocol stays ours. Every rank writes its shard files into
+``sharded/`` of the one staging directory rank 0 created, through a storage writer whose files are
+created exclusively (DCP never overwrites anything, committed or not), hashed with xxh3-128 as the
+bytes go out (DCP writes each file front to back; a seek would make the hash a lie, so the stream
+refuses it) and fsynced. The digests go to the committing rank with the other files' entries, and
+the manifest lists each shard file with the rank that wrote it. Loading goes through DCP too, so a
+checkpoint saved by N ranks loads on M: each rank asks for the slices its own sharding needs.
+
+DCP's ``CheckpointException`` is a BaseException (``except Exception`` misses it): it is turned
+into a ckptguard error here, on every rank. Nothing is unpickled beyond DCP's metadata, read with
+an unpickler that admits only DCP's own metadata classes, and non-tensor values load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError, WriteError, from_os_error
+from ckptguard.hashing import hash_file
+from ckptguard.layout import DCP_METADATA, SHARDED_DIR
+from ckptguard.lora import is_peft_model
+from ckptguard.manifest import FileEntry, Manifest
+from ckptguard.verify import hash_mismatch, size_mismatch
+
+
+def is_fsdp_module(obj: Any) -> bool:
+    """A module `fully_shard` wrapped (checked without importing FSDP, which no other run needs)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(obj, fsdp.FSDPModule)
+
+
+def is_sharded(obj: Any) -> bool:
+    """An FSDP2 module, or an optimizer over DTensor parameters (an FSDP2 module's)."""
+    if is_fsdp_module(obj):
+        return True
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return (
+        tensor is not None
+        and isinstance(obj, torch.optim.Optimizer)
+        and any(isinstance(p, tensor.DTensor) for group in obj.param_groups for p in group["params"])
+    )
+
+
+def _owner(state: Mapping[str, Any], name: str, optim: torch.optim.Optimizer) -> torch.nn.Module:
+    """The FSDP2 module of `state` whose parameters `optim` updates (DCP needs it for the optimizer's keys)."""
+    first = next(p for group in optim.param_groups for p in group["params"])
+    for value in state.values():
+        if is_fsdp_module(value) and any(p is first for p in value.parameters()):  # type: ignore[attr-defined]
+            return value  # type: ignore[return-value]
+    raise UnsupportedStateError(
+        f"state entry {name!r} is an optimizer over sharded parameters, but no FSDP2 module in the state owns them",
+        remedy="Save the fully_shard()-ed model in the same state dict as its optimizer.",
+    )
+
+
+def _options(**full: bool) -> Any:
+    """Frozen parameters (a LoRA run's base model) are the user's to load, never part of a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **full)
+
+
+def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
+    """DCP state dicts of the sharded entries of `state` (views of the live shards, not copies)."""
+    names = [name for name, value in state.items() if is_sharded(value)]
+    if not names:  # DCP's state_dict module takes seconds to import: only runs that shard pay for it
+        return {}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    out: dict[str, Any] = {}
+    for name in names:
+        value = state[name]
+        if is_fsdp_module(value):
+            out[name] = get_model_state_dict(value, options=_options())
+        else:
+            out[name] = get_optimizer_state_dict(_owner(state, name, value), value)
+    return out
+
+
+def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """The sharded PEFT model of `state` and its full tensors, on the CPU of rank 0 only (a collective).
+
+    Frozen ones too: PEFT puts some base weights in an adapter (an adapted lm_head's, say), and
+    which ones is PEFT's decision (:func:`ckptguard.lora.adapter_state`), taken from the full dict.
+    """
+    for value in state.values():
+        if is_fsdp_module(value) and is_peft_model(value):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return value, get_model_state_dict(value, options=options)
+    return None
+
+
+def copy_shards(sd: dict[str, Any]) -> dict[str, Any]:
+    """A copy of state dicts that no training step can change (a background save; a restore loads into one).
+
+    Tensors are copied on their own device; DCP moves each to the host as it writes it.
+    """
+    if not sd:
+        return sd
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, lambda t: t.detach().clone(), sd)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+class _HashingStream(io.RawIOBase):
+    """A write-only file that hashes every byte as it passes; refuses to seek, so the hash is the file."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hasher = xxhash.xxh3_128()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._raw.write(view)  # a BufferedWriter writes everything or raises
+        self._hasher.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def seek(self, *args: Any) -> int:
+        raise io.UnsupportedOperation(
+            "a hashed checkpoint stream is written front to back; seeking would break its hash"
+        )
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+
+def _writer(staging: Path, rank: int, on_written: Callable[[], None]) -> Any:
+    """A FileSystemWriter into ``staging/sharded`` whose files are new, hashed as written and fsynced."""
+    from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
+
+    class HashingFileSystem(FileSystem):
+        def __init__(self) -> None:
+            self.entries: dict[str, FileEntry] = {}
+            self._lock = threading.Lock()
+
+        @contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+            if mode != "wb":
+                raise ValueError(f"the checkpoint writer only creates files, not mode {mode!r}")
+            with open(path, "xb") as raw:  # never replaces a file: staging is new, and stays append-only
+                stream = _HashingStream(raw)
+                yield stream
+                raw.flush()
+                os.fsync(raw.fileno())
+            self._record(path, FileEntry(size=stream.size, xxh3_128=stream.hexdigest(), rank=rank))
+
+        def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+            os.link(path, new_path)  # DCP's .metadata.tmp -> .metadata; EEXIST rather than replace a file
+            os.unlink(path)  # publish fsyncs every staging directory before the commit
+            with self._lock:
+                entry = self.entries.pop(Path(path).relative_to(staging).as_posix())
+            self._record(new_path, entry)
+
+        def _record(self, path: str | os.PathLike[str], entry: FileEntry) -> None:
+            with self._lock:
+                self.entries[Path(path).relative_to(staging).as_posix()] = entry
+
+    class HashingWriter(FileSystemWriter):
+        def __init__(self) -> None:
+            # sync_files=False: the filesystem above fsyncs every file it closes; overwrite=False: never
+            # write over an existing DCP checkpoint (the staging directory is new, so there is none)
+            super().__init__(staging / SHARDED_DIR, sync_files=False, overwrite=False)
+            self.fs = HashingFileSystem()
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)  # synchronous: the files are on disk when it returns
+            on_written()
+            return written
+
+    return HashingWriter()
+
+
+def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int) -> dict[str, FileEntry]:
+    """Write this rank's shards (and, on the coordinator, DCP's metadata); returns their manifest entries.
+
+    A collective over the coordination group: call it on every rank. Any rank's failure raises a
+    CheckpointError on all of them; a rank that dies is named by the others (CoordinationError).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def write(written: Callable[[], None]) -> dict[str, FileEntry]:
+        writer = _writer(staging, coord.rank, written)
+        try:
+            dcp.save(sd, storage_writer=writer, process_group=coord.group)
+        except CheckpointException as exc:  # a BaseException: `except Exception` would let it through
+            raise _typed(exc, WriteError, "could not write the sharded state", staging, step) from None
+        return dict(writer.fs.entries)
+
+    return coord.guarded(write, step=step, missing="never finished writing its shard files")
+
+
+def _typed(exc: BaseException, cls: type[CheckpointError], what: str, path: Path, step: int | None) -> CheckpointError:
+    """The first rank's failure inside a DCP CheckpointException, as a ckptguard error naming that rank."""
+    failures = sorted(getattr(exc, "failures", {}).items())
+    if not failures:
+        return cls(f"{what}: {exc}", path=path, step=step)
+    rank, (cause, _trace) = failures[0]
+    if isinstance(cause, CheckpointError):
+        error = cause
+    elif isinstance(cause, OSError):
+        error = from_os_error(cls, what, cause, path=cause.filename or path, step=step)
+    else:
+        error = cls(f"{what}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}", path=path)
+    error.step, error.rank = step, rank
+    return error
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def check_files(path: Path, manifest: Manifest) -> None:
+    """Phase 1 of a restore: every shard file's size and hash match the manifest (resharding may read any)."""
+    for relpath, entry in sorted(manifest.files.items()):
+        if not relpath.startswith(f"{SHARDED_DIR}/"):
+            continue
+        try:
+            size, digest = hash_file(path / relpath)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{relpath} cannot be read ({exc.strerror})", path=path / relpath) from exc
+        if size != entry.size:
+            raise CorruptCheckpointError(f"{relpath}: {size_mismatch(size, entry)}", path=path / relpath)
+        if digest != entry.xxh3_128:
+            raise CorruptCheckpointError(f"{relpath}: {hash_mismatch(digest, entry)}", path=path / relpath)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata is a pickle: admit only what DCP's metadata is made of (plain records, dtypes, paths)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in _ADMITTED
+            or (module == "torch" and name in _TORCH_NAMES)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+_ADMITTED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # a layout by its name (torch.strided)
+    ("pathlib", "PosixPath"),  # the checkpoint_id DCP records
+    ("pathlib", "PurePosixPath"),
+}
+_TORCH_NAMES = {"Size"} | {str(t).removeprefix("torch.") for t in vars(torch).values() if isinstance(t, torch.dtype)}
+
+
+def _reader(root: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            with open(root / DCP_METADATA, "rb") as fh:
+                metadata = _MetadataUnpickler(fh).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(root)
+
+
+def _planner() -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        """DCP's planner, but non-tensor values load with weights_only=True (DCP's default unpickles anything)."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyPlanner()
+
+
+def load(path: Path, state: Mapping[str, Any], *, coord: Any) -> dict[str, Any]:
+    """Read the sharded entries of `state` from checkpoint `path` into copies, resharded to this run's layout.
+
+    A collective: call it on every rank. The caller's objects are untouched until :func:`apply`.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    target = copy_shards(state_dicts(state))
+    try:
+        dcp.load(target, storage_reader=_reader(path / SHARDED_DIR), planner=_planner(), process_group=coord.group)
+    except CheckpointException as exc:
+        raise _typed(
+            exc, CheckpointError, "the sharded state does not load into this run's objects", path, None
+        ) from None
+    return target
+
+
+def apply_entry(state: Mapping[str, Any], name: str, loaded: Any) -> None:
+    """Load what :func:`load` read for entry `name` into its live FSDP2 module or optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    value = state[name]
+    if is_fsdp_module(value):
+        # not strict: frozen weights are not in it; DCP's load already refused a checkpoint lacking a trained one
+        set_model_state_dict(value, loaded, options=_options(strict=False))
+    else:
+        set_optimizer_state_dict(_owner(state, name, value), value, loaded)

@@ -1,0 +1,129 @@
+"""FSDP2 state through the commit protocol: two real gloo ranks on CPU (see shardranks.py).
+
+Sharded checkpoints must hold the same promises as replicated ones: every shard file in the
+manifest with its hash and writer, exact resume, resharding between world sizes, and every fault
+(a rank killed mid-write, a full disk, a flipped bit, the whole job killed mid-save) ending in a
+typed error on every rank or the previous checkpoint, never a hang or a half-written one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptguard import verify_checkpoint
+from ckptguard.hashing import hash_file
+from ckptguard.manifest import read_manifest
+from faultkit import flip_bit, tmpfs
+from shardranks import TIMEOUT_S, kill_job_mid_save, run_ranks
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A two-rank run that saved steps 1 and 2, with the state's fingerprint after every step 1-6."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    reports = run_ranks("train", run_dir)
+    assert all(r["ok"] for r in reports), reports
+    assert reports[0]["trace"] == reports[1]["trace"]
+    return run_dir, reports[0]["trace"]
+
+
+def _resumed(run_dir: Path, world: int = 2) -> dict[str, Any]:
+    reports = run_ranks("resume", run_dir, world=world)
+    assert all(r["ok"] for r in reports), reports
+    assert all(r == reports[0] for r in reports), reports  # every rank holds the same full state
+    return reports[0]
+
+
+def test_manifest_lists_every_shard_file_with_its_hash_and_writer(trained: tuple[Path, dict[str, str]]) -> None:
+    checkpoint = trained[0] / "checkpoint-2"
+    files = read_manifest(checkpoint).files
+    shards = {relpath: entry for relpath, entry in files.items() if relpath.startswith("sharded/")}
+    assert {e.rank for p, e in shards.items() if p.endswith(".distcp")} == {0, 1}
+    assert shards["sharded/.metadata"].rank == 0
+    for relpath, entry in shards.items():
+        assert hash_file(checkpoint / relpath) == (entry.size, entry.xxh3_128)
+    assert verify_checkpoint(checkpoint, "full").ok
+
+
+def test_resume_on_two_ranks_is_bitwise_exact(trained: tuple[Path, dict[str, str]]) -> None:
+    run_dir, trace = trained
+    report = _resumed(run_dir)
+    assert (report["step"], report["restored"], report["next"]) == (2, trace["2"], trace["3"])
+
+
+def test_two_rank_checkpoint_restores_on_one_rank(trained: tuple[Path, dict[str, str]]) -> None:
+    run_dir, trace = trained
+    report = _resumed(run_dir, world=1)
+    assert (report["step"], report["restored"]) == (2, trace["2"])
+
+
+def test_one_rank_checkpoint_restores_on_two_ranks(tmp_path: Path) -> None:
+    (saved,) = run_ranks("train", tmp_path / "run", world=1)
+    assert saved["ok"], saved
+    report = _resumed(tmp_path / "run")
+    assert (report["step"], report["restored"]) == (2, saved["trace"]["2"])
+
+
+def test_background_save_holds_the_shards_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
+    reports = run_ranks("train", tmp_path / "run", arg="async")
+    assert all(r["ok"] for r in reports), reports
+    report = _resumed(tmp_path / "run")
+    assert (report["step"], report["restored"], report["next"]) == (
+        2,
+        reports[0]["trace"]["2"],
+        reports[0]["trace"]["3"],
+    )
+
+
+def test_flipped_bit_in_one_shard_file_is_named_and_resume_takes_the_previous(
+    trained: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    run_dir, trace = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    flip_bit(copy / "checkpoint-2" / "sharded" / "__1_0.distcp", 200)
+    report = verify_checkpoint(copy / "checkpoint-2", "full")
+    assert not report.ok and "sharded/__1_0.distcp" in report.reason
+    resumed = _resumed(copy)
+    assert (resumed["step"], resumed["restored"], resumed["next"]) == (1, trace["1"], trace["2"])
+
+
+def test_rank_killed_while_writing_its_shard_is_named_on_the_other(tmp_path: Path) -> None:
+    survivor, killed = run_ranks("train", tmp_path / "run", arg="kill1")
+    assert killed.get("exit") == -9, killed
+    assert survivor["type"] == "CoordinationError" and survivor["rank"] == 1, survivor
+    assert "rank 1 never finished writing its shard files" in survivor["text"]
+    assert survivor["seconds"] < TIMEOUT_S + 5
+    _assert_only_checkpoint_1(tmp_path / "run")
+
+
+def test_full_disk_during_the_shard_write_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
+        reports = run_ranks("train", disk / "run", arg="fill", arg2=str(disk))
+        assert [r["type"] for r in reports] == ["WriteError", "WriteError"], reports
+        assert reports[0]["text"] == reports[1]["text"] and reports[0]["errno"] == 28
+        assert "No space left on device" in reports[0]["text"] and "rank=" in reports[0]["text"]
+        _assert_only_checkpoint_1(disk / "run")
+
+
+def test_whole_job_killed_mid_save_resumes_exactly_from_the_last_commit(
+    trained: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    trace = trained[1]
+    killed_at = kill_job_mid_save(tmp_path / "run", range(2, 5))
+    report = _resumed(tmp_path / "run")
+    assert report["step"] == killed_at - 1
+    assert (report["restored"], report["next"]) == (trace[str(killed_at - 1)], trace[str(killed_at)])
+    assert not list((tmp_path / "run").glob(".staging-*"))  # the half-written save was cleared at startup
+
+
+def _assert_only_checkpoint_1(run_dir: Path) -> None:
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(("checkpoint-", ".staging"))) == [
+        "checkpoint-1"
+    ]
+    assert (run_dir / "LATEST").read_text().strip() == "checkpoint-1"
+    assert verify_checkpoint(run_dir / "checkpoint-1", "full").ok

@@ -1,0 +1,97 @@
+"""The trainer with ``train.strategy = "fsdp"``: FSDP2 under torchrun, gloo on CPU, on an explicit CPU mesh.
+
+An FSDP run must train what one process trains (gradients averaged through the shards), write the
+adapter in PEFT's layout at the checkpoint root (``PeftModel.from_pretrained`` and ``export``
+work as for DDP runs), and resume bit-identically from a sharded checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckptguard import verify_checkpoint
+from ckptguard.cli import main
+from ckptguard.manifest import read_manifest
+from test_train_ddp import STEPS, env, losses, tiny
+
+
+def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "ckptguard.train", *tiny(out, 2, "train.strategy=fsdp", f"checkpoint.save_every={STEPS // 2}", *extra),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("fsdp-train") / "run"
+    return out, _torchrun(out).stdout
+
+
+def test_fsdp_ranks_train_what_one_process_trains(
+    fsdp_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, stdout = fsdp_run
+    assert main(["train", *tiny(tmp_path / "single", 4)]) == 0
+    assert losses(stdout) == pytest.approx(losses(capsys.readouterr().out), abs=2e-4)
+    checkpoint = out / f"checkpoint-{STEPS}"
+    files = read_manifest(checkpoint).files
+    assert {e.rank for p, e in files.items() if p.endswith(".distcp")} == {0, 1}  # each rank wrote its shards
+    fsdp, single = (
+        load_file(checkpoint / "adapter_model.safetensors"),
+        load_file(tmp_path / "single" / f"checkpoint-{STEPS}" / "adapter_model.safetensors"),
+    )
+    assert fsdp.keys() == single.keys() and any(single[k].abs().max() > 0 for k in single if "lora_B" in k)
+    for name in single:
+        torch.testing.assert_close(fsdp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_checkpoint_exports_a_peft_adapter(fsdp_run: tuple[Path, str], tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from ckptguard.train.config import load_config
+    from ckptguard.train.registry import build_backend
+
+    checkpoint = fsdp_run[0] / f"checkpoint-{STEPS}"
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "adapter")]) == 0
+    assert verify_checkpoint(tmp_path / "adapter", "full").ok
+    backend = build_backend(load_config(None, tiny(tmp_path, 2)[1::2]).model)
+    model = PeftModel.from_pretrained(backend.build_model(), tmp_path / "adapter")
+    saved, loaded = load_file(checkpoint / "adapter_model.safetensors"), get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+
+def test_fsdp_run_resumed_from_a_sharded_checkpoint_is_bitwise_exact(
+    fsdp_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    out, stdout = fsdp_run
+    resumed = tmp_path / "run"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / f"checkpoint-{STEPS}")  # as if killed after the step-3 save
+    again = _torchrun(resumed).stdout
+    assert f"resumed from {resumed / f'checkpoint-{STEPS // 2}'}" in again
+    assert losses(again) == losses(stdout)[STEPS // 2 :]
+    for name in ("adapter_model.safetensors", "sharded/__0_0.distcp", "sharded/__1_0.distcp"):
+        assert (resumed / f"checkpoint-{STEPS}" / name).read_bytes() == (
+            out / f"checkpoint-{STEPS}" / name
+        ).read_bytes()
+
+
+def test_strategy_is_checked_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptguard.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train\.strategy"):
+        load_config(None, ["train.strategy=zero3"])
+    assert main(["train", *tiny(tmp_path / "run", 2, "train.strategy=fsdp")]) != 0  # one process, no torchrun
+    assert 'train.strategy: "fsdp" runs under torchrun' in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
