@@ -7,6 +7,7 @@ work as for DDP runs), and resume bit-identically from a sharded checkpoint.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -95,3 +96,46 @@ def test_strategy_is_checked_before_anything_runs(tmp_path: Path, capsys: pytest
     assert main(["train", *tiny(tmp_path / "run", 2, "train.strategy=fsdp")]) != 0  # one process, no torchrun
     assert 'train.strategy: "fsdp" runs under torchrun' in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+_GATHER = """
+import json, os, torch, torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from conftest import make_lora_model
+from ckptguard import lora, sharded
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+model = make_lora_model()
+targets = os.environ["TARGETS"].split(",")
+model = get_peft_model(model.unload(), LoraConfig(r=4, target_modules=targets))
+reference, _ = lora.adapter_state(model)  # PEFT's own choice, from the unsharded model
+mesh = init_device_mesh("cpu", (1,))
+for layer in model.base_model.model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+_, gathered = sharded.full_adapter({"model": model})
+weights, _ = lora.adapter_state(model, gathered)
+print(json.dumps({"gathered": sorted(gathered), "same": sorted(weights) == sorted(reference)
+                  and all(torch.equal(weights[k], reference[k]) for k in reference)}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "q_proj,lm_head"])
+def test_the_fsdp_adapter_gather_moves_only_what_peft_saves(targets: str) -> None:
+    """Not the frozen base model: only LoRA tensors, and an adapted lm_head's base weight when PEFT saves it."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    paths = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    child_env = {**env(), "PORT": str(port), "TARGETS": targets, "PYTHONPATH": paths}
+    done = subprocess.run([sys.executable, "-c", _GATHER], capture_output=True, text=True, timeout=120, env=child_env)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["same"], "the adapter from gathered shards differs from PEFT's own"
+    frozen = [k for k in found["gathered"] if "lora_" not in k]
+    assert frozen == (["base_model.model.lm_head.base_layer.weight"] if "lm_head" in targets else [])

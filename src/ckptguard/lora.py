@@ -71,6 +71,22 @@ def adapter_state(model: Any, state_dict: dict[str, Any] | None = None) -> tuple
     return weights, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+def adapter_source_keys(model: Any, state_dict: dict[str, Any]) -> list[str] | None:
+    """The keys of `state_dict` whose values PEFT puts in the adapter, or None if that cannot be told.
+
+    PEFT chooses by name (LoRA matrices, modules_to_save, an adapted embedding's base weight), so it
+    can choose on a sharded state dict without a byte moving; only the chosen tensors are then
+    gathered. Its choice is read back by identity: None when it returned values it made itself.
+    """
+    from peft import get_peft_model_state_dict
+
+    model = unwrap_model(model)
+    chosen = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=active_adapter(model))
+    ids = {id(v) for v in chosen.values()}
+    keys = sorted(k for k, v in state_dict.items() if id(v) in ids)
+    return keys if len(keys) == len(chosen) else None
+
+
 def expected_adapter_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """The keys (and shapes) PEFT expects in adapter_model.safetensors for the live model's adapter."""
     model = unwrap_model(model)

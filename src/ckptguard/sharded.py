@@ -32,7 +32,7 @@ import xxhash
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.hashing import hash_file
 from ckptguard.layout import DCP_METADATA, SHARDED_DIR
-from ckptguard.lora import is_peft_model
+from ckptguard.lora import adapter_source_keys, is_peft_model
 from ckptguard.manifest import FileEntry, Manifest
 from ckptguard.verify import hash_mismatch, size_mismatch
 
@@ -92,17 +92,28 @@ def state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-    """The sharded PEFT model of `state` and its full tensors, on the CPU of rank 0 only (a collective).
+    """The sharded PEFT model of `state` and the full tensors of its adapter, on the CPU of rank 0 (a collective).
 
-    Frozen ones too: PEFT puts some base weights in an adapter (an adapted lm_head's, say), and
-    which ones is PEFT's decision (:func:`ckptguard.lora.adapter_state`), taken from the full dict.
+    Only what PEFT puts in an adapter is gathered (:func:`ckptguard.lora.adapter_source_keys`), never
+    the frozen base model: a save of a 3B model's LoRA moves megabytes to rank 0, not gigabytes.
     """
     for value in state.values():
         if is_fsdp_module(value) and is_peft_model(value):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            local = value.state_dict()  # DTensor shards: nothing gathered yet
+            keys = adapter_source_keys(value, local)
+            if keys is None:  # PEFT built values of its own: let it choose from the full state dict
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return value, get_model_state_dict(value, options=options)
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                return value, get_model_state_dict(value, options=options)
+            primary = torch.distributed.get_rank() == 0
+            full = {}
+            for key in keys:  # the same order on every rank: one all-gather per tensor
+                tensor = local[key]
+                tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                if primary:
+                    full[key] = tensor.detach().cpu()
+            return value, full
     return None
 
 
