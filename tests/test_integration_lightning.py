@@ -142,7 +142,8 @@ def test_plain_lightning_killed_while_rewriting_last_resumes_into_a_torn_file(in
         trial = integration_harness.trial(run, 120.0, saver="lightningkit:lightning_plain_torn")
         assert trial.killed and trial.saved == [1, 2]
         assert (run / "last.ckpt").stat().st_size < BALLAST * 4, "last.ckpt is cut short"
-        with pytest.raises(RuntimeError, match="zip archive"):
+        # where the cut falls decides the words: a zip archive without its directory, or a seek before its start
+        with pytest.raises((RuntimeError, OSError), match=r"zip archive|Invalid argument"):
             lightning_run(run, guarded=False, max_steps=4, ballast=BALLAST)  # ckpt_path="last"
 
 
