@@ -55,6 +55,8 @@ def test_direct_saves_write_no_local_checkpoint_and_a_fresh_machine_resumes_from
         "events.jsonl",
     ]
     assert committed(remote) == ["checkpoint-2", "checkpoint-3"]  # keep_last is the bucket's retention here
+    saves = [e for e in read_events(tmp_path / "local") if e["event"] == "save"]
+    assert [e["verify"] for e in saves] == ["quick"] * 3  # what was checked: the listing, not a re-read
     report = remote_publish.verify(ObjectStore(remote.url), "checkpoint-3", "full")
     assert report.ok and report.bytes_read == mgr.results[-1].bytes
     with CheckpointManager(tmp_path / "plain") as plain:  # the same bytes as a local save of the same state

@@ -179,7 +179,7 @@ class CheckpointManager:
         """Phases of one save; each ends in agreement between ranks (a no-op on one process)."""
         if self._tier.direct:  # from memory to the bucket, committed there; nothing is written locally
             url, nbytes = self._tier.save_direct(step, snap.files, lambda files: self._manifest(step, files, metrics))
-            return self._saved(step, url, nbytes, start, stall)
+            return self._saved(step, url, nbytes, start, stall, verified="quick")  # hashed as sent, then listed
         staging: Path | None = None
         try:
             # 1. rank 0 checks space and creates the staging directory; every rank reports readiness
@@ -208,13 +208,15 @@ class CheckpointManager:
         self._tier.submit(path)
         return self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
 
-    def _saved(self, step: int, path: Path | str, nbytes: int, start: float, stall: float | None) -> SaveResult:
+    def _saved(
+        self, step: int, path: Path | str, nbytes: int, start: float, stall: float | None, verified: str | None = None
+    ) -> SaveResult:
         seconds = time.perf_counter() - start
         result = SaveResult(step, path, nbytes, seconds, seconds if stall is None else stall)
         self.results.append(result)
         self._events.emit(
             "save", step=step, path=path, bytes=result.bytes, seconds=seconds,
-            stall_seconds=result.stall_seconds, verify=self.verify_level, **self._pruner.disk_use(),
+            stall_seconds=result.stall_seconds, verify=verified or self.verify_level, **self._pruner.disk_use(),
         )  # fmt: skip
         return result
 
