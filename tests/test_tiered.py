@@ -140,7 +140,8 @@ def test_a_url_run_keeps_its_local_tier_in_the_cache_and_a_fresh_machine_resumes
     with CheckpointManager(remote.url, keep_last=1) as mgr:
         mgr.save(1, state)
         result = mgr.save(2, state)
-    local = tmp_path / "cache" / remote.bucket / "exp" / "run"
+    endpoint = remote.server.endpoint.removeprefix("http://")  # the same bucket elsewhere is another run
+    local = tmp_path / "cache" / endpoint / remote.bucket / "exp" / "run"
     assert mgr.run_dir == local and result is not None and result.path == local / "checkpoint-2"
     assert sorted(p.name for p in local.glob("checkpoint-*")) == ["checkpoint-2"]  # keep_last: the local tier
     committed = sorted(k.split("/")[0] for k in remote.objects() if k.endswith(f"/{MARKER_NAME}"))

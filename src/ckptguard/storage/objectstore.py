@@ -43,7 +43,7 @@ OPTIONS = {
     "max_concurrency": "parts in flight per object (default 8)",
     "lease_ttl_s": "seconds a writer's lease outlives its last renewal; a dead writer's run is free after it (300)",
     "mode": "'tiered' (default: save locally, upload in the background) or 'direct' (upload from memory)",
-    "local_dir": "the local tier of a CheckpointManager on a URL (default: $CKPTGUARD_CACHE/<bucket>/<prefix>)",
+    "local_dir": "the local tier of a manager on a URL (default: $CKPTGUARD_CACHE/<endpoint>/<bucket>/<prefix>)",
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "403"}
 

@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ckptguard import discovery, publish, retention
 from ckptguard.discovery import Checkpoint
@@ -81,7 +82,7 @@ def resolve(
 
     ``CheckpointManager("s3://b/run")`` and ``CheckpointManager(local, remote="s3://b/run")`` are the
     same run: the first takes its local tier from ``storage_options["local_dir"]``, else from the cache
-    ``$CKPTGUARD_CACHE/<bucket>/<prefix>`` (default ``~/.cache/ckptguard``).
+    ``$CKPTGUARD_CACHE/<endpoint>/<bucket>/<prefix>`` (default ``~/.cache/ckptguard``).
     """
     options = dict(storage_options or {})
     if is_remote(run_dir):
@@ -106,10 +107,24 @@ def resolve(
         raise ValueError("direct-to-remote saving runs in one process; use the tiered mode with several ranks")
     local = options.pop("local_dir", None)
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckptguard"
-    cache = Path(os.environ.get(CACHE_ENV) or default) / url.bucket / url.prefix
+    cache = Path(os.environ.get(CACHE_ENV) or default) / _endpoint_dir(options) / url.bucket / url.prefix
     remote_policy = policy if mode == "direct" else replace(policy, keep_last=remote_keep_last)
     spec = RemoteSpec(url, options, mode == "direct", remote_policy)
     return (Path(local) if local is not None else cache).absolute(), local is None, spec
+
+
+def _endpoint_dir(options: Mapping[str, Any]) -> str:
+    """The cache's folder for the endpoint a run talks to: the same bucket name on two endpoints is two runs.
+
+    ``aws`` for AWS itself; else the endpoint's host and port, as boto3 takes them (the option, then
+    the environment).
+    """
+    endpoint = (
+        options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if not endpoint:
+        return "aws"
+    return urlsplit(str(endpoint)).netloc.replace(os.sep, "_") or "aws"
 
 
 def open_tier(spec: RemoteSpec | None, run_dir: Path, events: EventLog) -> LocalOnly | RemoteMirror:
