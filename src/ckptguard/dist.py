@@ -36,7 +36,7 @@ class Coordinator:
             else None
         )
         self._calls = 0  # every rank makes the same collectives in the same order: this counts alike
-        self._store = _default_store() if self._group is not None else None
+        self._store = job_store() if self._group is not None else None
 
     @property
     def is_primary(self) -> bool:
@@ -129,7 +129,7 @@ class Coordinator:
             return None
 
 
-def _default_store() -> Any:
+def job_store() -> Any:
     """The job's TCPStore (torchrun's agent or the tcp:// init's), or None where it cannot be had."""
     try:
         from torch.distributed.distributed_c10d import _get_default_store

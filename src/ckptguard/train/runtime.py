@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ckptguard.dist import job_store
 from ckptguard.train.config import ConfigError
 
 
@@ -121,8 +123,28 @@ def scalar(value: torch.Tensor) -> float:
 
 
 def stop(rt: Runtime) -> None:
-    if rt.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group. Rank 0 leaves last: without torchrun it hosts the job's store, and a
+    rank still tearing its group down when that store vanishes can abort ("terminate called
+    without an active exception") after its error was already reported, turning exit 1 into 134."""
+    if not (rt.owns_process_group and dist.is_initialized()):
+        return
+    store = job_store() if rt.world_size > 1 else None
+    dist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        if rt.rank != 0:
+            store.add(_LEFT_KEY, 1)
+            return
+        deadline = time.monotonic() + _LEAVE_WAIT_S
+        while store.add(_LEFT_KEY, 0) < rt.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except RuntimeError:  # a rank (or the store) is gone already: nothing left to wait for
+        pass
+
+
+_LEFT_KEY = "ckptguard/left_process_group"
+_LEAVE_WAIT_S = 10.0  # bounded: a rank that died never says it left
 
 
 def seed_everything(seed: int) -> None:
