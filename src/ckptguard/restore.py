@@ -104,7 +104,7 @@ def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
 def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: int) -> None:
     """Phase 1b: read, hash-check and decode the tensors of stateful entries and the adapter."""
     path, manifest = loaded.path, loaded.manifest
-    if any(entry_kind(value) == "sharded" for value in state.values()):
+    if sharded.any_sharded(state):
         sharded.check_files(path, manifest)
     for name, value in state.items():
         kind = entry_kind(value)
@@ -250,7 +250,7 @@ def restore_into(
             events.emit("resume_skip", path=candidate, reason=str(exc))
             continue
         assert loaded is not None and result is not None
-        if any(entry_kind(value) == "sharded" for value in state.values()):  # a collective: DCP reads, reshards
+        if sharded.any_sharded(state):  # a collective: DCP reads, reshards
             loaded.objects.update(sharded.load(loaded.path, state, coord=coord))
         apply(loaded, state)
         events.emit("resume", step=loaded.step, path=loaded.path)

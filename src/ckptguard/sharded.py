@@ -55,6 +55,11 @@ def is_sharded(obj: Any) -> bool:
     )
 
 
+def any_sharded(state: Mapping[str, Any]) -> bool:
+    """Whether `state` holds a sharded entry (per_rank() wrappers looked through): restore then reads with DCP."""
+    return any(is_sharded(getattr(value, "obj", value)) for value in state.values())
+
+
 def _owner(state: Mapping[str, Any], name: str, optim: torch.optim.Optimizer) -> torch.nn.Module:
     """The FSDP2 module of `state` whose parameters `optim` updates (DCP needs it for the optimizer's keys)."""
     first = next(p for group in optim.param_groups for p in group["params"])
