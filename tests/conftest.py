@@ -51,6 +51,21 @@ def make_lora_model(seed: int = 0, r: int = 4) -> Any:
     return model
 
 
+@pytest.fixture(scope="session")
+def fsdp_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A two-rank FSDP2 run that saved steps 1 and 2, with the state's fingerprint after every step 1-6.
+
+    Shared by the sharded tests; a test that damages it works on a copy.
+    """
+    from shardranks import run_ranks
+
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    reports = run_ranks("train", run_dir)
+    assert all(r["ok"] for r in reports), reports
+    assert reports[0]["trace"] == reports[1]["trace"]
+    return run_dir, reports[0]["trace"]
+
+
 # Chat templates in the styles real models ship (written here: nothing is downloaded).
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"

@@ -130,6 +130,25 @@ def flip_bit(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def forge_file(checkpoint: Path, relpath: str, data: bytes) -> None:
+    """Replace one file of a committed checkpoint and re-sign its manifest: a hostile file that passes every hash.
+
+    Hashes prove integrity, not origin: what such a file can make the library do is what the checks
+    after the hashes must bound.
+    """
+    import dataclasses
+
+    import xxhash
+
+    from ckptguard.manifest import FileEntry, read_manifest
+
+    manifest = read_manifest(checkpoint)
+    (checkpoint / relpath).write_bytes(data)
+    entry = FileEntry(size=len(data), xxh3_128=xxhash.xxh3_128_hexdigest(data), rank=manifest.files[relpath].rank)
+    forged = dataclasses.replace(manifest, files={**manifest.files, relpath: entry})
+    (checkpoint / "MANIFEST.json").write_bytes(forged.to_json_bytes())
+
+
 # --- other processes ---------------------------------------------------------------------------
 
 # Runs in a child: build a CheckpointManager, report the outcome as one JSON line, hold it open

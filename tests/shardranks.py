@@ -10,7 +10,9 @@ the full (gathered) parameters and optimizer moments, or the typed error it rais
                fingerprint of the state after every step;
 * ``resume``   a model built from another seed restores the newest checkpoint, reports its step and
                fingerprint, takes the next step and reports again (exact resume: equal to ``train``'s);
-* ``loop``     saves after every step until killed (SIGKILL of the whole job mid-save).
+* ``loop``     saves after every step until killed (SIGKILL of the whole job mid-save);
+* ``mismatch`` a model of another width restores: reports the error, and whether its parameters and
+               optimizer state are still exactly as built (a failed restore changes nothing).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ TIMEOUT_S = 8.0  # the manager's bound on every collective in these runs
 WIDTH = 96  # rows of the big layer: shards of about 40 KiB per rank
 
 
-def _build(seed: int) -> tuple[Any, Any]:
+def _build(seed: int, width: int = WIDTH) -> tuple[Any, Any]:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, WIDTH), torch.nn.Tanh(), torch.nn.Linear(WIDTH, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, 4))
     mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
     for layer in (model[0], model[2]):
         fully_shard(layer, mesh=mesh)
@@ -78,9 +80,17 @@ def _main(mode: str, run_dir: str, arg: str, arg2: str) -> dict[str, Any]:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model, opt = _build(seed=1 if mode == "resume" else 0)
+    model, opt = _build(seed=1 if mode == "resume" else 0, width=WIDTH + 8 if mode == "mismatch" else WIDTH)
     mgr = CheckpointManager(run_dir, timeout_s=TIMEOUT_S)
     state = {"model": model, "optimizer": opt}
+    if mode == "mismatch":
+        before = fingerprint(model, opt)
+        try:
+            mgr.restore(state)
+        except CheckpointError as exc:
+            unchanged = fingerprint(model, opt) == before and not opt.state
+            return {**_error(exc), "unchanged": unchanged}
+        return {"ok": True}
     if mode == "resume":
         restored = mgr.restore(state)
         step = restored.step if restored else 0
@@ -177,6 +187,14 @@ def run_ranks(
         for p in procs:
             p.kill()
     return reports
+
+
+def resumed(run_dir: Path, world: int = 2) -> dict[str, Any]:
+    """Resume `run_dir` on `world` ranks; the one report they all agree on (step, fingerprints)."""
+    reports = run_ranks("resume", run_dir, world=world)
+    assert all(r["ok"] for r in reports), reports
+    assert all(r == reports[0] for r in reports), reports  # every rank holds the same full state
+    return reports[0]
 
 
 def kill_job_mid_save(run_dir: Path, steps: range, timeout: float = 60) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,24 +17,12 @@ from ckptguard import verify_checkpoint
 from ckptguard.hashing import hash_file
 from ckptguard.manifest import read_manifest
 from faultkit import flip_bit, tmpfs
-from shardranks import TIMEOUT_S, kill_job_mid_save, run_ranks
+from shardranks import TIMEOUT_S, kill_job_mid_save, resumed, run_ranks
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A two-rank run that saved steps 1 and 2, with the state's fingerprint after every step 1-6."""
-    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    reports = run_ranks("train", run_dir)
-    assert all(r["ok"] for r in reports), reports
-    assert reports[0]["trace"] == reports[1]["trace"]
-    return run_dir, reports[0]["trace"]
-
-
-def _resumed(run_dir: Path, world: int = 2) -> dict[str, Any]:
-    reports = run_ranks("resume", run_dir, world=world)
-    assert all(r["ok"] for r in reports), reports
-    assert all(r == reports[0] for r in reports), reports  # every rank holds the same full state
-    return reports[0]
+@pytest.fixture
+def trained(fsdp_trained: tuple[Path, dict[str, str]]) -> tuple[Path, dict[str, str]]:
+    return fsdp_trained
 
 
 def test_manifest_lists_every_shard_file_with_its_hash_and_writer(trained: tuple[Path, dict[str, str]]) -> None:
@@ -51,27 +38,27 @@ def test_manifest_lists_every_shard_file_with_its_hash_and_writer(trained: tuple
 
 def test_resume_on_two_ranks_is_bitwise_exact(trained: tuple[Path, dict[str, str]]) -> None:
     run_dir, trace = trained
-    report = _resumed(run_dir)
+    report = resumed(run_dir)
     assert (report["step"], report["restored"], report["next"]) == (2, trace["2"], trace["3"])
 
 
 def test_two_rank_checkpoint_restores_on_one_rank(trained: tuple[Path, dict[str, str]]) -> None:
     run_dir, trace = trained
-    report = _resumed(run_dir, world=1)
+    report = resumed(run_dir, world=1)
     assert (report["step"], report["restored"]) == (2, trace["2"])
 
 
 def test_one_rank_checkpoint_restores_on_two_ranks(tmp_path: Path) -> None:
     (saved,) = run_ranks("train", tmp_path / "run", world=1)
     assert saved["ok"], saved
-    report = _resumed(tmp_path / "run")
+    report = resumed(tmp_path / "run")
     assert (report["step"], report["restored"]) == (2, saved["trace"]["2"])
 
 
 def test_background_save_holds_the_shards_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
     reports = run_ranks("train", tmp_path / "run", arg="async")
     assert all(r["ok"] for r in reports), reports
-    report = _resumed(tmp_path / "run")
+    report = resumed(tmp_path / "run")
     assert (report["step"], report["restored"], report["next"]) == (
         2,
         reports[0]["trace"]["2"],
@@ -88,8 +75,8 @@ def test_flipped_bit_in_one_shard_file_is_named_and_resume_takes_the_previous(
     flip_bit(copy / "checkpoint-2" / "sharded" / "__1_0.distcp", 200)
     report = verify_checkpoint(copy / "checkpoint-2", "full")
     assert not report.ok and "sharded/__1_0.distcp" in report.reason
-    resumed = _resumed(copy)
-    assert (resumed["step"], resumed["restored"], resumed["next"]) == (1, trace["1"], trace["2"])
+    report = resumed(copy)
+    assert (report["step"], report["restored"], report["next"]) == (1, trace["1"], trace["2"])
 
 
 def test_rank_killed_while_writing_its_shard_is_named_on_the_other(tmp_path: Path) -> None:
@@ -115,7 +102,7 @@ def test_whole_job_killed_mid_save_resumes_exactly_from_the_last_commit(
 ) -> None:
     trace = trained[1]
     killed_at = kill_job_mid_save(tmp_path / "run", range(2, 5))
-    report = _resumed(tmp_path / "run")
+    report = resumed(tmp_path / "run")
     assert report["step"] == killed_at - 1
     assert (report["restored"], report["next"]) == (trace[str(killed_at - 1)], trace[str(killed_at)])
     assert not list((tmp_path / "run").glob(".staging-*"))  # the half-written save was cleared at startup

@@ -55,6 +55,7 @@ class LoadedCheckpoint:
     metrics: dict[str, float]
     entries: dict[str, Any] = field(default_factory=dict)  # trainer_state.json's record of each entry
     adapter: dict[str, torch.Tensor] | None = None
+    dcp_metadata: Any = None  # DCP's index of the shards, checked (a sharded state only)
     objects: dict[str, Any] = field(default_factory=dict)  # entry name -> decoded state_dict / value
 
 
@@ -105,7 +106,8 @@ def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: in
     """Phase 1b: read, hash-check and decode the tensors of stateful entries and the adapter."""
     path, manifest = loaded.path, loaded.manifest
     if sharded.any_sharded(state):
-        sharded.check_files(path, manifest)
+        loaded.dcp_metadata = sharded.check_files(path, manifest)
+        sharded.check_fit(path, state, loaded.dcp_metadata)
     for name, value in state.items():
         kind = entry_kind(value)
         if kind == "peft":
@@ -251,7 +253,7 @@ def restore_into(
             continue
         assert loaded is not None and result is not None
         if sharded.any_sharded(state):  # a collective: DCP reads, reshards
-            loaded.objects.update(sharded.load(loaded.path, state, coord=coord))
+            loaded.objects.update(sharded.load(loaded.path, state, loaded.dcp_metadata, coord=coord))
         apply(loaded, state)
         events.emit("resume", step=loaded.step, path=loaded.path)
         return result

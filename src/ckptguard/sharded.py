@@ -9,8 +9,8 @@ the manifest lists each shard file with the rank that wrote it. Loading goes thr
 checkpoint saved by N ranks loads on M: each rank asks for the slices its own sharding needs.
 
 DCP's ``CheckpointException`` is a BaseException (``except Exception`` misses it): it is turned
-into a ckptguard error here, on every rank. Nothing is unpickled beyond DCP's metadata, read with
-an unpickler that admits only DCP's own metadata classes, and non-tensor values load with
+into a ckptguard error here, on every rank. Nothing is unpickled beyond DCP's metadata, which
+:mod:`ckptguard.dcp_metadata` decodes as hostile input, and non-tensor values load with
 ``torch.load(weights_only=True)``.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -29,12 +28,13 @@ from typing import Any
 import torch
 import xxhash
 
+from ckptguard import dcp_metadata
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.hashing import hash_file
-from ckptguard.layout import DCP_METADATA, SHARDED_DIR
+from ckptguard.layout import SHARDED_DIR
 from ckptguard.lora import adapter_source_keys, is_peft_model
-from ckptguard.manifest import FileEntry, Manifest
-from ckptguard.verify import hash_mismatch, size_mismatch
+from ckptguard.manifest import FileEntry, Manifest, ManifestError
+from ckptguard.verify import hash_mismatch, read_verified, size_mismatch
 
 
 def is_fsdp_module(obj: Any) -> bool:
@@ -259,53 +259,74 @@ def _typed(exc: BaseException, cls: type[CheckpointError], what: str, path: Path
 # ---- reading ------------------------------------------------------------------------------------
 
 
-def check_files(path: Path, manifest: Manifest) -> None:
-    """Phase 1 of a restore: every shard file's size and hash match the manifest (resharding may read any)."""
+def check_files(path: Path, manifest: Manifest) -> Any:
+    """Phase 1 of a restore: every shard file's size and hash match the manifest (resharding may read any).
+
+    Returns DCP's metadata, decoded by :mod:`ckptguard.dcp_metadata` from the bytes just hashed (never
+    unpickled freely, never read again): a refused one makes the checkpoint corrupt, so resume falls back.
+    """
+    metadata = None
     for relpath, entry in sorted(manifest.files.items()):
         if not relpath.startswith(f"{SHARDED_DIR}/"):
             continue
         try:
+            if relpath == dcp_metadata.METADATA_PATH:
+                metadata = dcp_metadata.parse(read_verified(path / relpath, entry), manifest)
+                continue
             size, digest = hash_file(path / relpath)
+        except ManifestError as exc:
+            reason = exc.reason.removeprefix(f"{relpath}: ")
+            raise CorruptCheckpointError(f"{relpath}: {reason}", path=path / relpath) from None
         except OSError as exc:
             raise CorruptCheckpointError(f"{relpath} cannot be read ({exc.strerror})", path=path / relpath) from exc
         if size != entry.size:
             raise CorruptCheckpointError(f"{relpath}: {size_mismatch(size, entry)}", path=path / relpath)
         if digest != entry.xxh3_128:
             raise CorruptCheckpointError(f"{relpath}: {hash_mismatch(digest, entry)}", path=path / relpath)
+    if metadata is None:
+        raise CorruptCheckpointError(f"{dcp_metadata.METADATA_PATH} is not listed in the manifest", path=path)
+    return metadata
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's metadata is a pickle: admit only what DCP's metadata is made of (plain records, dtypes, paths)."""
+def check_fit(path: Path, state: Mapping[str, Any], metadata: Any) -> None:
+    """Phase 1: every trained tensor of each FSDP2 module in `state` is in the checkpoint, with its global shape.
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module, name) in _ADMITTED
-            or (module == "torch" and name in _TORCH_NAMES)
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+    Checked before DCP reads anything (DCP's own check comes after it has built the optimizer's state):
+    a mismatch is the caller's objects, not a damaged checkpoint, so it raises instead of falling back.
+    """
+    saved = metadata.state_dict_metadata
+    for name, value in state.items():
+        if not is_fsdp_module(value):
+            continue
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        live = {f"{name}.{k}": tuple(v.shape) for k, v in get_model_state_dict(value, options=_options()).items()}
+        stored = {k: tuple(getattr(v, "size", ())) for k, v in saved.items() if k.startswith(f"{name}.")}
+        missing = sorted(set(live) - set(stored))
+        unexpected = sorted(set(stored) - set(live))
+        shapes = sorted(k for k in set(live) & set(stored) if live[k] != stored[k])
+        if missing or unexpected or shapes:
+            detail = "; ".join(
+                f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes))
+                if keys
+            )
+            raise CheckpointError(
+                f"entry {name!r} does not match the sharded state in the checkpoint ({detail})",
+                path=path,
+                remedy="Restore into a model built as the run that saved it built its own (same layers, LoRA r).",
+            )
 
 
-_ADMITTED = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),  # a layout by its name (torch.strided)
-    ("pathlib", "PosixPath"),  # the checkpoint_id DCP records
-    ("pathlib", "PurePosixPath"),
-}
-_TORCH_NAMES = {"Size"} | {str(t).removeprefix("torch.") for t in vars(torch).values() if isinstance(t, torch.dtype)}
-
-
-def _reader(root: Path) -> Any:
+def _reader(root: Path, metadata: Any) -> Any:
+    """DCP's reader, handed the metadata phase 1 checked (:mod:`ckptguard.dcp_metadata`) instead of unpickling."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class CheckedReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
-            with open(root / DCP_METADATA, "rb") as fh:
-                metadata = _MetadataUnpickler(fh).load()
-            if getattr(metadata, "storage_meta", None) is None:
+            if metadata.storage_meta is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
@@ -330,21 +351,29 @@ def _planner() -> Any:
     return WeightsOnlyPlanner()
 
 
-def load(path: Path, state: Mapping[str, Any], *, coord: Any) -> dict[str, Any]:
+def load(path: Path, state: Mapping[str, Any], metadata: Any, *, coord: Any) -> dict[str, Any]:
     """Read the sharded entries of `state` from checkpoint `path` into copies, resharded to this run's layout.
 
-    A collective: call it on every rank. The caller's objects are untouched until :func:`apply`.
+    A collective: call it on every rank. The caller's objects are untouched until :func:`apply`: DCP
+    builds a fresh optimizer's state (a step with zero gradients) to learn its keys, and a load that
+    fails takes that state away again.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    target = copy_shards(state_dicts(state))
+    fresh = [v for v in state.values() if isinstance(v, torch.optim.Optimizer) and is_sharded(v) and not v.state]
     try:
-        dcp.load(target, storage_reader=_reader(path / SHARDED_DIR), planner=_planner(), process_group=coord.group)
-    except CheckpointException as exc:
-        raise _typed(
-            exc, CheckpointError, "the sharded state does not load into this run's objects", path, None
-        ) from None
+        target = copy_shards(state_dicts(state))
+        reader = _reader(path / SHARDED_DIR, metadata)
+        dcp.load(target, storage_reader=reader, planner=_planner(), process_group=coord.group)
+    except BaseException as exc:  # CheckpointException is one (`except Exception` would let it through)
+        for optim in fresh:
+            optim.state.clear()
+        if isinstance(exc, CheckpointException):
+            raise _typed(
+                exc, CheckpointError, "the sharded state does not load into this run's objects", path, None
+            ) from None
+        raise
     return target
 
 

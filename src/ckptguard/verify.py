@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import xxhash
 
+from ckptguard import dcp_metadata
 from ckptguard.errors import CorruptCheckpointError
 from ckptguard.hashing import hash_file
 from ckptguard.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE
@@ -164,7 +165,7 @@ def read_verified(path: Path, entry: FileEntry) -> bytes:
 def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool, expected: Any) -> tuple[int, list]:
     """(bytes read, problems) for one file; small JSON and every file at the deep level are parsed too."""
     path = report.path / relpath
-    parse = deep or relpath == STATE_FILE
+    parse = deep or relpath in (STATE_FILE, dcp_metadata.METADATA_PATH)
     try:
         if not parse:
             size, digest = hash_file(path)
@@ -182,6 +183,12 @@ def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool,
 
 
 def _parse_problems(report: VerifyReport, relpath: str, data: bytes, entry: FileEntry, expected: Any) -> list[Problem]:
+    if relpath == dcp_metadata.METADATA_PATH and report.manifest is not None:
+        try:
+            dcp_metadata.parse(data, report.manifest)
+        except ManifestError as exc:
+            return [Problem(relpath, exc.reason.removeprefix(f"{relpath}: "))]
+        return []
     if relpath.endswith(".json"):
         try:
             doc = parse_json(data, relpath)
