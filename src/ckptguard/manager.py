@@ -26,6 +26,7 @@ from ckptguard.manifest import MAX_INT, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
 from ckptguard.storage import tiered
+from ckptguard.storage.objectstore import is_remote
 from ckptguard.verify import check_level
 
 
@@ -89,7 +90,7 @@ class CheckpointManager:
         self._buffers = snapshot.HostBuffers()
         self._background: BackgroundSaves[SaveResult] = BackgroundSaves()
         self._space_known = expected_bytes is not None
-        self._tier: tiered.LocalOnly | tiered.RemoteMirror = tiered.LocalOnly()
+        self._tier: tiered.LocalOnly | tiered.RemoteMirror = tiered.LocalOnly(self.run_dir)
         self._sequence = self._coord.on_primary(lambda: self._preflight(None if direct else expected_bytes))
         try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N
             preflight.probe_every_rank(self.run_dir, self._coord)
@@ -355,17 +356,18 @@ class CheckpointManager:
         """
         self._check_usable("restore()")
         self.wait()
-        if path is None and self._tier.fetch_for_resume(step):
-            self._pruner.reindex(discovery.discover(self.run_dir))
-        names = self._coord.on_primary(lambda: discovery.restore_candidates(self.run_dir, step, path))
+        names = self._coord.on_primary(lambda: self._tier.resume_candidates(step, path))
         try:
             result = restore_into(
                 state, names, coord=self._coord, events=self._events,
-                explicit=step is not None or path is not None, check=check,
+                explicit=step is not None or path is not None, check=check, fetch=self._tier.fetch,
             )  # fmt: skip
         except CheckpointError as exc:
             self._record_failure("resume_failed", exc)
             raise
+        finally:
+            if any(is_remote(name) for name in names):  # checkpoints may have been fetched into the local tier
+                self._pruner.reindex(discovery.discover(self.run_dir))
         if result is not None:
             self._pruner.protected.add(result.path.name)
         return result

@@ -12,7 +12,7 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,11 @@ from ckptguard.layout import MANIFEST_NAME, step_from_name
 
 FORMAT = "ckptguard-checkpoint"
 FORMAT_VERSION = 1
-MAX_MANIFEST_BYTES = 16 << 20
+MAX_MANIFEST_BYTES = 8 << 20
+# A 4,096-rank FSDP job with per-rank state lists about 12,000 files; a manifest past this is hostile
+# (parsing and statting 120,000 entries made one restore take 28 s).
+MAX_MANIFEST_FILES = 32_768
+MAX_NAME_BYTES = 255  # one path component, as every POSIX filesystem and S3 key tool bounds it
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -108,6 +112,24 @@ def check_relative_path(path: str) -> None:
         raise ManifestError(f"file path {path!r} is not normalised")
     if path == MANIFEST_NAME:
         raise ManifestError("the manifest lists itself")
+    for part in parts:
+        try:
+            size = len(part.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ManifestError(f"file path {path[:100]!r} is not valid UTF-8") from None
+        if size > MAX_NAME_BYTES:
+            raise ManifestError(f"file path {path[:100]!r} has a {size}-byte component (limit {MAX_NAME_BYTES})")
+
+
+def check_no_aliasing(paths: Iterable[str]) -> None:
+    """No path is both a file and a directory of another (``state`` and ``state/x.json``): one cannot hold both."""
+    listed = set(paths)
+    for path in listed:
+        head = path
+        while "/" in head:
+            head = head.rpartition("/")[0]
+            if head in listed:
+                raise ManifestError(f"{head[:100]!r} is listed both as a file and as the directory of {path[:100]!r}")
 
 
 MAX_JSON_DEPTH = 64  # an optimizer's state tree is about 6 deep; anything far deeper is hostile
@@ -194,6 +216,8 @@ def parse_manifest(data: bytes) -> Manifest:
     files_raw = _require(body, "files", dict)
     if not files_raw:
         raise ManifestError("manifest lists no files")
+    if len(files_raw) > MAX_MANIFEST_FILES:
+        raise ManifestError(f"manifest lists {len(files_raw)} files, over the {MAX_MANIFEST_FILES} file limit")
     files = {}
     for path, entry in files_raw.items():
         check_relative_path(path)
@@ -208,6 +232,7 @@ def parse_manifest(data: bytes) -> Manifest:
             tensors=_int(entry.get("tensors", 0), f"tensor count of {path!r}"),
             rank=None if entry.get("rank") is None else _int(entry.get("rank"), f"rank of {path!r}"),
         )
+    check_no_aliasing(files)
     created = _require(body, "created", (int, float))
     if not 0 <= created <= 1e12:  # seconds since 1970: up to the year 33658
         raise ManifestError("field 'created' is not a plausible time")

@@ -29,6 +29,7 @@ from ckptguard.layout import ADAPTER_WEIGHTS, STATE_FILE
 from ckptguard.lora import apply_adapter, checked_adapter_tensors
 from ckptguard.manifest import Manifest, ManifestError, parse_json
 from ckptguard.snapshot import PerRank, check_names, entry_kind
+from ckptguard.storage.objectstore import is_remote
 from ckptguard.tensorfile import parse_tensors
 from ckptguard.verify import read_verified, verify_checkpoint
 
@@ -225,36 +226,53 @@ def restore_into(
     events: EventLog,
     explicit: bool,
     check: Callable[[Restored], None] | None,
+    fetch: Callable[[str], str],
 ) -> Restored | None:
     """Try `candidates` in order; load the first one every rank can read into `state`.
 
-    A damaged candidate (CorruptCheckpointError on any rank) is skipped with a warning unless it was
-    named explicitly; any other error (a mismatch with the caller's objects, a refusal by `check`)
-    raises on every rank. Nothing of the caller's changes until every rank has read and checked all
-    it needs.
+    A candidate that is a URL is first fetched into the local tier by rank 0 (``fetch``, which raises
+    CorruptCheckpointError for one that cannot be had intact). A damaged candidate (that error on any
+    rank) is skipped with a warning, unless it was named explicitly and is the last way to have it;
+    any other error (a mismatch with the caller's objects, a refusal by `check`) raises on every rank.
+    Nothing of the caller's changes until every rank has read and checked all it needs.
     """
-    for candidate in candidates:
-        loaded, result, error = None, None, None
+    for number, candidate in enumerate(candidates, start=1):
         try:
-            loaded = open_checkpoint(Path(candidate), state, rank=coord.rank)
-            result = Restored(loaded.step, loaded.path, plain_values(loaded, state), loaded.metrics)
-            if check is not None:  # may refuse (raise) before any large file is read
-                check(result)
-            read_objects(loaded, state, rank=coord.rank)
-        except CheckpointError as exc:
-            error = exc
-        try:
-            coord.agree(error, None)
+            loaded, result = _read_candidate(state, candidate, coord=coord, check=check, fetch=fetch)
         except CorruptCheckpointError as exc:
-            if explicit:
+            if explicit and number == len(candidates):
                 raise
             log.warning("skipping %s: %s", candidate, exc)
             events.emit("resume_skip", path=candidate, reason=str(exc))
             continue
-        assert loaded is not None and result is not None
         if sharded.any_sharded(state):  # a collective: DCP reads, reshards
             loaded.objects.update(sharded.load(loaded.path, state, loaded.dcp_metadata, coord=coord))
         apply(loaded, state)
         events.emit("resume", step=loaded.step, path=loaded.path)
         return result
     return None  # (a named checkpoint that fails raised above)
+
+
+def _read_candidate(
+    state: Mapping[str, Any],
+    candidate: str,
+    *,
+    coord: Coordinator,
+    check: Callable[[Restored], None] | None,
+    fetch: Callable[[str], str],
+) -> tuple[LoadedCheckpoint, Restored]:
+    """Phase 1 of one candidate on every rank, ending in agreement: all have it read and checked, or all raise."""
+    loaded, result, error = None, None, None
+    try:
+        if is_remote(candidate):
+            candidate = coord.on_primary(lambda: fetch(candidate))
+        loaded = open_checkpoint(Path(candidate), state, rank=coord.rank)
+        result = Restored(loaded.step, loaded.path, plain_values(loaded, state), loaded.metrics)
+        if check is not None:  # may refuse (raise) before any large file is read
+            check(result)
+        read_objects(loaded, state, rank=coord.rank)
+    except CheckpointError as exc:
+        error = exc
+    coord.agree(error, None)
+    assert loaded is not None and result is not None
+    return loaded, result

@@ -31,7 +31,7 @@ import xxhash
 
 from ckptguard import publish, writer
 from ckptguard.discovery import Checkpoint
-from ckptguard.errors import CorruptCheckpointError, UploadError
+from ckptguard.errors import CorruptCheckpointError, UploadError, VerificationError, WriteError, from_os_error
 from ckptguard.events import EventLog
 from ckptguard.layout import MANIFEST_NAME, MARKER_NAME, step_from_name
 from ckptguard.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, ManifestError, parse_json, parse_manifest
@@ -273,23 +273,35 @@ def download(store: ObjectStore, checkpoint: RemoteCheckpoint, run_dir: Path, ev
     def fetch(relpath: str) -> None:
         entry = manifest.files[relpath]
         target = staging / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "xb") as fh:
-            size, digest = store.download_file(f"{checkpoint.name}/{relpath}", fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        where = store.where(f"{checkpoint.name}/{relpath}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as fh:
+                try:
+                    size, digest = store.download_file(f"{checkpoint.name}/{relpath}", fh)
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(f"{relpath} is listed in the manifest but gone", path=where) from None
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise from_os_error(WriteError, "could not write a downloaded file", exc, path=target) from exc
         if size != entry.size or digest != entry.xxh3_128:
             problem = size_mismatch(size, entry) if size != entry.size else hash_mismatch(digest, entry)
-            raise CorruptCheckpointError(f"{relpath}: {problem}", path=store.where(f"{checkpoint.name}/{relpath}"))
+            raise CorruptCheckpointError(f"{relpath}: {problem}", path=where)
 
     try:
         _each_file(fetch, {p: e.size for p, e in manifest.files.items()})
-        return publish.publish(
+        published = publish.publish(
             staging, run_dir / checkpoint.name, manifest, level="full", latest=True, events=events
-        ).path
+        )
+    except VerificationError as exc:  # every object arrived as listed, but what they hold disagrees
+        raise CorruptCheckpointError(
+            f"{checkpoint.name} arrived intact but is not a valid checkpoint: {exc.message}", path=checkpoint.url
+        ) from exc
     except BaseException:
         publish.discard_staging(staging)
         raise
+    return published.path
 
 
 def remove(store: ObjectStore, name: str) -> None:

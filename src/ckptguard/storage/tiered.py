@@ -18,9 +18,10 @@ manager then holds a tier: :class:`LocalOnly` (no URL) or a :class:`RemoteMirror
   background thread uploads them. At most one upload is in flight: a second submit waits for it.
 * A failed upload never touches the local checkpoint. It is logged to events.jsonl at once
   (``upload_failed``) and raised by :meth:`raise_failure` at the next save, or by :meth:`close`.
-* :meth:`fetch_for_resume` on restore: a remote checkpoint newer than anything valid on local disk
-  (a fresh machine), or the step asked for, is downloaded, hashed as it arrives, and committed
-  locally; a damaged one is skipped for the previous.
+* :meth:`resume_candidates` and :meth:`fetch` on restore: local checkpoints and the bucket's, newest
+  first, each local one followed by the bucket's copy of the same save; a bucket checkpoint is
+  downloaded only when its turn comes, hashed as it arrives, and committed locally; one that cannot
+  be had intact, or does not load, is skipped for the next, on a fresh machine as on local disk.
 * Remote retention is its own policy, applied after each upload (marker deleted first).
 * :meth:`RemoteMirror.save_direct` in direct mode, in place of the local write and commit.
 """
@@ -41,7 +42,7 @@ from ckptguard import discovery, publish, retention
 from ckptguard.discovery import Checkpoint
 from ckptguard.errors import (
     CheckpointError,
-    CorruptCheckpointError,
+    CheckpointNotFoundError,
     LockedError,
     RemoteError,
     UploadError,
@@ -129,7 +130,7 @@ def _endpoint_dir(options: Mapping[str, Any]) -> str:
 
 def open_tier(spec: RemoteSpec | None, run_dir: Path, events: EventLog) -> LocalOnly | RemoteMirror:
     """The tier a manager saves through: endpoint, bucket, credentials and lease checked now, before step 1."""
-    return LocalOnly() if spec is None else RemoteMirror.open(spec, run_dir, events)
+    return LocalOnly(run_dir) if spec is None else RemoteMirror.open(spec, run_dir, events)
 
 
 class LocalOnly:
@@ -138,14 +139,21 @@ class LocalOnly:
     direct = False
     max_sequence = 0
 
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
     def raise_failure(self) -> None:
         """Nothing is uploaded, so nothing can have failed."""
 
     def submit(self, checkpoint: Path) -> None:
         """Nothing to upload."""
 
-    def fetch_for_resume(self, step: int | None) -> bool:
-        return False
+    def resume_candidates(self, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:
+        return discovery.restore_candidates(self.run_dir, step, path)
+
+    def fetch(self, url: str) -> str:
+        """Never called: a local run's candidates are all directories."""
+        raise CheckpointNotFoundError(f"{url} is not part of a local run", path=url)
 
     def checkpoints(self) -> list[remote_publish.RemoteCheckpoint]:
         """No bucket, no remote checkpoints."""
@@ -170,6 +178,7 @@ class RemoteMirror:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-upload")
         self._pending: Future[None] | None = None
         self._failure: CheckpointError | None = None
+        self._resumable: dict[str, remote_publish.RemoteCheckpoint] = {}
 
     @classmethod
     def open(cls, spec: RemoteSpec, run_dir: Path, events: EventLog) -> RemoteMirror:
@@ -309,32 +318,49 @@ class RemoteMirror:
         """Every checkpoint in the bucket, quick-verified, in step order."""
         return remote_publish.discover(self.store)
 
-    def fetch_for_resume(self, step: int | None) -> bool:
-        """Before a resume: download the newest remote checkpoint newer than every local one, if any.
+    def resume_candidates(self, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:
+        """What restore tries, newest first: local directories and bucket URLs (fetched when their turn comes).
 
-        For an explicit `step`: that checkpoint, when only the bucket has it.
+        A checkpoint the local tier holds comes first, and the bucket's copy of the same save right
+        after it: a local copy damaged since its commit (a flipped bit that only a hash shows) falls
+        back to the intact one in the bucket before any older save is taken. A bucket checkpoint
+        newer than every local one (a fresh machine) comes before them all.
         """
-        found = discovery.newest_first(remote_publish.discover(self.store))
-        if step is not None:
-            wanted = [c for c in found if c.step == step and not (self.run_dir / c.name).is_dir()]
-        else:
-            local = discovery.newest_first(discovery.discover(self.run_dir))
-            wanted = [c for c in found if c.sequence > (local[0].sequence if local else -1)]
-        return self._fetch_first(wanted) is not None
+        if path is not None:
+            return discovery.restore_candidates(self.run_dir, None, path)
+        local = [c for c in discovery.discover(self.run_dir) if step in (None, c.step)]
+        remote = [c for c in remote_publish.discover(self.store) if step in (None, c.step)]
+        self._resumable = {c.url: c for c in remote if c.valid}
+        for c in remote:
+            if not c.valid:
+                log.warning("ignoring invalid checkpoint %s: %s", c.url, c.reason)
+        if step is not None and not self._resumable and not local:
+            raise CheckpointNotFoundError(
+                f"no checkpoint of step {step} here or in the bucket (valid steps: {self._valid_steps() or 'none'})",
+                path=self.store.where(checkpoint_name(step)),
+                step=step,
+            )
+        ordered = [(c.sequence, c.step, 1, str(c.path)) for c in local if c.valid or step is not None]
+        ordered += [(c.sequence, c.step, 0, c.url) for c in remote if c.valid]
+        return [where for *_, where in sorted(ordered, reverse=True)]
 
-    def _fetch_first(self, candidates: list[remote_publish.RemoteCheckpoint]) -> Path | None:
-        """Download the first of `candidates` that arrives intact, skipping damaged ones."""
-        for c in candidates:
-            try:
-                path = remote_publish.download(self.store, c, self.run_dir, self._events)
-            except CorruptCheckpointError as exc:
-                log.warning("skipping %s: %s", c.url, exc)
-                self._events.emit("resume_skip", path=c.url, reason=str(exc))
-                continue
-            self._events.emit("download", step=c.step, url=c.url, path=path, bytes=c.bytes)
-            self.protected.add(c.name)
-            return path
-        return None
+    def _valid_steps(self) -> list[int]:
+        return sorted(
+            {c.step for c in discovery.discover(self.run_dir) if c.valid} | {c.step for c in self.index.values()}
+        )
+
+    def fetch(self, url: str) -> str:
+        """Download a bucket checkpoint named by :meth:`resume_candidates` into the local tier; its path.
+
+        Hashed as it arrives and committed locally through publish (a damaged local copy of the same
+        name is set aside, not overwritten). CorruptCheckpointError when it cannot be had intact, so
+        restore goes on to the next candidate.
+        """
+        c = self._resumable[url]
+        path = remote_publish.download(self.store, c, self.run_dir, self._events)
+        self._events.emit("download", step=c.step, url=c.url, path=path, bytes=c.bytes)
+        self.protected.add(c.name)
+        return str(path)
 
 
 _DIRECT_REMEDY = (
