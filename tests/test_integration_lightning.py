@@ -142,6 +142,15 @@ def test_async_removal_right_after_a_queued_save_waits_for_that_save_to_commit(t
         assert _step(new) == 2, "the only good checkpoint was removed after the newer save failed"
 
 
+def test_a_missing_ckpt_path_is_not_found_not_corrupt(tmp_path):
+    from ckptguard.errors import CheckpointNotFoundError
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at the path given to resume from") as caught:
+        VerifiedCheckpointIO().load_checkpoint(tmp_path / "epoch=0-step=9.ckpt")
+    assert caught.value.path == str(tmp_path / "epoch=0-step=9.ckpt") and "typo" in caught.value.remedy
+
+
 @pytest.fixture
 def restores_process_state():
     """A refused strategy has already set up torch.distributed (world of one) in this process: undo it."""
