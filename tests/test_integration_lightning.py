@@ -151,6 +151,21 @@ def test_a_missing_ckpt_path_is_not_found_not_corrupt(tmp_path):
     assert caught.value.path == str(tmp_path / "epoch=0-step=9.ckpt") and "typo" in caught.value.remedy
 
 
+def test_the_plugin_survives_deepcopy_and_pickling_and_the_copy_saves_verified(tmp_path):
+    """What ddp_spawn, ``deepcopy(trainer.callbacks)`` and ``torch.save(trainer)`` do to the plugin."""
+    import copy
+    import pickle
+
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    copies = (copy.deepcopy(VerifiedCheckpointIO()), pickle.loads(pickle.dumps(VerifiedCheckpointIO())))
+    for step, copied in enumerate(copies, start=1):
+        target = tmp_path / f"epoch=0-step={step}.ckpt"
+        copied.save_checkpoint({"global_step": step, "w": torch.zeros(4)}, target)
+        copied.remove_checkpoint(tmp_path / "gone.ckpt")
+        assert _step(target) == step
+
+
 @pytest.fixture
 def restores_process_state():
     """A refused strategy has already set up torch.distributed (world of one) in this process: undo it."""

@@ -71,6 +71,16 @@ class VerifiedCheckpointIO(CheckpointIO):
         self._held: CheckpointError | None = None
         self.queue: Any | None = None  # the AsyncCheckpointIO around this plugin; set by LightningGuard
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for ``ddp_spawn``, ``deepcopy`` or ``torch.save(trainer)``: no lock, no save in flight, and
+        no async worker (LightningGuard finds it again at setup)."""
+        state = self.__dict__.copy()
+        del state["_idle"]
+        return state | {"_in_flight": 0, "queue": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _idle=threading.Condition())
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("VerifiedCheckpointIO takes no storage_options")
