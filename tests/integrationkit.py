@@ -235,7 +235,7 @@ def accelerate_run(
             lambda *_: os.kill(os.getpid(), signal.SIGKILL) if acc.save_iteration == TORN_STEP - 1 else None
         )
     if guarded:
-        guard.load_state(acc, run_dir)
+        guard.load_state(acc, run_dir, missing_ok=True)
     elif (run_dir / "checkpoints").is_dir():
         acc.load_state()
     start = acc.save_iteration  # saves made so far: the step resumed at

@@ -71,6 +71,18 @@ def test_bit_flip_plain_load_state_takes_it_ckptguard_refuses_it(tmp_path):
     assert load_state(acc, guarded) == guarded / "checkpoint-1", "auto-resume skips to the previous one"
 
 
+def test_load_state_on_a_missing_run_dir_raises_unless_missing_ok(tmp_path):
+    from accelerate import Accelerator
+
+    from ckptguard.errors import CheckpointNotFoundError
+
+    acc, typo = Accelerator(cpu=True), tmp_path / "runs" / "exp1-typo"
+    with pytest.raises(CheckpointNotFoundError, match="the run directory to resume from does not exist") as caught:
+        load_state(acc, typo)
+    assert caught.value.path == str(typo) and "missing_ok=True" in caught.value.remedy
+    assert load_state(acc, typo, missing_ok=True) is None, "a first start, asked for"
+
+
 def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path):
     with tmpfs(tmp_path / "disk", size="8m") as disk:
         out, filler = disk / "run", Filler(disk)

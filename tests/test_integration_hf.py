@@ -144,6 +144,25 @@ def test_best_model_checkpoint_names_the_final_directory_and_rotation_keeps_it(t
     assert recorded == best
 
 
+def test_trainer_before_the_mixin_in_the_bases_is_refused_at_class_creation():
+    from transformers import Trainer
+
+    from ckptguard.integrations.hf import CheckpointGuardMixin
+
+    with pytest.raises(TypeError, match=r"write class Backwards\(CheckpointGuardMixin, Trainer\) instead"):
+
+        class Backwards(Trainer, CheckpointGuardMixin):
+            pass
+
+    class Guarded(CheckpointGuardMixin, Trainer):
+        pass
+
+    class Custom(Guarded):  # a subclass of a guarded Trainer stays guarded
+        pass
+
+    assert Custom._save_checkpoint is CheckpointGuardMixin._save_checkpoint
+
+
 def test_save_on_each_node_is_refused_before_training(tmp_path):
     with pytest.raises(UnsupportedStateError, match="save_on_each_node"):
         hf_trainer(tmp_path, save_on_each_node=True).train()

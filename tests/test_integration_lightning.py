@@ -104,6 +104,68 @@ def test_removal_waits_for_the_save_in_flight_and_keeps_the_old_one_if_it_failed
         assert verify_checkpoint(kept).ok, "the only good checkpoint was removed after the newer save failed"
 
 
+def test_async_removal_right_after_a_queued_save_waits_for_that_save_to_commit(tmp_path):
+    """AsyncCheckpointIO submits the new save and Lightning at once asks to remove the previous checkpoint.
+    Here the worker is still busy (a gate), so the new save has not even started when the removal comes."""
+    import threading
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins import AsyncCheckpointIO
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from ckptguard.integrations.lightning import LightningGuard, VerifiedCheckpointIO
+
+    def queued_behind_a_busy_worker(step: int, size: int, target, previous) -> threading.Event:
+        gate = threading.Event()
+        async_io._ensure_setup()
+        async_io._executor.submit(gate.wait)  # an earlier save still being written
+        async_io.save_checkpoint({"global_step": step, "w": torch.ones(size)}, target)
+        async_io.remove_checkpoint(previous)
+        return gate
+
+    with tmpfs(tmp_path / "disk", size="8m") as disk:
+        async_io = AsyncCheckpointIO(VerifiedCheckpointIO())
+        trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu", checkpoint_io=async_io), world_size=1)
+        LightningGuard().setup(trainer, None, "fit")
+        old, new, failing = (disk / f"epoch=0-step={step}.ckpt" for step in (1, 2, 3))
+        async_io.save_checkpoint({"global_step": 1, "w": torch.zeros(4)}, old)
+        async_io.teardown()  # written
+        gate = queued_behind_a_busy_worker(2, 4, new, old)
+        assert verify_checkpoint(old).ok, "the previous checkpoint was removed before the newer save started"
+        gate.set()
+        async_io.teardown()
+        assert not old.exists() and _step(new) == 2
+        queued_behind_a_busy_worker(3, 4 << 20, failing, new).set()  # 16 MiB on an 8 MiB disk
+        with pytest.raises(WriteError) as caught:
+            async_io.teardown()
+        assert caught.value.errno == errno.ENOSPC
+        assert _step(new) == 2, "the only good checkpoint was removed after the newer save failed"
+
+
+def test_a_missing_ckpt_path_is_not_found_not_corrupt(tmp_path):
+    from ckptguard.errors import CheckpointNotFoundError
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at the path given to resume from") as caught:
+        VerifiedCheckpointIO().load_checkpoint(tmp_path / "epoch=0-step=9.ckpt")
+    assert caught.value.path == str(tmp_path / "epoch=0-step=9.ckpt") and "typo" in caught.value.remedy
+
+
+def test_the_plugin_survives_deepcopy_and_pickling_and_the_copy_saves_verified(tmp_path):
+    """What ddp_spawn, ``deepcopy(trainer.callbacks)`` and ``torch.save(trainer)`` do to the plugin."""
+    import copy
+    import pickle
+
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    copies = (copy.deepcopy(VerifiedCheckpointIO()), pickle.loads(pickle.dumps(VerifiedCheckpointIO())))
+    for step, copied in enumerate(copies, start=1):
+        target = tmp_path / f"epoch=0-step={step}.ckpt"
+        copied.save_checkpoint({"global_step": step, "w": torch.zeros(4)}, target)
+        copied.remove_checkpoint(tmp_path / "gone.ckpt")
+        assert _step(target) == step
+
+
 @pytest.fixture
 def restores_process_state():
     """A refused strategy has already set up torch.distributed (world of one) in this process: undo it."""

@@ -4,7 +4,7 @@
 
     accelerator = Accelerator()
     model, opt, data = accelerator.prepare(model, opt, data)
-    load_state(accelerator, "runs/exp1")             # the newest verified checkpoint, if any
+    load_state(accelerator, "runs/exp1", missing_ok=True)   # the newest verified checkpoint, if any
     for step, batch in enumerate(data, start=1):
         ...
         save_state(accelerator, "runs/exp1", step, keep_last=3)   # runs/exp1/checkpoint-{step}
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptguard.dist import Coordinator
-from ckptguard.errors import CheckpointError, CorruptCheckpointError
+from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.integrations import staged
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import ManifestError, parse_json
@@ -73,16 +73,25 @@ def save_state(
     return target
 
 
-def load_state(accelerator: Any, run_dir: str | Path, path: str | Path | None = None, **kwargs: Any) -> Path | None:
+def load_state(
+    accelerator: Any, run_dir: str | Path, path: str | Path | None = None, *, missing_ok: bool = False, **kwargs: Any
+) -> Path | None:
     """Load the newest verified checkpoint of `run_dir` (or exactly `path`, verified first); call it on every process.
 
-    Returns the checkpoint loaded, or None when `run_dir` holds no verified checkpoint. Staging
-    directories a killed save left are removed first. Accelerate's save counter continues after the
-    loaded checkpoint's.
+    Returns the checkpoint loaded, or None when `run_dir` holds no verified checkpoint. A `run_dir` that
+    does not exist is CheckpointNotFoundError unless `missing_ok` (a first start): a typo in it would
+    otherwise start training from scratch without a word. Staging directories a killed save left are
+    removed first. Accelerate's save counter continues after the loaded checkpoint's.
     """
     run_dir = Path(run_dir)
 
     def choose() -> str | None:
+        if path is None and not run_dir.is_dir() and not missing_ok:
+            raise CheckpointNotFoundError(
+                "the run directory to resume from does not exist",
+                path=run_dir,
+                remedy="Check the path for a typo, or pass missing_ok=True on a first start.",
+            )
         if run_dir.is_dir():
             clean_leftovers(run_dir)
         found = staged.require_verified(path) if path is not None else staged.newest_verified(run_dir)

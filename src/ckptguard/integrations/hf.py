@@ -61,6 +61,18 @@ class CheckpointGuardMixin:
     _ckptguard_staging: Path | None = None
     _ckptguard_coord: Coordinator | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse ``class T(Trainer, CheckpointGuardMixin)``: Trainer's own save would win and every
+        checkpoint would be a plain, unguarded one, without a word."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(CheckpointGuardMixin):
+            raise TypeError(
+                f"{cls.__name__} puts Trainer before CheckpointGuardMixin in its bases, so Trainer's own save "
+                f"would run and no checkpoint would be guarded; write class {cls.__name__}(CheckpointGuardMixin, "
+                "Trainer) instead"
+            )
+
     def _coordinator(self) -> Coordinator:
         if self._ckptguard_coord is None:  # created on first use, by every rank alike
             self._ckptguard_coord = Coordinator(self.ckptguard_timeout_s)

@@ -12,9 +12,11 @@ that name holding ``checkpoint.pt`` (Lightning's own ``torch.save`` of its check
 manifest; it appears under its name only complete, fsynced and verified, so ``ckpt_path="last"``
 never resolves to a torn file. A checkpoint saved again under the same name (``last.ckpt``) replaces
 the old one only once the new one is verified. Loading verifies first (CorruptCheckpointError
-otherwise). A removal Lightning asks for waits until no save is in flight, so with
-``AsyncCheckpointIO(VerifiedCheckpointIO())`` the previous checkpoint is never deleted while the newer
-one is still being written, and is kept if that save failed.
+otherwise). A removal Lightning asks for waits until no save is in flight, and is kept if the newest
+save failed. With ``AsyncCheckpointIO(VerifiedCheckpointIO())`` a save counts from the moment it is
+submitted: the removal Lightning asks for right after submitting it is queued on the same worker,
+behind that save, so the previous checkpoint is never deleted before the newer one commits (or at all,
+if it failed).
 
 Lightning adds :class:`LightningGuard` to every Trainer through the ``lightning.pytorch.callbacks_factory``
 entry point ckptguard installs (:func:`lightning_callbacks`); it does nothing for a Trainer without
@@ -67,6 +69,17 @@ class VerifiedCheckpointIO(CheckpointIO):
         self._idle = threading.Condition()
         self.hold_errors = False  # set by LightningGuard when there is more than one rank
         self._held: CheckpointError | None = None
+        self.queue: Any | None = None  # the AsyncCheckpointIO around this plugin; set by LightningGuard
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for ``ddp_spawn``, ``deepcopy`` or ``torch.save(trainer)``: no lock, no save in flight, and
+        no async worker (LightningGuard finds it again at setup)."""
+        state = self.__dict__.copy()
+        del state["_idle"]
+        return state | {"_in_flight": 0, "queue": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _idle=threading.Condition())
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -117,6 +130,20 @@ class VerifiedCheckpointIO(CheckpointIO):
         return held
 
     def remove_checkpoint(self, path: Any) -> None:
+        executor = getattr(self.queue, "_executor", None)
+        if executor is not None:  # its one worker runs saves in order: this runs after every save submitted so far
+            executor.submit(self._remove_queued, path)
+            return
+        self._remove(path)
+
+    def _remove_queued(self, path: Any) -> None:
+        """A removal on the async worker; its error is raised by AsyncCheckpointIO like a failed save's."""
+        try:
+            self._remove(path)
+        except BaseException as exc:
+            self.queue._error = exc
+
+    def _remove(self, path: Any) -> None:
         with self._idle:
             self._idle.wait_for(lambda: self._in_flight == 0)
             if self._failed:
@@ -167,10 +194,18 @@ def check_strategy(trainer: Any) -> None:
 
 
 def _verified_io(strategy: Any) -> VerifiedCheckpointIO | None:
-    """The VerifiedCheckpointIO `strategy` was given, directly or inside a wrapper (AsyncCheckpointIO)."""
+    """The VerifiedCheckpointIO `strategy` was given, directly or inside a wrapper (AsyncCheckpointIO).
+
+    Its removals are queued behind the saves of the innermost AsyncCheckpointIO around it."""
+    from lightning.pytorch.plugins import AsyncCheckpointIO
+
     io = getattr(strategy, "_checkpoint_io", None)  # not the property: it installs a default plugin when unset
+    queue = None
     while io is not None and not isinstance(io, VerifiedCheckpointIO):
+        queue = io if isinstance(io, AsyncCheckpointIO) else queue
         io = getattr(io, "_checkpoint_io", None)
+    if io is not None:
+        io.queue = queue
     return io
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from ckptguard import discovery, publish, retention, writer
 from ckptguard.dist import Coordinator
 from ckptguard.errors import (
     CheckpointError,
+    CheckpointNotFoundError,
     CorruptCheckpointError,
     WriteError,
     from_os_error,
@@ -223,7 +225,15 @@ def newest_verified(run_dir: str | Path) -> Path | None:
 
 
 def require_verified(path: str | Path) -> Path:
-    """`path` if every byte of it matches its manifest; CorruptCheckpointError naming the problem otherwise."""
+    """`path` if every byte of it matches its manifest; CorruptCheckpointError naming the problem otherwise.
+
+    A path that does not exist is CheckpointNotFoundError: a typo in a resume path is not damage."""
+    if not os.path.lexists(path):
+        raise CheckpointNotFoundError(
+            "no checkpoint at the path given to resume from",
+            path=path,
+            remedy="Check the path for a typo; `ckptguard ls RUN_DIR` lists the checkpoints there.",
+        )
     report = verify_checkpoint(Path(path), LEVEL)
     if not report.ok:
         raise CorruptCheckpointError(f"refusing to load an unverified checkpoint ({report.reason})", path=path)
