@@ -177,6 +177,19 @@ def test_a_torn_and_garbled_event_log_is_shown_as_damage(lib_copy: Path, tmp_pat
     assert 'id="damage"' in page and f"skipped: {n}, {n + 2}" in page
 
 
+def test_an_event_line_nested_5000_deep_is_listed_as_damage_by_report_and_ls(
+    lib_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = lib_copy / EVENTS_NAME
+    n = len(log.read_text().splitlines()) + 1
+    with log.open("a") as f:
+        f.write("[" * 5000 + "\n" + '{"event": "save", "step": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    page = write_report(lib_copy, tmp_path / "r.html").read_text()
+    assert f"skipped: {n}, {n + 1}" in page
+    assert main(["ls", str(lib_copy)]) == 0
+    assert "checkpoint-4" in capsys.readouterr().out
+
+
 def test_a_missing_event_log_still_lists_the_checkpoints(lib_copy: Path, tmp_path: Path) -> None:
     (lib_copy / EVENTS_NAME).unlink()
     page = write_report(lib_copy, tmp_path / "r.html").read_text()

@@ -111,6 +111,13 @@ def test_config_file_and_overrides_layer_on_the_default(tmp_path: Path) -> None:
         (['{"text": "fine"}', '{"messages": [{"role": "user", "content": "hi"}, '
           '{"role": "assistant", "content": ""}]}'], 2, 'messages[1] is an empty "assistant" message; '
          'its "content" must not be empty'),
+        (['{"text": "fine"}', "[" * 5000], 2, "nests deeper than 64 levels"),
+        (['{"text": "fine"}', '{"text": ' + "9" * 5000 + "}"], 2, "invalid JSON (a number longer than 4300 digits)"),
+        (['{"text": "caf\\udc80"}'], 1, '"text" holds a lone surrogate (\'\\udc80\' at character 4), which is not '
+         "Unicode text; fix or drop the record"),
+        (['{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "hi"}]}'], 1,
+         "messages[0].content holds a lone surrogate ('\\ud800' at character 1), which is not Unicode text; fix "
+         "or drop the record"),
     ],
 )  # fmt: skip
 def test_bad_data_names_the_file_and_line(
@@ -119,6 +126,27 @@ def test_bad_data_names_the_file_and_line(
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(lines) + "\n")
     assert train_error(capsys, "--set", f"data.train={data}") == f"error: {data}:{line_no}: {message}"
+
+
+def test_deeply_nested_data_is_refused_by_the_data_command_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": ' + "[" * 5000 + "\n")
+    assert main(["data", "--set", f"data.train={data}"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {data}:2: nests deeper than 64 levels"
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_deeply_nested_toml_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    value = "[" * 5000 + "]" * 5000
+    config = tmp_path / "run.toml"
+    config.write_text(f"[train]\nmax_steps = {value}\n")
+    args = ["--config", str(config)] if where == "file" else ["--set", f"lora.target_modules={value}"]
+    source = config if where == "file" else "--set"
+    assert train_error(capsys, *args) == (
+        f"error: {source}: a value nests deeper than 64 levels; no setting takes more than one list"
+    )
 
 
 def test_invalid_utf8_is_reported_by_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ckptguard.errors import CheckpointError
 from ckptguard.layout import EVENTS_NAME
+from ckptguard.manifest import ManifestError, parse_json
 
 log = logging.getLogger("ckptguard")
 
@@ -82,8 +83,8 @@ def read_events_and_damage(run_dir: Path) -> tuple[list[dict[str, Any]], list[in
     events, damaged = [], []
     for number, line in enumerate(lines, start=1):
         try:
-            event = json.loads(line)
-        except ValueError:
+            event = parse_json(line, f"{EVENTS_NAME}:{number}")
+        except ManifestError:  # torn, garbled, or nested to exhaust the stack: the line is damage, not a crash
             event = None
         if isinstance(event, dict):
             events.append(event)

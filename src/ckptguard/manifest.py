@@ -12,6 +12,7 @@ import json
 import math
 import posixpath
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,15 @@ _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 
 class ManifestError(ValueError):
-    """The manifest is missing, unreadable, or fails validation; `reason` says which rule."""
+    """The manifest is missing, unreadable, or fails validation; `reason` says which rule.
 
-    def __init__(self, reason: str) -> None:
+    `detail` is the reason without the name of what was read, for callers that name it their own way
+    (a data file's ``file:line:``).
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
         self.reason = reason
+        self.detail = detail if detail is not None else reason
         super().__init__(reason)
 
 
@@ -141,30 +147,57 @@ def _reject_constant(name: str) -> float:
     raise ManifestError(f"invalid JSON constant {name}")
 
 
-def parse_json(data: bytes, what: str) -> Any:
+def parse_json(data: bytes | str, what: str) -> Any:
     """Strict JSON from disk, bounded: UTF-8, no NaN/Infinity, at most MAX_JSON_DEPTH deep.
 
-    Every way hostile bytes can fail (bad encoding, recursion, digit-count limits, deep nesting)
+    The one reader of untrusted JSON (manifests, markers, events.jsonl lines, JSONL data records):
+    every way hostile bytes can fail (bad encoding, recursion, digit-count limits, deep nesting)
     becomes a ManifestError naming `what`, never another exception type.
     """
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        text = data if isinstance(data, str) else data.decode("utf-8")
+        doc = json.loads(text, parse_constant=_reject_constant)
     except ManifestError:
         raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON syntax, int digit limit
-        raise ManifestError(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
-        return doc  # cannot nest deeper than it has brackets: most manifests stop here, cheaply
+    except json.JSONDecodeError as exc:
+        at = f" of line {exc.lineno}" if exc.lineno > 1 else ""
+        raise _invalid_json(what, f"{exc.msg} at column {exc.colno}{at}") from None
+    except RecursionError:
+        raise _too_deep(what) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        if "integer string conversion" in str(exc):  # Python's int digit limit, against CPU exhaustion
+            raise _invalid_json(what, f"a number longer than {sys.get_int_max_str_digits()} digits") from None
+        raise _invalid_json(what, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    check_depth(doc, what, text.count("[") + text.count("{"))
+    return doc
+
+
+def _invalid_json(what: str, detail: str) -> ManifestError:
+    return ManifestError(f"{what} is not valid JSON ({detail})", f"invalid JSON ({detail})")
+
+
+def _too_deep(what: str) -> ManifestError:
+    return ManifestError(
+        f"{what} nests deeper than {MAX_JSON_DEPTH} levels", f"nests deeper than {MAX_JSON_DEPTH} levels"
+    )
+
+
+def check_depth(doc: Any, what: str, brackets: int | None = None) -> None:
+    """Refuse a decoded document nested deeper than MAX_JSON_DEPTH (JSON, or TOML read by tomllib).
+
+    `brackets` (how many ``[`` and ``{`` the text has) skips the walk where it cannot nest that deep.
+    """
+    if brackets is not None and brackets <= MAX_JSON_DEPTH:
+        return  # cannot nest deeper than it has brackets: most documents stop here, cheaply
     stack = [(doc, 1)]
     while stack:  # iterative, so checking the depth cannot itself recurse too deep
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise ManifestError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+            raise _too_deep(what)
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
-    return doc
 
 
 def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:

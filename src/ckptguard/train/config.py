@@ -25,6 +25,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ckptguard.manifest import MAX_JSON_DEPTH, ManifestError, check_depth
+
 DEFAULT_CONFIG = "default.toml"
 
 
@@ -215,15 +217,28 @@ def _default_raw() -> dict[str, Any]:
 
 def _read_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text)
+        return _bounded_toml(text, source)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+
+
+def _bounded_toml(text: str, source: str) -> dict[str, Any]:
+    """tomllib recurses per nested array or inline table: cap the depth as the JSON reader does."""
+    too_deep = ConfigError(
+        f"{source}: a value nests deeper than {MAX_JSON_DEPTH} levels; no setting takes more than one list"
+    )
+    try:
+        doc = tomllib.loads(text)
+        check_depth(doc, source)
+    except (RecursionError, ManifestError):
+        raise too_deep from None
+    return doc
 
 
 def _parse_value(text: str) -> Any:
     """A --set value is a TOML value (100, 0.5, true, ["a", "b"], "x"); anything else is a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return _bounded_toml(f"v = {text}", "--set")["v"]
     except tomllib.TOMLDecodeError:
         return text
 

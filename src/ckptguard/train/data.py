@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import xxhash
 
+from ckptguard.manifest import ManifestError, parse_json
 from ckptguard.train.chat import ChatFormat, ChatTemplateError
 from ckptguard.train.tokenizer import CHAT_ROLES, IGNORE_INDEX, Tokenizer, encode_text
 
@@ -98,11 +99,26 @@ def _decode_line(source: str, n: int, line: bytes) -> str:
 
 
 def _parse_line(source: str, n: int, line: str) -> Record:
+    return record_from(parse_record_json(line, f"{source}:{n}"), Record(source, n))
+
+
+def parse_record_json(line: str, where: str) -> Any:
+    """One JSONL line through the bounded reader: deep nesting or a 5,000-digit number is a DataError at `where`."""
     try:
-        obj: Any = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{source}:{n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    return record_from(obj, Record(source, n))
+        return parse_json(line, where)
+    except ManifestError as exc:
+        raise DataError(f"{where}: {exc.detail}") from None
+
+
+def check_unicode(where: str, field: str, text: str) -> None:
+    """A lone surrogate (``"\\udc80"`` is valid JSON) is no text a tokenizer can encode: name it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where}: {field} holds a lone surrogate ({text[exc.start]!a} at character {exc.start + 1}), "
+            "which is not Unicode text; fix or drop the record"
+        ) from None
 
 
 def record_from(obj: Any, at: Record) -> Record:
@@ -113,6 +129,7 @@ def record_from(obj: Any, at: Record) -> Record:
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"]:
             raise DataError(f'{where}: "text" must be a non-empty string')
+        check_unicode(where, '"text"', obj["text"])
         return Record(at.source, at.line, text=obj["text"], unit=at.unit)
     if "messages" in obj:
         return Record(at.source, at.line, messages=_check_messages(where, obj["messages"]), unit=at.unit)
@@ -128,6 +145,8 @@ def _check_messages(where: str, messages: Any) -> tuple[dict[str, str], ...]:
                 f'{where}: messages[{i}] must be {{"role": one of {", ".join(CHAT_ROLES)}, "content": a string}}, '
                 f"got {json.dumps(m)[:80]}"
             )
+    for i, m in enumerate(messages):
+        check_unicode(where, f"messages[{i}].content", m["content"])
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f'{where}: no "assistant" message; chat records train on the assistant\'s replies')
     for i, m in enumerate(messages):  # as an empty "text" is: there would be nothing to learn but the EOS

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptguard.train.data import DataError
+from ckptguard.train.data import DataError, parse_record_json
 from ckptguard.train.higgs.model import CODEBOOK_SIZE, NUM_CODEBOOKS
 
 ROLES = ("system", "user", "assistant")
@@ -65,10 +65,7 @@ def read_records(path: str | Path) -> list[HiggsRecord]:
 
 def _parse_line(path: Path, n: int, line: str) -> HiggsRecord:
     where = f"{path}:{n}"
-    try:
-        obj: Any = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    obj: Any = parse_record_json(line, where)
     if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
         raise DataError(f'{where}: expected a JSON object with a non-empty "messages" list')
     speaker = obj.get("speaker")
