@@ -129,6 +129,35 @@ class RemoteRun:
         key = self.url.removeprefix(f"s3://{self.bucket}/") + "/" + relpath
         self.server.client().put_object(Bucket=self.bucket, Key=key, Body=data)
 
+    def forge(self, name: str, files: dict[str, bytes]) -> None:
+        """Put hostile `files` into committed checkpoint `name` and re-sign its manifest and commit marker.
+
+        Every hash then verifies: what is left to stop them is what the library checks after the hashes.
+        Manifest entries are written as they are, not validated, the way a hostile writer would.
+        """
+        import json
+
+        import xxhash
+
+        from ckptguard.manifest import _checksum
+
+        body = json.loads(self.read(f"{name}/MANIFEST.json"))
+        for relpath, data in files.items():
+            self.tamper(f"{name}/{relpath}", data)
+            old = body["files"].get(relpath, {"tensors": 0})
+            body["files"][relpath] = {**old, "size": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+        body["total_bytes"] = sum(e["size"] for e in body["files"].values())
+        body["checksum"] = _checksum(body)  # the manifest's own signature: forged entries pass it
+        manifest = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+        self.tamper(f"{name}/MANIFEST.json", manifest)
+        marker = json.loads(self.read(f"{name}/COMMITTED"))
+        marker["manifest_xxh3_128"] = xxhash.xxh3_128_hexdigest(manifest)
+        self.tamper(f"{name}/COMMITTED", json.dumps(marker, sort_keys=True).encode())
+
+    def delete(self, relpath: str) -> None:
+        key = self.url.removeprefix(f"s3://{self.bucket}/") + "/" + relpath
+        self.server.client().delete_object(Bucket=self.bucket, Key=key)
+
 
 def use_server(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> None:
     """Point the standard AWS variables at `server`, and nothing from ~/.aws at all."""
@@ -200,6 +229,16 @@ def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def wait_until_stale(store: Any) -> None:
+    """Until the run's lease (of ObjectStore `store`) is past its recorded expiry: observed, not slept for."""
+    from ckptguard.storage.lease import holder
+
+    deadline = time.monotonic() + 120
+    while (held := holder(store)) is not None and time.time() <= held[1]:
+        assert time.monotonic() < deadline, "the lease never went stale"
+        time.sleep(0.05)
 
 
 def kill_writer_mid_upload(remote: RemoteRun, script: str, *args: str) -> float:

@@ -55,7 +55,7 @@ def test_sigkill_mid_upload_leaves_nothing_committed_and_resume_finds_the_newest
     assert opened[-1]["removed"] == ["checkpoint-2"]
 
 
-def test_server_killed_mid_upload_is_typed_keeps_the_local_checkpoint_and_is_raised_at_the_next_save(
+def test_server_killed_mid_upload_is_typed_keeps_the_local_checkpoint_and_is_raised_once_the_next_save_stands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = S3Server(upload_bytes_per_s=2 << 20)  # its own: this test kills it, mid-upload (about 5 s each)
@@ -80,8 +80,12 @@ def test_server_killed_mid_upload_is_typed_keeps_the_local_checkpoint_and_is_rai
     with pytest.raises(UploadError, match="checkpoint-2") as raised:
         mgr.save(3, state)
     assert "local checkpoint is intact" in raised.value.remedy
-    assert not (tmp_path / "run" / "checkpoint-3").exists()  # raised before anything of save 3
-    mgr.close()  # reported once; closing with the endpoint gone only warns about the lease
+    assert verify_checkpoint(tmp_path / "run" / "checkpoint-3", "full").ok  # raised once save 3 stood locally
+    assert [r.step for r in mgr.results] == [1, 2, 3]
+    with pytest.raises(UploadError, match="checkpoint-3"):  # its own upload failed too: raised at close, once
+        mgr.close()
+    with CheckpointManager(tmp_path / "run") as after:  # a caller who handled UploadError lost no save
+        assert after.latest().step == 3
     from ckptguard.report.collect import collect
 
     failures = [m.text for m in collect(tmp_path / "run").history.marks if m.kind == "failure"]

@@ -77,7 +77,7 @@ def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list
     lease.acquire()  # LockedError while a writer runs: its own retention is in charge then
     try:
         for c in doomed:
-            remote_publish.remove(store, c.name)
+            remote_publish.remove(store, c.name, lease.renew)
     finally:
         lease.release()
     return doomed

@@ -139,7 +139,6 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_INT:
             raise ValueError(f"step must be an int from 0 to 2**63-1, got {step!r}")
         self.wait()
-        self._tier.raise_failure()  # an upload that failed since the last save
         blocking = not self.async_save if blocking is None else blocking
         try:
             metrics = snapshot.check_metrics(metrics)
@@ -206,8 +205,11 @@ class CheckpointManager:
                 publish.discard_staging(staging)
             self._record_failure("save_failed", exc, step=step)
             raise
-        self._tier.submit(path)
-        return self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
+        earlier_upload = self._tier.submit(path)
+        result = self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
+        if earlier_upload is not None:  # raised once this save stands locally, its own upload under way
+            raise earlier_upload
+        return result
 
     def _saved(
         self, step: int, path: Path | str, nbytes: int, start: float, stall: float | None, verified: str | None = None

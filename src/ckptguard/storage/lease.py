@@ -7,8 +7,15 @@ Rules (there is no flock on a bucket, and a writer can vanish without a word):
 * **Refuse**: a lease that exists and has not expired gives the second writer a LockedError naming
   the holder and the expiry.
 * **Renew**: a background thread rewrites it every ``ttl_s / 3`` with ``If-Match`` on the ETag it
-  last wrote, and so does every upload right before its commit marker. A renewal that fails its
-  condition means another writer took the lease: uploads stop with a LockedError.
+  last wrote. A renewal that fails its condition means another writer took the lease; one that finds
+  the lease gone means someone removed it (a new holder may have come and gone since): either way
+  the lease is lost for good, and every later upload or prune stops with a LockedError.
+* **Fence**: a successful renewal proves the lease was ours at that instant and stays ours for
+  ``ttl_s``, since no one may take it before it expires. So every step that deletes or commits
+  (un-committing an old upload, the marker, a prune) is preceded by :meth:`Lease.renew`;
+  a writer that paused past its TTL finds out there, before it touches anything. Writes are create-only
+  and deletes conditional on the ETags just listed (objectstore), which covers a pause that falls
+  between the renewal and the request it guards: nothing another writer wrote is replaced.
 * **Stale**: a lease past its expiry belongs to a writer that died (or lost its network for longer
   than the TTL); a new writer takes it over with ``If-Match`` on the stale ETag, so of two writers
   racing for the same stale lease exactly one wins. Clocks are assumed to agree to well within ttl_s.
@@ -43,7 +50,7 @@ class Lease:
         self.ttl_s = store.lease_ttl_s
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._etag: str | None = None
-        self._lost: BaseException | None = None
+        self._lost: str | None = None
         self._stop = threading.Event()
         self._guard = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -54,7 +61,7 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease, or take over a stale one; LockedError if a live writer holds it."""
         try:
-            self._etag = self.store.put_bytes(LEASE_NAME, self._body(), create_only=True)
+            self._etag = self.store.put_bytes(LEASE_NAME, self._body())
         except PreconditionFailed:
             self._take_over_stale()
         self._thread = threading.Thread(target=self._renew_loop, name="ckptguard-lease", daemon=True)
@@ -64,7 +71,7 @@ class Lease:
         try:
             data, etag = self.store.get_bytes(LEASE_NAME, _MAX_LEASE_BYTES)
         except FileNotFoundError:  # released between our create and our read: try once more
-            self._etag = self._conditional(lambda: self.store.put_bytes(LEASE_NAME, self._body(), create_only=True))
+            self._etag = self._conditional(lambda: self.store.put_bytes(LEASE_NAME, self._body()))
             return
         holder, expires = _parse(data, self.store.where(LEASE_NAME))
         if time.time() <= expires:
@@ -85,19 +92,22 @@ class Lease:
             ) from exc
 
     def renew(self) -> None:
-        """Extend the lease now; LockedError if it was taken over (or an earlier renewal found that)."""
+        """Extend the lease now; LockedError if it was lost (now, or by an earlier renewal)."""
         with self._guard:
-            if self._lost is not None:
-                raise LockedError(
-                    f"this writer lost the lease ({self._lost})",
-                    path=self.store.where(LEASE_NAME),
-                    remedy="Another writer uses this remote run; stop one of them.",
-                )
-            try:
-                self._etag = self.store.put_bytes(LEASE_NAME, self._body(), if_match=self._etag)
-            except PreconditionFailed as exc:
-                self._lost = exc
-                raise LockedError("another writer took over the lease", path=self.store.where(LEASE_NAME)) from exc
+            if self._lost is None:
+                try:
+                    self._etag = self.store.put_bytes(LEASE_NAME, self._body(), if_match=self._etag)
+                    return
+                except PreconditionFailed:
+                    self._lost = "another writer took over the lease"
+                except FileNotFoundError:  # never re-created: a new holder may have committed and released
+                    self._lost = "the lease object was deleted while this writer held it"
+            raise LockedError(
+                f"this writer lost the lease: {self._lost}; nothing more is written or deleted",
+                path=self.store.where(LEASE_NAME),
+                remedy="Another writer (or a person) took this remote run over; check `ckptguard ls` on the URL "
+                "and restart this run once the other writer is done.",
+            )
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
@@ -105,7 +115,7 @@ class Lease:
                 self.renew()
             except LockedError:
                 return  # kept in _lost: the next upload raises it
-            except RemoteError as exc:  # the endpoint is down now; the next renewal or upload says so
+            except Exception as exc:  # the endpoint is down, or worse: the next renewal or upload says so
                 log.warning("could not renew the lease on %s: %s", self.store.url, exc)
 
     def release(self) -> None:
@@ -117,10 +127,10 @@ class Lease:
             if self._etag is None or self._lost is not None:
                 return
             try:
-                _, etag = self.store.get_bytes(LEASE_NAME, _MAX_LEASE_BYTES)
-                if etag == self._etag:
-                    self.store.delete([LEASE_NAME])
-            except (FileNotFoundError, RemoteError) as exc:
+                self.store.delete([LEASE_NAME], {LEASE_NAME: self._etag})
+            except PreconditionFailed:
+                pass  # another writer's now (taken over after a pause): theirs to release
+            except RemoteError as exc:
                 log.warning("could not release the lease on %s: %s", self.store.url, exc)
             self._etag = None
 

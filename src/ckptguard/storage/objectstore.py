@@ -10,6 +10,11 @@ streams let every byte be hashed as it crosses the wire, in both directions, wit
 
 The server does not check our hashes for us (moto, for one, ignores client checksums), so the
 xxh3-128 computed while transferring is compared with the manifest's before an object counts.
+
+No write overwrites: every PutObject and CompleteMultipartUpload this store sends carries
+``If-None-Match: *`` unless it is a compare-and-swap (``If-Match``), and a delete can be made
+conditional on the ETags a listing returned. A writer that lost its lease can therefore replace
+no byte another writer wrote, whatever it was doing when it paused.
 """
 
 from __future__ import annotations
@@ -181,6 +186,8 @@ class ObjectStore:
         self._client = self._guard(
             "open", lambda: session.client("s3", endpoint_url=options.get("endpoint_url"), config=config)
         )
+        for operation in ("PutObject", "CompleteMultipartUpload"):  # s3transfer's uploads included
+            self._client.meta.events.register(f"before-parameter-build.s3.{operation}", _create_only)
         self.lease_ttl_s = float(options.get("lease_ttl_s", 300.0))
         chunk = options.get("chunk_bytes", 16 << 20)
         self._transfer = TransferConfig(
@@ -238,10 +245,13 @@ class ObjectStore:
         probe = self.url.key(".ckptguard-access-probe")
         self._guard("listing the bucket", lambda: self._client.list_objects_v2(Bucket=self.url.bucket, Prefix=probe))
 
-    def put_bytes(self, relpath: str, data: bytes, *, create_only: bool = False, if_match: str | None = None) -> str:
-        """Write an object whole; returns its ETag. Raises PreconditionFailed when the condition fails."""
+    def put_bytes(self, relpath: str, data: bytes, *, if_match: str | None = None) -> str:
+        """Create an object whole, or replace the version whose ETag is `if_match`; returns the new ETag.
+
+        Raises PreconditionFailed when the object exists (no `if_match`) or is another version than `if_match`.
+        """
         key = self.url.key(relpath)
-        conditions = {"IfNoneMatch": "*"} if create_only else {"IfMatch": if_match} if if_match else {}
+        conditions = {"IfMatch": if_match} if if_match else {}
         reply = self._guard(
             "writing", lambda: self._client.put_object(Bucket=self.url.bucket, Key=key, Body=data, **conditions), key
         )
@@ -270,9 +280,19 @@ class ObjectStore:
     def _upload(self, relpath: str, source: BinaryIO) -> tuple[int, str]:
         key = self.url.key(relpath)
         reader = _HashingReader(source)
-        self._guard(
-            "uploading", lambda: self._client.upload_fileobj(reader, self.url.bucket, key, Config=self._transfer), key
-        )
+
+        def send() -> None:
+            from boto3.exceptions import S3UploadFailedError
+            from botocore.exceptions import ClientError
+
+            try:
+                self._client.upload_fileobj(reader, self.url.bucket, key, Config=self._transfer)
+            except S3UploadFailedError as exc:  # boto3's wrapper hides the reply's code (412: the key exists)
+                if isinstance(exc.__context__, ClientError):
+                    raise exc.__context__ from None
+                raise
+
+        self._guard("uploading", send, key)
         return reader.size, reader.hasher.hexdigest()
 
     def download_file(self, relpath: str, fh: BinaryIO) -> tuple[int, str]:
@@ -295,25 +315,45 @@ class ObjectStore:
 
     def list(self, relprefix: str = "") -> dict[str, int]:
         """Every object under the run's prefix (+ `relprefix`): path relative to the run -> size."""
+        return {relpath: size for relpath, (size, _) in self.listing(relprefix).items()}
+
+    def listing(self, relprefix: str = "") -> dict[str, tuple[int, str]]:
+        """Every object under the run's prefix (+ `relprefix`): path relative to the run -> (size, ETag)."""
         base = self.url.key("")
         prefix = self.url.key(relprefix)
 
-        def walk() -> Iterator[tuple[str, int]]:
+        def walk() -> Iterator[tuple[str, tuple[int, str]]]:
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.url.bucket, Prefix=prefix)
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(base) :], int(obj["Size"])
+                    yield obj["Key"][len(base) :], (int(obj["Size"]), str(obj["ETag"]))
 
         return self._guard("listing", lambda: dict(walk()))
 
-    def delete(self, relpaths: list[str]) -> None:
-        """Delete objects, in the order given, one request per 1000 (absent ones are not an error)."""
+    def delete(self, relpaths: list[str], etags: Mapping[str, str] | None = None) -> None:
+        """Delete objects, in the order given, one request per 1000 (absent ones are not an error).
+
+        With `etags` (relpath -> ETag, from :meth:`listing`) each delete is conditional: an object that
+        changed since it was listed stays, and PreconditionFailed says so after the rest of its batch.
+        """
         for start in range(0, len(relpaths), 1000):
-            batch = [{"Key": self.url.key(p)} for p in relpaths[start : start + 1000]]
+            batch = [
+                {"Key": self.url.key(p)} | ({"ETag": etags[p]} if etags is not None else {})
+                for p in relpaths[start : start + 1000]
+            ]
             reply = self._guard(
                 "deleting",
                 lambda b=batch: self._client.delete_objects(Bucket=self.url.bucket, Delete={"Objects": b}),
             )
-            if reply.get("Errors"):
-                first = reply["Errors"][0]
+            errors = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]  # gone already: deleted
+            if any(e.get("Code") in ("PreconditionFailed", "ETag") for e in errors):
+                raise PreconditionFailed(f"{SCHEME}{self.url.bucket}/{errors[0].get('Key')}")
+            if errors:
+                first = errors[0]
                 raise RemoteError(f"deleting: {first.get('Code')} {first.get('Message', '')}", path=first.get("Key"))
+
+
+def _create_only(params: dict[str, Any], **_: Any) -> None:
+    """botocore hook on every write: create-only (``If-None-Match: *``) unless it is a compare-and-swap."""
+    if "IfMatch" not in params:
+        params.setdefault("IfNoneMatch", "*")

@@ -1,13 +1,20 @@
 """The commit protocol on object storage, which has no rename: a checkpoint is committed by a marker.
 
     upload (of a local checkpoint's files, or direct from memory):
-             1. an older commit of the same name (another timeline) is un-committed first: marker deleted
-             2. every data object, hashed as it is sent (and compared with the local manifest, or
-                recorded into the manifest of a direct save, whose bytes exist nowhere but in memory)
-             3. MANIFEST.json (the local manifest, byte for byte); objects of an abandoned upload removed
-             4. the lease is renewed (a writer that lost it stops here)
+             1. the lease is renewed: a writer that lost it stops here, having touched nothing
+             2. whatever the name holds (an older commit of another timeline, an abandoned upload) is
+                deleted, the marker first, each delete conditional on the ETag just listed
+             3. every data object, create-only, hashed as it is sent (and compared with the local
+                manifest, or recorded into the manifest of a direct save, whose bytes exist nowhere
+                but in memory); then MANIFEST.json (the local manifest, byte for byte), create-only
+             4. the lease is renewed again
              5. ``COMMITTED`` written create-only (``If-None-Match: *``), naming the manifest's xxh3-128
-    prune:   the marker first, then the data, so a crash mid-delete leaves no committed-looking remnant
+    prune:   the lease renewed, then the marker (so it stops being a checkpoint), then the data, each
+             delete conditional on the ETag just listed
+
+Every write is create-only and every delete conditional (objectstore), and each destructive step
+runs right after a renewal that proves the lease is ours (lease): a writer that paused past its TTL
+and resumed in the middle of any of these steps replaces or deletes nothing another writer wrote.
 
 A checkpoint exists only if its marker is there, names the manifest that is there, and every object
 the manifest lists is there with its size (``quick``) and hash (``full``). A killed upload leaves
@@ -31,7 +38,14 @@ import xxhash
 
 from ckptguard import publish, writer
 from ckptguard.discovery import Checkpoint
-from ckptguard.errors import CorruptCheckpointError, UploadError, VerificationError, WriteError, from_os_error
+from ckptguard.errors import (
+    CorruptCheckpointError,
+    RemoteError,
+    UploadError,
+    VerificationError,
+    WriteError,
+    from_os_error,
+)
 from ckptguard.events import EventLog
 from ckptguard.layout import MANIFEST_NAME, MARKER_NAME, step_from_name
 from ckptguard.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, ManifestError, parse_json, parse_manifest
@@ -61,7 +75,7 @@ def upload(
     name: str,
     manifest: Manifest,
     *,
-    before_marker: Callable[[], None],
+    fence: Callable[[], None],
     events: EventLog | None = None,
 ) -> int:
     """Upload the committed local checkpoint whose files are in `source` as `name`; returns bytes sent.
@@ -80,7 +94,7 @@ def upload(
         _each_file(send, {p: e.size for p, e in manifest.files.items()})
         return manifest
 
-    done = commit(store, name, manifest.step, send_all, before_marker=before_marker, events=events, same=manifest)
+    done = commit(store, name, manifest.step, send_all, fence=fence, events=events, same=manifest)
     return done.total_bytes if done is not None else 0
 
 
@@ -91,7 +105,7 @@ def upload_from_memory(
     plans: list[FilePlan],
     make_manifest: Callable[[dict[str, FileEntry]], Manifest],
     *,
-    before_marker: Callable[[], None],
+    fence: Callable[[], None],
     events: EventLog | None = None,
 ) -> Manifest:
     """Direct-to-remote saving: each planned file serialized straight into its object, hashed as it is sent.
@@ -110,7 +124,7 @@ def upload_from_memory(
         _each_file(send, {p.relpath: p.nbytes for p in plans})
         return make_manifest(files)
 
-    done = commit(store, name, step, send_all, before_marker=before_marker, events=events)
+    done = commit(store, name, step, send_all, fence=fence, events=events)
     assert done is not None  # only a retry of the very same manifest can find itself committed
     return done
 
@@ -121,44 +135,55 @@ def commit(
     step: int,
     send_all: Callable[[], Manifest],
     *,
-    before_marker: Callable[[], None],
+    fence: Callable[[], None],
     events: EventLog | None,
     same: Manifest | None = None,
 ) -> Manifest | None:
-    """Steps 1-5 of the module docstring around `send_all` (step 2, which returns the manifest to commit).
+    """Steps 1-5 of the module docstring around `send_all` (step 3's data, which returns the manifest to commit).
 
-    Returns the committed manifest, or None when `same` was committed already (a retry after a lost reply).
+    `fence` renews the lease (LockedError when it is lost). Returns the committed manifest, or None
+    when `same` was committed already (a retry after a lost reply).
     """
-    try:
-        marker = _read_marker(store, name)
-    except ManifestError:  # not a marker this writer can read: un-commit it like any other (we hold the lease)
-        marker = "damaged"
-    if same is not None and marker == xxhash.xxh3_128_hexdigest(same.to_json_bytes()):
-        return None
-    if marker is not None:  # 1.
-        store.delete([f"{name}/{MARKER_NAME}"])
+    fence()  # 1.
+    present = store.listing(f"{name}/")
+    marker_key = f"{name}/{MARKER_NAME}"
+    if marker_key in present:
+        try:
+            marker = _read_marker(store, name)
+        except ManifestError:  # not a marker this writer can read: un-commit it like any other (we hold the lease)
+            marker = "damaged"
+        if same is not None and marker == xxhash.xxh3_128_hexdigest(same.to_json_bytes()):
+            return None
         if events is not None:
             events.emit("remote_superseded", step=step, url=store.where(name))
-    manifest = send_all()  # 2.
-    manifest_bytes = manifest.to_json_bytes()
-    store.put_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)  # 3.
-    stray = sorted(set(store.list(f"{name}/")) - {f"{name}/{p}" for p in [*manifest.files, MANIFEST_NAME]})
-    store.delete(stray)
-    before_marker()  # 4.
-    body = {
-        "format": MARKER_FORMAT, "manifest_xxh3_128": xxhash.xxh3_128_hexdigest(manifest_bytes),
-        "step": manifest.step, "sequence": manifest.sequence,
-    }  # fmt: skip
-    try:  # 5.
-        store.put_bytes(f"{name}/{MARKER_NAME}", json.dumps(body, sort_keys=True).encode(), create_only=True)
+    try:
+        _delete_listed(store, name, present)  # 2.
+        manifest = send_all()  # 3.
+        manifest_bytes = manifest.to_json_bytes()
+        store.put_bytes(f"{name}/{MANIFEST_NAME}", manifest_bytes)
+        fence()  # 4.
+        body = {
+            "format": MARKER_FORMAT, "manifest_xxh3_128": xxhash.xxh3_128_hexdigest(manifest_bytes),
+            "step": manifest.step, "sequence": manifest.sequence,
+        }  # fmt: skip
+        store.put_bytes(marker_key, json.dumps(body, sort_keys=True).encode())  # 5.
     except PreconditionFailed as exc:
         raise UploadError(
-            f"{name} was committed by another writer while this one uploaded",
+            f"another writer wrote {name} while this one uploaded; nothing it wrote was replaced or deleted",
             path=store.where(name),
-            step=manifest.step,
+            step=step,
             remedy="Two writers shared one remote run; stop one of them and check `ckptguard ls` on the URL.",
         ) from exc
     return manifest
+
+
+def _delete_listed(store: ObjectStore, name: str, present: dict[str, tuple[int, str]]) -> None:
+    """Delete what a listing of `name` found, the marker first, each only if its ETag is still the listed one."""
+    marker_key = f"{name}/{MARKER_NAME}"
+    etags = {key: etag for key, (_, etag) in present.items()}
+    if marker_key in etags:
+        store.delete([marker_key], etags)
+    store.delete(sorted(k for k in etags if k != marker_key), etags)
 
 
 def _each_file(transfer: Callable[[str], None], sizes: dict[str, int]) -> None:
@@ -304,17 +329,27 @@ def download(store: ObjectStore, checkpoint: RemoteCheckpoint, run_dir: Path, ev
     return published.path
 
 
-def remove(store: ObjectStore, name: str) -> None:
-    """Delete a remote checkpoint: its marker first (it stops being a checkpoint), then the rest."""
-    store.delete([f"{name}/{MARKER_NAME}"])
-    store.delete(sorted(store.list(f"{name}/")))
+def remove(store: ObjectStore, name: str, fence: Callable[[], None]) -> None:
+    """Delete a remote checkpoint, holding the lease: its marker first (it stops being a checkpoint), then the rest.
+
+    An object that changed between the listing and its delete stays, and RemoteError says so.
+    """
+    fence()
+    try:
+        _delete_listed(store, name, store.listing(f"{name}/"))
+    except PreconditionFailed as exc:
+        raise RemoteError(
+            f"{name}: an object changed while it was being removed, so it was left in place",
+            path=str(exc),
+            remedy="Another writer is using this run without its lease; stop it and check `ckptguard ls` on the URL.",
+        ) from exc
 
 
-def remove_uncommitted(store: ObjectStore, found: list[RemoteCheckpoint]) -> list[str]:
-    """Delete the objects of uploads that never committed (no marker); only while holding the lease."""
+def remove_uncommitted(store: ObjectStore, found: list[RemoteCheckpoint], fence: Callable[[], None]) -> list[str]:
+    """Delete the objects of uploads that never committed (no marker), holding the lease."""
     removed = []
     for c in found:
         if c.reason is not None and c.reason.startswith(f"{MARKER_NAME}: missing"):
-            store.delete(sorted(store.list(f"{c.name}/")))
+            remove(store, c.name, fence)
             removed.append(c.name)
     return removed

@@ -17,7 +17,8 @@ manager then holds a tier: :class:`LocalOnly` (no URL) or a :class:`RemoteMirror
   aside (local retention may delete the directory meanwhile; the links keep its bytes), and one
   background thread uploads them. At most one upload is in flight: a second submit waits for it.
 * A failed upload never touches the local checkpoint. It is logged to events.jsonl at once
-  (``upload_failed``) and raised by :meth:`raise_failure` at the next save, or by :meth:`close`.
+  (``upload_failed``) and returned by the next :meth:`submit`, which the manager raises once that
+  save stands locally (so handling UploadError costs no save), or raised by :meth:`close`.
 * :meth:`resume_candidates` and :meth:`fetch` on restore: local checkpoints and the bucket's, newest
   first, each local one followed by the bucket's copy of the same save; a bucket checkpoint is
   downloaded only when its turn comes, hashed as it arrives, and committed locally; one that cannot
@@ -142,11 +143,9 @@ class LocalOnly:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
 
-    def raise_failure(self) -> None:
-        """Nothing is uploaded, so nothing can have failed."""
-
-    def submit(self, checkpoint: Path) -> None:
-        """Nothing to upload."""
+    def submit(self, checkpoint: Path) -> CheckpointError | None:
+        """Nothing to upload, so no earlier upload can have failed."""
+        return None
 
     def resume_candidates(self, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:
         return discovery.restore_candidates(self.run_dir, step, path)
@@ -189,7 +188,7 @@ class RemoteMirror:
         lease.acquire()
         try:
             found = remote_publish.discover(store)
-            removed = remote_publish.remove_uncommitted(store, found)
+            removed = remote_publish.remove_uncommitted(store, found, lease.renew)
         except BaseException:
             lease.release()
             raise
@@ -212,21 +211,27 @@ class RemoteMirror:
 
     # ---- uploads -----------------------------------------------------------------------------------
 
-    def submit(self, checkpoint: Path) -> None:
-        """Upload a just-committed local checkpoint in the background (after the previous upload ends)."""
+    def submit(self, checkpoint: Path) -> CheckpointError | None:
+        """Upload a just-committed local checkpoint in the background (after the previous upload ends).
+
+        Returns the failure of an earlier upload not yet reported, for the caller to raise now that
+        this checkpoint stands locally: a caller that handles UploadError loses no save by it.
+        """
         self._finish_pending()
+        earlier, self._failure = self._failure, None
         try:
             manifest = read_manifest(checkpoint)
             source = _link_aside(checkpoint, manifest.files)
         except (OSError, ManifestError) as exc:
             self._fail(UploadError(f"cannot prepare the upload: {exc}", path=checkpoint), checkpoint.name)
-            return
+            return earlier
         self._pending = self._pool.submit(self._upload, source, checkpoint.name, manifest)
+        return earlier
 
     def _upload(self, source: Path, name: str, manifest: Manifest) -> None:
         try:
             sent = remote_publish.upload(
-                self.store, source, name, manifest, before_marker=self._lease.renew, events=self._events
+                self.store, source, name, manifest, fence=self._lease.renew, events=self._events
             )
         except Exception as exc:  # whatever it is, the local checkpoint stands: report it, never lose it
             self._fail(_upload_error(exc, self.store.where(name), manifest.step, None), name)
@@ -258,15 +263,13 @@ class RemoteMirror:
     ) -> Manifest:
         try:
             manifest = remote_publish.upload_from_memory(
-                self.store, name, step, plans, make_manifest, before_marker=self._lease.renew, events=self._events
+                self.store, name, step, plans, make_manifest, fence=self._lease.renew, events=self._events
             )
             report = remote_publish.verify(self.store, name, "quick")
-        except LockedError:
-            raise
         except Exception as exc:
             raise _upload_error(exc, self.store.where(name), step, _DIRECT_REMEDY) from exc
         if not report.ok:
-            remote_publish.remove(self.store, name)
+            self._remove_quietly(name, self.store.where(name))
             raise VerificationError(f"the bucket does not hold what was sent: {report.reason}", path=report.path)
         return manifest
 
@@ -283,25 +286,28 @@ class RemoteMirror:
     def _prune(self) -> None:
         """Remote retention after an upload: a failed delete is logged, never an upload failure."""
         for c in retention.doomed(list(self.index.values()), self.policy, frozenset(self.protected)):
-            try:
-                remote_publish.remove(self.store, c.name)
-            except RemoteError as exc:
-                log.warning("could not prune %s: %s", c.url, exc)
-                self._events.emit("remote_prune_failed", url=c.url, message=str(exc))
+            if not self._remove_quietly(c.name, c.url):
                 return
             self.index.pop(c.name, None)
             self._events.emit("remote_prune", step=c.step, url=c.url, bytes=c.bytes)
+
+    def _remove_quietly(self, name: str, url: str) -> bool:
+        """Delete a remote checkpoint; a failure (endpoint down, lease lost, an object changed) is logged, not raised.
+
+        A lost lease is raised by the next upload; a prune or clean-up never fails one that committed.
+        """
+        try:
+            remote_publish.remove(self.store, name, self._lease.renew)
+        except (RemoteError, LockedError) as exc:
+            log.warning("could not remove %s: %s", url, exc)
+            self._events.emit("remote_prune_failed", url=url, message=str(exc))
+            return False
+        return True
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()  # _upload records its own failure; this only waits
-
-    def raise_failure(self) -> None:
-        """Raise (once) the error of an upload that failed since the last call."""
-        failure, self._failure = self._failure, None
-        if failure is not None:
-            raise failure
 
     def close(self) -> None:
         """Wait for the upload in flight, release the lease, raise a failure not yet reported."""
@@ -310,7 +316,9 @@ class RemoteMirror:
         finally:
             self._pool.shutdown(wait=True)
             self._lease.release()
-        self.raise_failure()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     # ---- resume ------------------------------------------------------------------------------------
 
@@ -370,8 +378,8 @@ _DIRECT_REMEDY = (
 
 
 def _upload_error(exc: Exception, where: str, step: int, remedy: str | None) -> CheckpointError:
-    """`exc` as the UploadError of the save of `step` to `where`."""
-    if isinstance(exc, UploadError):
+    """`exc` as the UploadError of the save of `step` to `where`; a lost lease stays a LockedError with its remedy."""
+    if isinstance(exc, (UploadError, LockedError)):
         error: CheckpointError = exc
     else:
         message = exc.message if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
