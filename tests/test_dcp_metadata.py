@@ -89,7 +89,7 @@ def test_persistent_ids_and_oversized_pickles_are_refused(real: tuple[bytes, Man
     huge = (
         b"\x80\x04\x8e" + struct.pack("<Q", dcp_metadata.MAX_METADATA_BYTES) + b"\0" * dcp_metadata.MAX_METADATA_BYTES
     )
-    with pytest.raises(ManifestError, match="over the 67108864 byte limit"):
+    with pytest.raises(ManifestError, match="over the 64 MiB limit"):
         dcp_metadata.parse(huge, real[1])
 
 

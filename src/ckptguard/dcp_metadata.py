@@ -120,7 +120,7 @@ class _Unpickler(pickle._Unpickler):  # the Python unpickler: its dispatch table
 def parse(data: bytes, manifest: Manifest) -> Any:
     """DCP's Metadata from the bytes of ``.metadata``, checked against `manifest`; ManifestError if refused."""
     if len(data) > MAX_METADATA_BYTES:
-        raise ManifestError(f"{METADATA_PATH} is {len(data)} bytes, over the {MAX_METADATA_BYTES} byte limit")
+        raise ManifestError(f"{METADATA_PATH} is over the {MAX_METADATA_BYTES >> 20} MiB limit ({len(data)} bytes)")
     try:
         metadata = _Unpickler(io.BytesIO(data)).load()
     except ManifestError:

@@ -229,7 +229,7 @@ def _int(value: Any, what: str, low: int = 0) -> int:
 def parse_manifest(data: bytes) -> Manifest:
     """Validate manifest bytes; raises ManifestError naming the first broken rule."""
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
+        raise ManifestError(f"manifest is over the {MAX_MANIFEST_BYTES >> 20} MiB limit ({MAX_MANIFEST_BYTES} bytes)")
     body = parse_json(data, "manifest")
     if not isinstance(body, dict):
         raise ManifestError("manifest is not a JSON object")

@@ -340,8 +340,9 @@ class RemoteMirror:
         remote = [c for c in remote_publish.discover(self.store) if step in (None, c.step)]
         self._resumable = {c.url: c for c in remote if c.valid}
         for c in remote:
-            if not c.valid:
+            if not c.valid:  # logged like a local checkpoint that fails to load: the run's log says why
                 log.warning("ignoring invalid checkpoint %s: %s", c.url, c.reason)
+                self._events.emit("resume_skip", path=c.url, reason=c.reason)
         if step is not None and not self._resumable and not local:
             raise CheckpointNotFoundError(
                 f"no checkpoint of step {step} here or in the bucket (valid steps: {self._valid_steps() or 'none'})",
