@@ -43,7 +43,7 @@ def _two_saves(run: Path) -> dict[str, Any]:
     ("extra", "indent", "reason"),
     [
         ({f"x/{i:06d}": _ENTRY for i in range(MAX_MANIFEST_FILES + 1)}, None, "file limit"),
-        ({f"x/{i:07d}-{'p' * 200}": _ENTRY for i in range(40_000)}, 2, f"over the {MAX_MANIFEST_BYTES >> 20} MiB limit"),
+        ({f"x/{i:07d}-{'p' * 200}": _ENTRY for i in range(40_000)}, 2, f"over the {MAX_MANIFEST_BYTES >> 20} MiB"),
         ({"x/" + "a" * (MAX_NAME_BYTES + 45): _ENTRY}, None, "300-byte component (limit 255)"),
         ({"state/trainer_state.json/inner": _ENTRY}, None, "listed both as a file and as the directory"),
     ],
