@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test]' $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test,hf]' $(TORCH_PIN)
 	touch $@
 
 $(HVENV)/.installed: pyproject.toml

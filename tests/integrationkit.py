@@ -357,6 +357,6 @@ def require(library: str) -> None:
     module = pytest.importorskip({"hf": "transformers", "accelerate": "accelerate", "lightning": "lightning"}[library])
     if library == "hf":
         major, minor = (int(x) for x in module.__version__.split(".")[:2])
-        if not (5, 23) <= (major, minor) < (5, 25):
-            reason = f"the HF integration is tested with transformers 5.23-5.24, this is {module.__version__}"
+        if not (5, 23) <= (major, minor) < (5, 26):
+            reason = f"the HF integration is tested with transformers 5.23-5.25, this is {module.__version__}"
             pytest.skip(reason, allow_module_level=True)
