@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,35 @@ def verify_reports(url: str, level: str) -> list[VerifyReport]:
     return [remote_publish.verify(store, n, level) for n in names]
 
 
-def download(url: str, into: Path) -> Path:
-    """A remote checkpoint, or the newest committed one of a remote run, downloaded into `into`.
+@dataclass(frozen=True)
+class RemoteSource:
+    """A remote run as `ls` reads it, and the checkpoint a URL names in it (None: the newest committed one)."""
+
+    url: str
+    store: ObjectStore
+    name: str | None
+    found: list[remote_publish.RemoteCheckpoint]
+
+
+def find(url: str) -> RemoteSource:
+    """Open the run of `url` and list it: a bad URL, a missing bucket, refused credentials fail here, as in `ls`."""
+    store, name = _locate(url)
+    return RemoteSource(url, store, name, remote_publish.discover(store))
+
+
+def download(source: RemoteSource, into: Path) -> Path:
+    """The checkpoint `source` names, or the newest committed one of its run, downloaded into `into`.
 
     Every object is hashed as it arrives and compared with the manifest (CorruptCheckpointError naming it).
     """
-    store, name = _locate(url)
-    found = remote_publish.discover(store)
+    found, name = source.found, source.name
     chosen = [c for c in found if c.name == name] if name is not None else newest_first(found)[:1]
     if not chosen:
         committed = [c.name for c in found if c.valid]
-        raise CheckpointNotFoundError(f"no such checkpoint (committed here: {committed or 'none'})", path=url)
+        raise CheckpointNotFoundError(f"no such checkpoint (committed here: {committed or 'none'})", path=source.url)
     if not chosen[0].valid:
         raise CorruptCheckpointError(f"not a committed checkpoint: {chosen[0].reason}", path=chosen[0].url)
-    return remote_publish.download(store, chosen[0], into, EventLog(into, enabled=False))
+    return remote_publish.download(source.store, chosen[0], into, EventLog(into, enabled=False))
 
 
 def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list[remote_publish.RemoteCheckpoint]:
