@@ -21,7 +21,7 @@ from ckptguard.layout import step_from_name
 from ckptguard.listing import checkpoints_check
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease, holder
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.storage.objectstore import ObjectStore, RemoteURL
 from ckptguard.verify import VerifyReport
 
 
@@ -39,7 +39,7 @@ def ls_json(url: str) -> tuple[list[remote_publish.RemoteCheckpoint], dict[str, 
 
 def _locate(url: str) -> tuple[ObjectStore, str | None]:
     """The run of a URL and the checkpoint it names: s3://.../checkpoint-N, or None for a whole run."""
-    head, _, last = url.rstrip("/").rpartition("/")
+    head, _, last = url.removesuffix("/").rpartition("/")
     if step_from_name(last) is not None:
         return ObjectStore(head), last
     return ObjectStore(url), None
@@ -101,8 +101,9 @@ def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list
 
 def doctor(url: str, check: Callable[[str, bool, str], None]) -> None:
     """Can a run save at `url`? Endpoint, bucket and credentials; who holds the lease; the checkpoints."""
+    parsed = RemoteURL.parse(url)  # a bad URL is bad input (exit 2), not a failed check
     try:
-        store = ObjectStore(url)
+        store = ObjectStore(parsed)
         store.check_access()
     except CheckpointError as exc:
         check("access", False, f"{type(exc).__name__}: {exc.message}; {exc.remedy}")
