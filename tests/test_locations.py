@@ -138,6 +138,19 @@ def test_a_url_with_dot_dot_parts_creates_nothing_anywhere(
     assert _tree(tmp_path) == before
 
 
+def test_an_endpoint_that_cannot_name_a_cache_directory_is_refused_before_anything_is_created(
+    cache: Path, tmp_path: Path
+) -> None:
+    before = _tree(tmp_path)
+    options = {"endpoint_url": "http://..", "connect_timeout": 1, "max_attempts": 1}
+    with pytest.raises(InvalidURLError) as caught:
+        CheckpointManager("s3://my-bucket/run", storage_options=options)
+    assert caught.value.message == (
+        "no cache directory for this endpoint: the endpoint 'http://..' has a '..' part; no part may be '.' or '..'"
+    )
+    assert _tree(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     "command",
     [["ls"], ["verify"], ["doctor"], ["prune", "--keep-last", "1"], ["export", "--out", "never"]],
