@@ -274,16 +274,25 @@ def test_trainer_on_a_missing_bucket_fails_before_step_1_naming_it(
     assert "step 1/" not in out
 
 
-def test_trainer_on_a_dot_dot_output_dir_is_a_config_error_and_creates_nothing(
-    tmp_path: Path, remote: RemoteRun, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint.output_dir=s3://../x",
+         "checkpoint.output_dir: 's3://../x' is not a valid s3:// URL: the bucket name '..' does not start"),
+        ("checkpoint.remote=s3://bucket//run",
+         "checkpoint.remote: 's3://bucket//run' is not a valid s3:// URL: the prefix has an empty part"),
+    ],
+)  # fmt: skip
+def test_trainer_with_a_bad_url_in_its_config_is_a_config_error_and_creates_nothing(
+    override: str, message: str, tmp_path: Path, remote: RemoteRun, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     """s3://../x would put the local tier beside the endpoint's folder of the cache: refused before any file."""
     (tmp_path / "home" / "cache").mkdir(parents=True)
     (tmp_path / "cwd").mkdir()
     monkeypatch.setenv("CKPTGUARD_CACHE", str(tmp_path / "home" / "cache"))
     monkeypatch.chdir(tmp_path / "cwd")
-    assert train("checkpoint.output_dir=s3://../x", "train.max_steps=5") == 2
+    assert train(override, "train.max_steps=5") == 2
     out, err = capsys.readouterr()
-    assert "error: checkpoint.output_dir: 's3://../x' is not a valid s3:// URL: the bucket name '..'" in err
-    assert "step 1/" not in out
+    assert f"error: {message}" in err and "step 1/" not in out
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["cwd", "home", "home/cache"]
