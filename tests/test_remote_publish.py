@@ -205,6 +205,23 @@ def test_cli_prune_on_a_url_removes_marker_first_and_waits_for_the_writer(
     assert sorted({k.split("/")[0] for k in remote.objects()}) == ["checkpoint-3"]
 
 
+def test_a_missing_bucket_exits_2_from_ls_verify_prune_and_export_with_one_message(
+    tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One cause, one exit code and one line: export opens the run as ls does, so a script can tell bad input."""
+    url = "s3://no-such-bucket-here/run"
+    errors = {}
+    for command in (["ls", url], ["verify", url], ["prune", url, "--keep-last", "1"],
+                    ["export", url, "--out", str(tmp_path / "out")],
+                    ["export", f"{url}/checkpoint-5", "--out", str(tmp_path / "out")]):  # fmt: skip
+        assert main(command) == 2, command
+        errors[command[0]] = capsys.readouterr().err
+    assert errors["ls"].startswith("error: BucketNotFoundError: ")
+    assert "the bucket 'no-such-bucket-here' does not exist" in errors["ls"]
+    assert errors["export"] == errors["ls"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_doctor_on_a_url(tmp_path: Path, remote: RemoteRun, capsys: pytest.CaptureFixture[str]) -> None:
     saved_run(tmp_path, remote, steps=(1,))
     remote.tamper("checkpoint-5/state/model.safetensors", b"half an upload")

@@ -163,15 +163,16 @@ def test_a_url_run_keeps_its_local_tier_in_the_cache_and_a_fresh_machine_resumes
 @pytest.mark.parametrize(
     ("run_dir", "kwargs", "message"),
     [
-        ("s3://b/run", {"remote": "s3://b/run"}, "is a URL already"),
-        ("local", {"remote": "s3://b/run", "storage_options": {"local_dir": "x"}}, "two local directories"),
+        ("s3://bucket/run", {"remote": "s3://bucket/run"}, "is a URL already"),
+        ("local", {"remote": "s3://bucket/run", "storage_options": {"local_dir": "x"}}, "two local directories"),
         ("local", {"storage_options": {"mode": "direct"}}, "apply to s3:// runs only"),
-        ("s3://b/run", {"storage_options": {"mode": "fast"}}, r"must be one of \('tiered', 'direct'\)"),
-        ("s3://b/run", {"storage_options": {"mode": "direct"}, "remote_keep_last": 2}, "keep_last is the bucket's"),
+        ("s3://bucket/run", {"storage_options": {"mode": "fast"}}, r"must be one of \('tiered', 'direct'\)"),
+        ("s3://bucket/run", {"storage_options": {"mode": "direct"}, "remote_keep_last": 2},
+         "keep_last is the bucket's"),
         ("local", {"remote": "gs://bucket/run"}, "not an s3:// URL"),
         ("local", {"remote": "s3://bucket/run", "storage_options": {"endpoint": "x"}}, r"unknown storage_options"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_remote_location_is_a_value_error_before_anything_is_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: str, kwargs: dict[str, Any], message: str
 ) -> None:
@@ -275,3 +276,27 @@ def test_trainer_on_a_missing_bucket_fails_before_step_1_naming_it(
     out, err = capsys.readouterr()
     assert "BucketNotFoundError" in err and "'no-such-bucket-here' does not exist" in err
     assert "step 1/" not in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("checkpoint.output_dir=s3://../x",
+         "checkpoint.output_dir: 's3://../x' is not a valid s3:// URL: the bucket name '..' does not start"),
+        ("checkpoint.remote=s3://bucket//run",
+         "checkpoint.remote: 's3://bucket//run' is not a valid s3:// URL: the prefix has an empty part"),
+    ],
+)  # fmt: skip
+def test_trainer_with_a_bad_url_in_its_config_is_a_config_error_and_creates_nothing(
+    override: str, message: str, tmp_path: Path, remote: RemoteRun, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """s3://../x would put the local tier beside the endpoint's folder of the cache: refused before any file."""
+    (tmp_path / "home" / "cache").mkdir(parents=True)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("CKPTGUARD_CACHE", str(tmp_path / "home" / "cache"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert train(override, "train.max_steps=5") == 2
+    out, err = capsys.readouterr()
+    assert f"error: {message}" in err and "step 1/" not in out
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["cwd", "home", "home/cache"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ckptguard.layout import step_from_name
 from ckptguard.listing import checkpoints_check
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease, holder
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.storage.objectstore import ObjectStore, RemoteURL
 from ckptguard.verify import VerifyReport
 
 
@@ -38,7 +39,7 @@ def ls_json(url: str) -> tuple[list[remote_publish.RemoteCheckpoint], dict[str, 
 
 def _locate(url: str) -> tuple[ObjectStore, str | None]:
     """The run of a URL and the checkpoint it names: s3://.../checkpoint-N, or None for a whole run."""
-    head, _, last = url.rstrip("/").rpartition("/")
+    head, _, last = url.removesuffix("/").rpartition("/")
     if step_from_name(last) is not None:
         return ObjectStore(head), last
     return ObjectStore(url), None
@@ -51,20 +52,35 @@ def verify_reports(url: str, level: str) -> list[VerifyReport]:
     return [remote_publish.verify(store, n, level) for n in names]
 
 
-def download(url: str, into: Path) -> Path:
-    """A remote checkpoint, or the newest committed one of a remote run, downloaded into `into`.
+@dataclass(frozen=True)
+class RemoteSource:
+    """A remote run as `ls` reads it, and the checkpoint a URL names in it (None: the newest committed one)."""
+
+    url: str
+    store: ObjectStore
+    name: str | None
+    found: list[remote_publish.RemoteCheckpoint]
+
+
+def find(url: str) -> RemoteSource:
+    """Open the run of `url` and list it: a bad URL, a missing bucket, refused credentials fail here, as in `ls`."""
+    store, name = _locate(url)
+    return RemoteSource(url, store, name, remote_publish.discover(store))
+
+
+def download(source: RemoteSource, into: Path) -> Path:
+    """The checkpoint `source` names, or the newest committed one of its run, downloaded into `into`.
 
     Every object is hashed as it arrives and compared with the manifest (CorruptCheckpointError naming it).
     """
-    store, name = _locate(url)
-    found = remote_publish.discover(store)
+    found, name = source.found, source.name
     chosen = [c for c in found if c.name == name] if name is not None else newest_first(found)[:1]
     if not chosen:
         committed = [c.name for c in found if c.valid]
-        raise CheckpointNotFoundError(f"no such checkpoint (committed here: {committed or 'none'})", path=url)
+        raise CheckpointNotFoundError(f"no such checkpoint (committed here: {committed or 'none'})", path=source.url)
     if not chosen[0].valid:
         raise CorruptCheckpointError(f"not a committed checkpoint: {chosen[0].reason}", path=chosen[0].url)
-    return remote_publish.download(store, chosen[0], into, EventLog(into, enabled=False))
+    return remote_publish.download(source.store, chosen[0], into, EventLog(into, enabled=False))
 
 
 def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list[remote_publish.RemoteCheckpoint]:
@@ -85,8 +101,9 @@ def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list
 
 def doctor(url: str, check: Callable[[str, bool, str], None]) -> None:
     """Can a run save at `url`? Endpoint, bucket and credentials; who holds the lease; the checkpoints."""
+    parsed = RemoteURL.parse(url)  # a bad URL is bad input (exit 2), not a failed check
     try:
-        store = ObjectStore(url)
+        store = ObjectStore(parsed)
         store.check_access()
     except CheckpointError as exc:
         check("access", False, f"{type(exc).__name__}: {exc.message}; {exc.remedy}")

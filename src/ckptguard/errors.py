@@ -102,6 +102,15 @@ class UnsupportedStateError(CheckpointError, ValueError):
     default_remedy = "Change the named entry so it holds dense tensors and JSON-able values, then save again."
 
 
+class InvalidURLError(CheckpointError, ValueError):
+    """An s3:// URL that names no valid bucket and run prefix; refused before anything is created or contacted.
+
+    Also a ValueError, as bad URLs were before they were typed: `except ValueError` keeps working.
+    """
+
+    default_remedy = "Write the location as s3://BUCKET/PREFIX, e.g. s3://my-bucket/runs/exp1."
+
+
 class VerificationError(CheckpointError):
     """A just-written checkpoint does not match what was in memory."""
 
@@ -166,6 +175,7 @@ _TYPES: dict[str, type[CheckpointError]] = {
         LockedError,
         WriteError,
         UnsupportedStateError,
+        InvalidURLError,
         VerificationError,
         CorruptCheckpointError,
         CheckpointNotFoundError,

@@ -29,9 +29,11 @@ import xxhash
 from ckptguard.errors import (
     BucketNotFoundError,
     EndpointUnreachableError,
+    InvalidURLError,
     RemoteAuthError,
     RemoteError,
 )
+from ckptguard.storage import locations
 
 SCHEME = "s3://"
 OPTIONS = {
@@ -50,6 +52,11 @@ OPTIONS = {
     "mode": "'tiered' (default: save locally, upload in the background) or 'direct' (upload from memory)",
     "local_dir": "the local tier of a manager on a URL (default: $CKPTGUARD_CACHE/<endpoint>/<bucket>/<prefix>)",
 }
+_BUCKET_REMEDY = (
+    "Give the bucket's name as S3 spells it: 3 to 63 lowercase letters, digits, dots and hyphens, starting and "
+    "ending with a letter or a digit, e.g. s3://my-bucket.v2/runs/exp1."
+)
+_PREFIX_REMEDY = "Write the prefix as names joined by single slashes, none '.' or '..', e.g. s3://my-bucket/runs/exp1."
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "403"}
 
 
@@ -66,12 +73,22 @@ class RemoteURL:
 
     @classmethod
     def parse(cls, url: str) -> RemoteURL:
+        """The bucket and prefix of `url`; InvalidURLError naming the rule it breaks (nothing is touched)."""
         if not is_remote(url):
-            raise ValueError(f"{url!r} is not an s3:// URL")
+            raise InvalidURLError(
+                f"{url!r} is not an s3:// URL", path=url, remedy="Give an s3://BUCKET/PREFIX URL or a local directory."
+            )
         bucket, _, prefix = url[len(SCHEME) :].partition("/")
-        prefix = prefix.strip("/")
-        if not bucket or any(part in ("", ".", "..") for part in prefix.split("/") if prefix):
-            raise ValueError(f"{url!r} is not of the form s3://bucket/prefix (no empty, '.' or '..' parts)")
+        if len(prefix) > 1:  # s3://b/run/ is s3://b/run; s3://b/run// and s3://b// are not
+            prefix = prefix.removesuffix("/")
+        problem = locations.control_character(url)
+        remedy = "Remove it from the URL (a stray newline or NUL from a script or a config file?)."
+        if problem is None:
+            problem, remedy = locations.bucket_problem(bucket), _BUCKET_REMEDY
+        if problem is None:
+            problem, remedy = locations.prefix_problem(prefix), _PREFIX_REMEDY
+        if problem is not None:
+            raise InvalidURLError(f"{url!r} is not a valid s3:// URL: {problem}", path=url, remedy=remedy)
         return cls(bucket, prefix)
 
     def key(self, relpath: str) -> str:
@@ -86,7 +103,7 @@ def is_remote(location: object) -> bool:
 
 
 def check_location(url: str, storage_options: Mapping[str, Any] | None) -> RemoteURL:
-    """The parsed URL; ValueError for a malformed one or an unknown option (before anything is touched)."""
+    """The parsed URL; InvalidURLError for a malformed one, ValueError for an unknown option (nothing touched)."""
     unknown = sorted(set(storage_options or {}) - set(OPTIONS))
     if unknown:
         known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())

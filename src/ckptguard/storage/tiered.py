@@ -44,6 +44,7 @@ from ckptguard.discovery import Checkpoint
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    InvalidURLError,
     LockedError,
     RemoteError,
     UploadError,
@@ -53,7 +54,7 @@ from ckptguard.events import EventLog, record_failure
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import FileEntry, Manifest, ManifestError, read_manifest
 from ckptguard.snapshot import FilePlan
-from ckptguard.storage import remote_publish
+from ckptguard.storage import locations, remote_publish
 from ckptguard.storage.lease import Lease
 from ckptguard.storage.objectstore import ObjectStore, RemoteURL, check_location, is_remote
 
@@ -108,25 +109,36 @@ def resolve(
     if mode == "direct" and world_size > 1:
         raise ValueError("direct-to-remote saving runs in one process; use the tiered mode with several ranks")
     local = options.pop("local_dir", None)
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckptguard"
-    cache = Path(os.environ.get(CACHE_ENV) or default) / _endpoint_dir(options) / url.bucket / url.prefix
     remote_policy = policy if mode == "direct" else replace(policy, keep_last=remote_keep_last)
     spec = RemoteSpec(url, options, mode == "direct", remote_policy)
-    return (Path(local) if local is not None else cache).absolute(), local is None, spec
+    if local is not None:
+        return Path(local).absolute(), False, spec
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckptguard"
+    cache = Path(os.environ.get(CACHE_ENV) or default) / _endpoint_dir(options) / url.bucket / url.prefix
+    return cache.absolute(), True, spec  # every part checked by RemoteURL.parse: it stays under the cache
 
 
 def _endpoint_dir(options: Mapping[str, Any]) -> str:
     """The cache's folder for the endpoint a run talks to: the same bucket name on two endpoints is two runs.
 
     ``aws`` for AWS itself; else the endpoint's host and port, as boto3 takes them (the option, then
-    the environment).
+    the environment). InvalidURLError for a host that cannot be one directory name (``http://..``).
     """
     endpoint = (
         options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
     if not endpoint:
         return "aws"
-    return urlsplit(str(endpoint)).netloc.replace(os.sep, "_") or "aws"
+    host = urlsplit(str(endpoint)).netloc.replace(os.sep, "_") or "aws"
+    problem = locations.part_problem(host, f"the endpoint {str(endpoint)!r}")
+    if problem is not None:
+        raise InvalidURLError(
+            f"no cache directory for this endpoint: {problem}",
+            path=str(endpoint),
+            remedy="Set AWS_ENDPOINT_URL (or storage_options['endpoint_url']) to http(s)://HOST[:PORT], "
+            "or give the run a local directory (storage_options['local_dir']).",
+        )
+    return host
 
 
 def open_tier(spec: RemoteSpec | None, run_dir: Path, events: EventLog) -> LocalOnly | RemoteMirror:

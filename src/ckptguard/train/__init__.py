@@ -6,7 +6,8 @@
 """
 
 # Exit codes of `ckptguard train` / `export`: 0 done; 1 a checkpoint could not be written, verified or
-# read (a CheckpointError, the preflight included); 2 bad config, data or usage, or a diverged run;
+# read (a CheckpointError, the preflight included); 2 bad config, data or usage, or a diverged run (and for
+# `export`, an s3:// URL whose run cannot be opened and listed: a bad URL, a missing bucket, as for `ls`);
 # 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint: run the same command
 # again to resume; 130 (128 + SIGINT) aborted by a second Ctrl-C without saving.
 from ckptguard.preemption import PREEMPTED_EXIT_CODE as EXIT_PREEMPTED

@@ -116,14 +116,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.base is not None and not args.merge:
         return _fail(ValueError("--base only applies with --merge"), EXIT_BAD_INPUT)
-    from ckptguard.cli_remote import download
+    from ckptguard import cli_remote
     from ckptguard.storage.objectstore import is_remote
     from ckptguard.train.export import export
 
     _quiet_known_warnings()
+    # A remote run is opened and listed first, as `ls` does, and its failures (a bad URL, a missing bucket,
+    # refused credentials, an endpoint that is down) are left to the CLI's handler: exit 2, as for `ls`.
+    remote = cli_remote.find(args.checkpoint) if is_remote(args.checkpoint) else None
     try:
         with tempfile.TemporaryDirectory(prefix="ckptguard-export-") as tmp:  # where a remote one is downloaded
-            source = download(args.checkpoint, Path(tmp)) if is_remote(args.checkpoint) else args.checkpoint
+            source = cli_remote.download(remote, Path(tmp)) if remote is not None else args.checkpoint
             path = export(source, args.out, merge=args.merge, base=args.base)
     except CheckpointError as exc:
         return _fail(exc, EXIT_CHECKPOINT)

@@ -25,7 +25,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ckptguard.errors import InvalidURLError
 from ckptguard.manifest import MAX_JSON_DEPTH, ManifestError, check_depth
+from ckptguard.storage.objectstore import RemoteURL
 
 DEFAULT_CONFIG = "default.toml"
 
@@ -315,6 +317,13 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError("checkpoint.local_dir: applies to an s3:// checkpoint.output_dir (the local tier)")
     if c.remote_mode == "direct" and c.remote_keep_last:
         raise ConfigError("checkpoint.remote_keep_last: in direct mode checkpoint.keep_last is the bucket's retention")
+    urls = [("checkpoint.output_dir", c.output_dir)] if c.output_dir.startswith("s3://") else []
+    urls += [("checkpoint.remote", c.remote)] if c.remote else []
+    for name, url in urls:
+        try:  # now, before the model is built: the local tier's directory is made from the URL
+            RemoteURL.parse(url)
+        except InvalidURLError as exc:
+            raise ConfigError(f"{name}: {exc.message}. {exc.remedy}") from exc
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
