@@ -30,7 +30,6 @@ from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCh
 from ckptguard.integrations import staged
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import ManifestError, parse_json
-from ckptguard.publish import clean_leftovers
 
 ITERATION_FILE = "ckptguard_accelerate.json"  # {"iteration": N}: Accelerate's save counter at this save
 TIMEOUT_S = 600.0  # bound on every agreement between processes (a dead process becomes a CoordinationError)
@@ -80,24 +79,27 @@ def load_state(
 
     Returns the checkpoint loaded, or None when `run_dir` holds no verified checkpoint. A `run_dir` that
     does not exist is CheckpointNotFoundError unless `missing_ok` (a first start): a typo in it would
-    otherwise start training from scratch without a word. Staging directories a killed save left are
-    removed first. Accelerate's save counter continues after the loaded checkpoint's.
+    otherwise start training from scratch without a word. Accelerate's save counter continues after the
+    loaded checkpoint's.
+
+    Call it before step 1 (with `missing_ok` on a first start): it is also the run's preflight, as
+    CheckpointManager's: `run_dir` is locked for this process (a second job on it gets LockedError) and
+    probed with a real write on every process, and what a killed save left is removed under the lock.
     """
-    run_dir = Path(run_dir)
+    run_dir, coord = Path(run_dir), _coordinator(accelerator)
+    if path is None and not coord.on_primary(lambda: run_dir.is_dir()) and not missing_ok:
+        raise CheckpointNotFoundError(
+            "the run directory to resume from does not exist",
+            path=run_dir,
+            remedy="Check the path for a typo, or pass missing_ok=True on a first start.",
+        )
+    staged.ensure_open(coord, run_dir)
 
     def choose() -> str | None:
-        if path is None and not run_dir.is_dir() and not missing_ok:
-            raise CheckpointNotFoundError(
-                "the run directory to resume from does not exist",
-                path=run_dir,
-                remedy="Check the path for a typo, or pass missing_ok=True on a first start.",
-            )
-        if run_dir.is_dir():
-            clean_leftovers(run_dir)
         found = staged.require_verified(path) if path is not None else staged.newest_verified(run_dir)
         return str(found) if found is not None else None
 
-    chosen = _coordinator(accelerator).on_primary(choose)
+    chosen = coord.on_primary(choose)
     if chosen is None:
         return None
     accelerator.load_state(chosen, **kwargs)

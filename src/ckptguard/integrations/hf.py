@@ -29,7 +29,7 @@ from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
 from ckptguard.integrations import staged
 from ckptguard.layout import checkpoint_name
-from ckptguard.publish import clean_leftovers, remove
+from ckptguard.publish import remove
 
 for _name in ("_save_checkpoint", "_get_output_dir"):
     if not callable(getattr(Trainer, _name, None)):  # the private hooks this module overrides
@@ -81,7 +81,9 @@ class CheckpointGuardMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """HF's train, resuming only from a verified checkpoint (True: the newest one; a path: that one, checked).
 
-        Staging directories left by a killed save are removed first (on the primary process).
+        Before step 1, as CheckpointManager does: the output directory is locked for this run (a second job
+        on it gets LockedError) and probed with a real write on every process, and what a killed save left
+        is removed under the lock. The lock is released when training ends.
         """
         if self.args.save_on_each_node:  # type: ignore[attr-defined]
             raise UnsupportedStateError(
@@ -89,9 +91,13 @@ class CheckpointGuardMixin:
                 path=self.args.output_dir,  # type: ignore[attr-defined]
                 remedy="Set save_on_each_node=False and put output_dir on storage every node can reach.",
             )
-        out = Path(self.args.output_dir)  # type: ignore[attr-defined]
-        resume_from_checkpoint = self._coordinator().on_primary(lambda: _prepare_run(out, resume_from_checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        out, coord = Path(self.args.output_dir), self._coordinator()  # type: ignore[attr-defined]
+        staged.open_run(coord, out)
+        try:
+            resume_from_checkpoint = coord.on_primary(lambda: _resume_path(out, resume_from_checkpoint))
+            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            staged.close_run(coord, out)
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._ckptguard_staging is not None:
@@ -148,11 +154,8 @@ def _finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _prepare_run(output_dir: Path, requested: str | bool | None) -> str | None:
-    """Clean what a killed save left, and say which checkpoint HF may load: the newest verified one for
-    True, the named one only if it verifies."""
-    if output_dir.is_dir():
-        clean_leftovers(output_dir)
+def _resume_path(output_dir: Path, requested: str | bool | None) -> str | None:
+    """Which checkpoint HF may load: the newest verified one for True, the named one only if it verifies."""
     if requested is None or requested is False:
         return None
     if requested is True:

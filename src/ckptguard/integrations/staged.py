@@ -1,5 +1,8 @@
 """A staged save of files another library writes: the one sequence every integration follows.
 
+    0. :func:`open_run`, before step 1 (at the latest, from the first :func:`begin`): rank 0 takes the run
+       directory lock and runs the preflight (a real write probe, leftovers of killed saves removed
+       under the lock); every other rank probes too. A second job on the same directory gets LockedError.
     1. :func:`begin`: rank 0 creates one staging directory in the run directory; every rank gets its path
     2. every rank lets its library write into it (the library's own save, pointed there), while rank 0
        hashes each file as soon as it is closed (:mod:`ckptguard.integrations.closewatch`)
@@ -21,9 +24,10 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from ckptguard import discovery, publish, retention, writer
+from ckptguard import discovery, preflight, publish, retention, writer
 from ckptguard.dist import Coordinator
 from ckptguard.errors import (
     CheckpointError,
@@ -52,11 +56,76 @@ _watches: dict[Path, CloseWatch] = {}  # rank 0's watch on each staging director
 _OS_CODE = re.compile(r"\(os error (\d+)\)")  # safetensors reports OS errors as text: `... (os error 28)`
 
 
+@dataclass
+class _HeldRun:
+    """Rank 0's lock on one run directory, shared by every user of it in this process (a Trainer that
+    trains twice, an Accelerator that loads then saves); released when the last one closes it."""
+
+    lock: preflight.RunLock
+    users: int = 1
+
+
+_held_runs: dict[Path, _HeldRun] = {}
+
+
+def open_run(coord: Coordinator, run_dir: Path) -> bool:
+    """Lock `run_dir` and run the preflight before the first step, as CheckpointManager does; call it on every rank.
+
+    Rank 0: create the directory (and its parents, as the libraries do), probe it with a real write,
+    take the run lock (LockedError while another process holds it), then remove what killed saves left;
+    every other rank probes too. Returns whether this call did that (False: this process already holds
+    the directory, and only counts one more user). Pair each call with :func:`close_run`.
+    """
+    key = run_dir.absolute()
+
+    def prepare() -> bool:
+        held = _held_runs.get(key)
+        if held is not None:
+            held.users += 1
+            return False
+        lock = preflight.RunLock(key)
+        events = EventLog(key)
+        preflight.prepare(
+            key, lock, create_parents=True, expected_bytes=None, policy=retention.RetentionPolicy(), events=events
+        )
+        _held_runs[key] = _HeldRun(lock)
+        return True
+
+    first = coord.on_primary(prepare)
+    if first:
+        try:  # each rank writes into rank 0's staging: a rank that cannot must fail now, not at step N
+            preflight.probe_every_rank(key, coord)
+        except CheckpointError:
+            if coord.is_primary:
+                _held_runs.pop(key).lock.release()
+            raise
+    return first
+
+
+def close_run(coord: Coordinator, run_dir: Path) -> None:
+    """One user of `run_dir` is done; the last one releases the run lock (rank 0; a no-op elsewhere)."""
+    held = _held_runs.get(run_dir.absolute()) if coord.is_primary else None
+    if held is not None:
+        held.users -= 1
+        if held.users == 0:
+            del _held_runs[run_dir.absolute()]
+            held.lock.release()
+
+
+def ensure_open(coord: Coordinator, run_dir: Path) -> None:
+    """:func:`open_run` unless this process holds `run_dir` already; then held until the process exits
+    (for a library that has no end-of-run hook to close it from)."""
+    if not coord.on_primary(lambda: run_dir.absolute() in _held_runs):
+        open_run(coord, run_dir)
+
+
 def begin(coord: Coordinator, run_dir: Path, step: int) -> Path:
-    """Rank 0 creates one staging directory for `step`; every rank returns the same path."""
+    """Rank 0 creates one staging directory for `step`; every rank returns the same path.
+
+    A run directory not opened yet is opened first (:func:`ensure_open`)."""
+    ensure_open(coord, run_dir)
 
     def create() -> str:
-        run_dir.mkdir(parents=True, exist_ok=True)
         try:
             staging = publish.create_staging(run_dir, checkpoint_name(step))
         except OSError as exc:
