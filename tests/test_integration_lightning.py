@@ -71,7 +71,7 @@ def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path
         with pytest.raises(WriteError) as caught:
             lightning_run(out, guarded=True, max_steps=4, after_save=fill)
         assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
-        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("events", "LATEST"))) == [
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("events", "LATEST", ".ckptguard"))) == [
             "epoch=0-step=1.ckpt",
             "epoch=0-step=2.ckpt",
             "last.ckpt",
@@ -221,3 +221,4 @@ def test_same_kill_with_verified_io_resumes_on_the_newest_verified_checkpoint(in
         assert newest_verified_ckpt(run) == str(run / "epoch=0-step=3.ckpt")
         assert lightning_run(run, guarded=True, max_steps=4, ballast=BALLAST).started_at == 3
         assert _step(run / "last.ckpt") == 4
+        assert not [p.name for p in run.iterdir() if p.name.startswith(".staging-")], "the killed save's leftover"

@@ -17,14 +17,23 @@ from ckptguard import publish
 from ckptguard.errors import LockedError, NotWritableError
 from ckptguard.layout import checkpoint_name
 from faultkit import construct_in_child, manager_in_child, remount_read_only, tmpfs
-from integrationkit import TokenData, hf_trainer, require, tiny_llama
+from integrationkit import TokenData, hf_trainer, lightning_run, require, tiny_llama
 
-LIBRARIES = ["hf", "accelerate-load", "accelerate-save"]
+LIBRARIES = ["hf", "accelerate-load", "accelerate-save", "lightning"]
 
 
 def _train(library: str, run_dir: Path, steps: list[int]) -> None:
     """Start a run the way README shows for `library`; `steps` gets every training step that ran."""
-    require("hf" if library == "hf" else "accelerate")
+    require(library.split("-")[0])
+    if library == "lightning":
+        import lightning.pytorch as pl
+
+        class LightningSteps(pl.Callback):
+            def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+                steps.append(trainer.global_step)
+
+        lightning_run(run_dir, guarded=True, max_steps=2, callbacks=(LightningSteps(),))
+        return
     if library == "hf":
         from transformers import TrainerCallback
 
@@ -71,10 +80,10 @@ def test_a_second_job_on_a_held_run_directory_gets_locked_error_and_the_live_sav
         assert live.is_dir() and (live / "model.safetensors").stat().st_size == 4096
     expected = [] if library != "accelerate-save" else [1]  # Accelerate without load_state: at its first save
     assert steps == expected
-    assert not any(p.name.startswith("checkpoint-") for p in run.iterdir())
+    assert not any(p.name.startswith("checkpoint-") or p.name.endswith(".ckpt") for p in run.iterdir())
 
 
-@pytest.mark.parametrize("library", ["hf", "accelerate-load"])
+@pytest.mark.parametrize("library", ["hf", "accelerate-load", "lightning"])
 def test_a_read_only_output_directory_fails_before_the_first_step(tmp_path, library):
     with tmpfs(tmp_path / "disk") as disk:
         run = disk / "run"
@@ -103,6 +112,25 @@ def test_the_hf_trainer_holds_the_lock_while_it_trains_and_releases_it_after(tmp
     hf_trainer(run, callbacks=[SecondJob()], max_steps=2).train()
     assert seen[0]["ok"] is False and seen[0]["type"] == "LockedError", seen
     assert construct_in_child(run) == {"ok": True}  # released once train() returned
+
+
+def test_lightning_holds_the_lock_while_it_fits_and_releases_it_after_a_failed_fit_too(tmp_path):
+    require("lightning")
+    import lightning.pytorch as pl
+
+    run = tmp_path / "run"
+    seen: list[dict[str, Any]] = []
+
+    class SecondJob(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            if trainer.global_step == 1:
+                seen.append(construct_in_child(run))
+                raise RuntimeError("stop here")  # Lightning ends fit on it without a teardown hook
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        lightning_run(run, guarded=True, max_steps=3, callbacks=(SecondJob(),))
+    assert seen[0]["ok"] is False and seen[0]["type"] == "LockedError", seen
+    assert construct_in_child(run) == {"ok": True}  # released although fit ended in an exception
 
 
 def test_leftovers_of_a_killed_save_are_removed_at_the_start_under_the_lock(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.layout import checkpoint_name, set_aside_kind, step_from_name
+from ckptguard.layout import checkpoint_name, lightning_name, set_aside_kind, step_from_name
 from ckptguard.manifest import Manifest
 from ckptguard.verify import verify_checkpoint
 
@@ -60,7 +60,11 @@ C = TypeVar("C", bound=Checkpoint)
 
 
 def discover(run_dir: Path) -> list[CheckpointInfo]:
-    """Every ``checkpoint-{step}`` directory under `run_dir`, quick-verified, in step order."""
+    """Every ``checkpoint-{step}`` directory under `run_dir`, quick-verified, in step order.
+
+    Also every directory Lightning named (``*.ckpt``, saved by VerifiedCheckpointIO), with the step its
+    manifest records (-1 when it has no readable manifest), so ``ls``, ``report`` and the save sequence
+    see a ModelCheckpoint directory's checkpoints too."""
     found = []
     try:
         entries = list(os.scandir(run_dir))
@@ -68,9 +72,11 @@ def discover(run_dir: Path) -> list[CheckpointInfo]:
         return []
     for entry in entries:
         step = step_from_name(entry.name)
-        if step is None:
+        if step is None and not (lightning_name(entry.name) and entry.is_dir(follow_symlinks=False)):
             continue
         report = verify_checkpoint(entry.path, "quick")
+        if step is None:
+            step = report.manifest.step if report.manifest is not None and report.manifest.step is not None else -1
         found.append(
             CheckpointInfo(
                 name=entry.name, path=Path(entry.path), step=step, valid=report.ok, reason=report.reason,

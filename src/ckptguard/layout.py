@@ -41,6 +41,10 @@ TRASH_PREFIX = ".trash-"
 SUPERSEDED_MARK = ".superseded-"
 QUARANTINE_KINDS = ("corrupt", "unfinished")  # checkpoint-N.{kind}-<time>-<id>: a failed save, kept
 
+# A Lightning ModelCheckpoint names its checkpoints (epoch=0-step=100.ckpt, last.ckpt); with
+# VerifiedCheckpointIO each is a checkpoint directory whose step is in its manifest, not its name.
+LIGHTNING_SUFFIX = ".ckpt"
+
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _SET_ASIDE_NAME = re.compile(r"^checkpoint-(\d+)\.(superseded|corrupt|unfinished)-")
 
@@ -53,6 +57,11 @@ def step_from_name(name: str) -> int | None:
     """The step in `checkpoint-{step}`, or None for any other name (staging, superseded, foreign)."""
     match = _CHECKPOINT_NAME.match(name)
     return int(match.group(1)) if match else None
+
+
+def lightning_name(name: str) -> bool:
+    """Whether `name` is a checkpoint name Lightning gives (``*.ckpt``), never a leftover of ours."""
+    return name.endswith(LIGHTNING_SUFFIX) and not name.startswith(".")
 
 
 def set_aside_kind(name: str) -> tuple[int, str] | None:

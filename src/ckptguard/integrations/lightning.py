@@ -20,8 +20,13 @@ if it failed).
 
 Lightning adds :class:`LightningGuard` to every Trainer through the ``lightning.pytorch.callbacks_factory``
 entry point ckptguard installs (:func:`lightning_callbacks`); it does nothing for a Trainer without
-this plugin. With it, it does two things Lightning offers the plugin no hook for:
+this plugin. With it, it does what Lightning offers the plugin no hook for:
 
+- Before the first step of ``fit``, each ModelCheckpoint directory is opened the way CheckpointManager
+  opens a run directory (:func:`ckptguard.integrations.staged.open_run`): rank 0 takes its run lock (a
+  second job on it gets LockedError) and removes what killed saves left there, and every rank probes
+  it with a real write; the lock is released at teardown. Settings whose files would not go through
+  the commit protocol are refused there too: ``save_last="link"`` and an fsspec URL as dirpath.
 - Strategies that save or load their own way (FSDP, DeepSpeed, ModelParallelStrategy, XLA) go around
   ``CheckpointIO``, so this plugin would never see their checkpoints: they are refused with an
   UnsupportedStateError in ``setup``, before the first step.
@@ -84,6 +89,7 @@ class VerifiedCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("VerifiedCheckpointIO takes no storage_options")
+        refuse_url(path)
         if self._held is not None:  # a failed save waits to be raised on every rank: write nothing more
             return
         target = Path(path)
@@ -157,6 +163,52 @@ class VerifiedCheckpointIO(CheckpointIO):
             self._idle.wait_for(lambda: self._in_flight == 0)
 
 
+def load_from_checkpoint(cls: type[Any], path: str | Path, **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(path, **kwargs)`` for a checkpoint this plugin saved, verified first.
+
+    Lightning's own ``load_from_checkpoint`` opens `path` as a file, and this plugin's checkpoints are
+    directories: ``load_from_checkpoint(MyModule, "runs/pl/last.ckpt")`` checks every byte against the
+    manifest (CorruptCheckpointError, or CheckpointNotFoundError for a wrong path) and then loads the
+    checkpoint file inside it. `cls` is a LightningModule or LightningDataModule class.
+    """
+    return cls.load_from_checkpoint(staged.require_verified(path) / PAYLOAD, **kwargs)
+
+
+def refuse_url(path: Any) -> None:
+    """An fsspec URL (``s3://``, ``memory://``) would become a local relative folder (``Path`` drops a slash)."""
+    if "://" in str(path):
+        raise UnsupportedStateError(
+            f"VerifiedCheckpointIO saves to local (or mounted) directories only, not to the URL {path}",
+            path=str(path),
+            remedy="Give ModelCheckpoint a local dirpath; for object storage, mirror that directory to a bucket "
+            "(README, object storage).",
+        )
+
+
+def check_checkpoint_callbacks(trainer: Any) -> list[Path]:
+    """The directories `trainer`'s ModelCheckpoint callbacks save into, once each; refuse what bypasses commit.
+
+    ``save_last="link"`` makes ``last.ckpt`` a symlink (or, where links are refused, a copy) that Lightning
+    removes and re-creates itself on every save, outside the commit protocol: a kill between the two
+    leaves no ``last.ckpt``, and the link is never verified.
+    """
+    dirs: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "save_last", None) == "link":
+            raise UnsupportedStateError(
+                'ModelCheckpoint(save_last="link") replaces last.ckpt with a link outside the commit protocol',
+                path=getattr(callback, "dirpath", None),
+                remedy="Use save_last=True: last.ckpt is then a checkpoint of its own, committed and verified "
+                "(or pass ckpt_path=newest_verified_ckpt(dirpath), which needs no last.ckpt).",
+            )
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath is not None:
+            refuse_url(dirpath)
+            if Path(dirpath).absolute() not in dirs:
+                dirs.append(Path(dirpath).absolute())
+    return dirs
+
+
 def newest_verified_ckpt(dirpath: str | Path) -> str | None:
     """The checkpoint in `dirpath` with the highest step (then the newest) that passes full verification.
 
@@ -220,6 +272,12 @@ class LightningGuard(Callback):
         self._io: VerifiedCheckpointIO | None = None
         self._coord: Coordinator | None = None
         self._unsettled: int | None = None  # the step of a save whose outcome the ranks have not agreed on
+        self._opened: list[Path] = []  # the checkpoint directories this fit holds (run lock, on rank 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``deepcopy(trainer.callbacks)``, ``torch.save(trainer)``) holds no run lock and no process
+        group: its teardown must not release the original's lock; its own setup finds the plugin again."""
+        return self.__dict__ | {"_io": None, "_coord": None, "_unsettled": None, "_opened": []}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._io = _verified_io(trainer.strategy)
@@ -228,6 +286,27 @@ class LightningGuard(Callback):
         check_strategy(trainer)
         if trainer.world_size > 1 and self._coord is None:
             self._coord = Coordinator(TIMEOUT_S)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Lock, probe and clean every checkpoint directory before the sanity check and the first step."""
+        if self._io is None:
+            return
+        coord = self._coord or Coordinator(TIMEOUT_S)
+        for run_dir in check_checkpoint_callbacks(trainer):
+            staged.open_run(coord, run_dir)
+            self._opened.append(run_dir)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._close_runs()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close_runs()  # Lightning calls no teardown hook after an exception
+
+    def _close_runs(self) -> None:
+        """Release the run locks on_fit_start took, so a later fit in this process opens (and cleans) them again."""
+        coord = self._coord or Coordinator(TIMEOUT_S)
+        while self._opened:
+            staged.close_run(coord, self._opened.pop())
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._io is not None and self._coord is not None:  # from here on, a hook follows every save

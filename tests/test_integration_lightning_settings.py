@@ -1,0 +1,101 @@
+"""Lightning settings real users have, each either supported through the commit protocol or refused before step 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptguard.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedStateError
+from faultkit import flip_bit
+from integrationkit import lightning_run, require
+
+require("lightning")
+
+import lightning.pytorch as pl  # noqa: E402
+
+from ckptguard.integrations.lightning import VerifiedCheckpointIO, load_from_checkpoint  # noqa: E402
+
+
+def _link_last(run_dir: Path) -> pl.callbacks.ModelCheckpoint:
+    return pl.callbacks.ModelCheckpoint(dirpath=run_dir, every_n_train_steps=1, save_last="link")
+
+
+def test_save_last_link_is_refused_before_the_first_step_with_the_remedy(tmp_path):
+    """With it, Lightning removes last.ckpt and re-creates it as a link outside the commit, never verified."""
+    ran: list[int] = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            ran.append(trainer.global_step)
+
+    with pytest.raises(UnsupportedStateError, match='save_last="link"') as caught:
+        lightning_run(tmp_path / "run", guarded=True, max_steps=2, callbacks=(_link_last(tmp_path / "link"), Steps()))
+    assert "save_last=True" in caught.value.remedy
+    assert ran == [] and not (tmp_path / "link").exists()
+
+
+def test_an_fsspec_url_as_dirpath_is_refused_instead_of_becoming_a_local_folder(tmp_path, monkeypatch):
+    """``memory://`` needs no package; ``s3://`` without s3fs is refused by Lightning itself."""
+    monkeypatch.chdir(tmp_path)
+    url = "memory://bucket/run"
+    with pytest.raises(UnsupportedStateError, match="local \\(or mounted\\) directories only") as caught:
+        lightning_run(tmp_path / "run", guarded=True, max_steps=2, callbacks=(pl.callbacks.ModelCheckpoint(url),))
+    assert caught.value.path == url
+    assert not (tmp_path / "memory:").exists(), "the URL became a relative local folder"
+    with pytest.raises(UnsupportedStateError):  # trainer.save_checkpoint to a URL goes the same way
+        VerifiedCheckpointIO().save_checkpoint({"global_step": 1}, f"{url}/x.ckpt")
+    assert not (tmp_path / "memory:").exists()
+
+
+def test_load_from_checkpoint_on_a_checkpoint_directory_verifies_then_loads_the_module(tmp_path):
+    run = tmp_path / "run"
+    trainer = lightning_run(run, guarded=True, max_steps=2)
+    module_cls = type(trainer.lightning_module)
+    with pytest.raises(IsADirectoryError):  # Lightning's own call opens the directory as a file
+        module_cls.load_from_checkpoint(run / "last.ckpt")
+    loaded = load_from_checkpoint(module_cls, run / "last.ckpt", map_location="cpu")
+    want, got = trainer.lightning_module.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(CheckpointNotFoundError):
+        load_from_checkpoint(module_cls, run / "lats.ckpt")
+    flip_bit(run / "last.ckpt" / "checkpoint.pt", -2000)
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.pt"):
+        load_from_checkpoint(module_cls, run / "last.ckpt")
+
+
+def test_ls_and_doctor_on_a_model_checkpoint_directory_show_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    lightning_run(run, guarded=True, max_steps=3)
+    cli = [sys.executable, "-m", "ckptguard.cli"]
+    listed = subprocess.run([*cli, "ls", str(run)], capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.lstrip("* ").split()[:3] for line in listed.stdout.splitlines()]
+    assert ["epoch=0-step=2.ckpt", "2", "valid"] in rows and ["epoch=0-step=3.ckpt", "3", "valid"] in rows, rows
+    assert any(line.startswith("* last.ckpt") for line in listed.stdout.splitlines()), "LATEST names last.ckpt"
+    doctor = subprocess.run([*cli, "doctor", str(run)], capture_output=True, text=True, timeout=300)
+    assert doctor.returncode == 0 and "3 valid, 0 invalid" in doctor.stdout, doctor.stdout + doctor.stderr
+
+
+def test_a_copy_of_the_guard_taken_mid_fit_does_not_release_the_fits_run_lock(tmp_path):
+    """``deepcopy(trainer.callbacks)`` mid-fit, then the copy torn down: the fit still holds its directory."""
+    import copy
+
+    from ckptguard.integrations.lightning import LightningGuard
+    from faultkit import construct_in_child
+
+    run = tmp_path / "run"
+    seen: list[dict] = []
+
+    class CopyAndTearDown(pl.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step == 1:
+                guard = next(c for c in trainer.callbacks if isinstance(c, LightningGuard))
+                copy.deepcopy(guard).teardown(trainer, trainer.lightning_module, "fit")
+                seen.append(construct_in_child(run))
+
+    lightning_run(run, guarded=True, max_steps=2, callbacks=(CopyAndTearDown(),))
+    assert seen[0]["ok"] is False and seen[0]["type"] == "LockedError", seen
