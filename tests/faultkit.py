@@ -109,6 +109,12 @@ class Filler:
             with open(self.file, "r+b") as fh:
                 os.posix_fallocate(fh.fileno(), size, target - size)
 
+    def leave_room_for_all_but(self, like: Path, name: str) -> None:
+        """Leave room for a save like checkpoint `like` except half of its file `name`: the next save of the
+        same shape writes every file before that one, and runs out of space in the middle of it."""
+        others = [p for p in like.rglob("*") if p.is_file() and p.name != name]
+        self.leave_bytes(sum(p.stat().st_size + 4096 for p in others) + (like / name).stat().st_size // 2)
+
     def leave_inodes(self, n: int) -> None:
         while free_inodes(self.dir) > n:
             self._inodes.append(self.dir / str(len(self._inodes)))

@@ -92,3 +92,27 @@ def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path
         assert committed_steps(out) == [1, 2]
         assert not [p.name for p in out.iterdir() if p.name.startswith(".staging")]
         assert (out / "LATEST").read_text().strip() == "checkpoint-2"
+
+
+def test_full_disk_in_torch_saves_zip_writer_is_enospc_not_an_opaque_runtime_error(tmp_path):
+    """Accelerate writes optimizer.bin with torch.save to a path; its C++ zip writer drops the OSError."""
+    with tmpfs(tmp_path / "disk", size="16m") as disk:
+        out, filler = disk / "run", Filler(disk)
+
+        def fill(step: int) -> None:
+            if step == 2:
+                filler.leave_room_for_all_but(out / "checkpoint-2", "optimizer.bin")
+
+        with pytest.raises(WriteError, match="unexpected pos") as caught:  # the premise: the zip writer failed
+            accelerate_run(out, guarded=True, max_steps=4, after_save=fill)
+        assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
+        assert "filesystem is full" in caught.value.remedy and "bytes free" in caught.value.message
+        assert committed_steps(out) == [1, 2]
+
+
+def test_a_zip_writer_error_on_a_disk_with_room_is_not_blamed_on_space(tmp_path):
+    from ckptguard.integrations.staged import write_error
+
+    zip_writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    error = write_error(zip_writer, tmp_path, 3)
+    assert error.errno is None and "unexpected pos" in error.message and "bytes free" not in error.message

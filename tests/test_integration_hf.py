@@ -104,6 +104,23 @@ def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path
         assert (out / "LATEST").read_text().strip() == "checkpoint-2"
 
 
+def test_full_disk_in_torch_saves_zip_writer_is_enospc_not_an_opaque_runtime_error(tmp_path):
+    """HF writes optimizer.pt with torch.save to a path; its C++ zip writer drops the OSError ("unexpected pos")."""
+    with tmpfs(tmp_path / "disk", size="16m") as disk:
+        out, filler = disk / "run", Filler(disk)
+
+        class FillBeforeOptimizer(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == 2:
+                    filler.leave_room_for_all_but(out / "checkpoint-2", "optimizer.pt")
+
+        with pytest.raises(WriteError, match="unexpected pos") as caught:  # the premise: the zip writer failed
+            hf_trainer(out, max_steps=4, callbacks=[FillBeforeOptimizer()]).train()
+        assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
+        assert "filesystem is full" in caught.value.remedy and "bytes free" in caught.value.message
+        assert committed_steps(out) == [1, 2]
+
+
 def test_full_disk_plain_trainer_leaves_a_checkpoint_its_resume_picks(tmp_path):
     """The hazard on the same disk: the failed save stays as checkpoint-3, the one HF's resume would take."""
     with tmpfs(tmp_path / "disk", size="8m") as disk:

@@ -18,6 +18,7 @@ byte matches its manifest, never a directory that merely has the highest number.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -54,6 +55,10 @@ LEVEL = "full"  # loading and resume: re-read every byte and compare with the ha
 COMMIT_LEVEL = "quick"
 _watches: dict[Path, CloseWatch] = {}  # rank 0's watch on each staging directory, from begin to commit
 _OS_CODE = re.compile(r"\(os error (\d+)\)")  # safetensors reports OS errors as text: `... (os error 28)`
+# torch.save to a path writes through its C++ zip writer, which loses the OSError: a full disk reads
+# `[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598` (or "PytorchStreamWriter failed ...")
+_TORCH_WRITER = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos")
+FULL_BELOW = 1 << 20  # free bytes under which a filesystem whose write just failed is called full
 
 
 @dataclass
@@ -150,13 +155,35 @@ def write_error(exc: BaseException, path: Path, step: int) -> CheckpointError:
         return from_os_error(WriteError, "could not write checkpoint file", exc, path=exc.filename or path, step=step)
     found = _OS_CODE.search(str(exc))
     code = int(found.group(1)) if found else None
+    why = ""
+    if code is None and _TORCH_WRITER.search(str(exc)):
+        code, why = full_filesystem(path)
     return WriteError(
-        f"could not write checkpoint file: {type(exc).__name__}: {str(exc)[:300]}",
+        f"could not write checkpoint file: {type(exc).__name__}: {str(exc)[:300]}{why}",
         path=path,
         step=step,
         errno=code,
         remedy=remedy_for_errno(code, WriteError.default_remedy),
     )
+
+
+def full_filesystem(path: Path) -> tuple[int | None, str]:
+    """(ENOSPC, why) when the filesystem holding `path` is out of space or inodes, else (None, "").
+
+    For an error that lost its errno: checked right after the write failed, before staging is removed,
+    so the failed save's own bytes still occupy the disk. Root may write into the reserved blocks, so
+    for root the free count includes them."""
+    where = next((p for p in (path, *path.parents) if p.exists()), path)
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None, ""
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < FULL_BELOW:
+        return errno.ENOSPC, f" (the filesystem holding it has {free} bytes free: out of space)"
+    if st.f_files > 0 and st.f_favail == 0:
+        return errno.ENOSPC, " (the filesystem holding it has no free inodes)"
+    return None, ""
 
 
 def finish(
