@@ -116,3 +116,21 @@ def test_a_zip_writer_error_on_a_disk_with_room_is_not_blamed_on_space(tmp_path)
     zip_writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     error = write_error(zip_writer, tmp_path, 3)
     assert error.errno is None and "unexpected pos" in error.message and "bytes free" not in error.message
+
+
+def test_project_config_total_limit_with_automatic_naming_rotates_after_each_commit(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from ckptguard.integrations.accelerate import save_state
+
+    config = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2)
+    acc = Accelerator(cpu=True, project_config=config)
+    model = acc.prepare(torch.nn.Linear(4, 4))
+    for _ in range(4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        save_state(acc, tmp_path / "run")  # step: Accelerate's save counter, 0 to 3
+    assert committed_steps(tmp_path / "run") == [2, 3]
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "checkpoint-3"
+    assert not (tmp_path / "checkpoints").exists(), "Accelerate's own naming wrote beside ours"

@@ -48,14 +48,18 @@ def save_state(
     """``accelerator.save_state`` into ``run_dir/checkpoint-{step}``, committed and verified; call it on every process.
 
     `step` defaults to Accelerate's save counter. `keep_last` deletes the oldest verified checkpoints
-    beyond that many, after the commit. `kwargs` go to ``Accelerator.save_state``. Returns the
-    checkpoint's path; a failure on any process raises the same CheckpointError on every process.
+    beyond that many, after the commit; left out, it is the accelerator's ``project_config.total_limit``
+    where ``automatic_checkpoint_naming`` is on, as Accelerate applies it. `kwargs` go to
+    ``Accelerator.save_state``. Returns the checkpoint's path; a failure on any process raises the same
+    CheckpointError on every process.
     """
     run_dir = Path(run_dir)
     step = accelerator.save_iteration if step is None else step
     coord = _coordinator(accelerator)
     staging = staged.begin(coord, run_dir, step)
     config = accelerator.project_configuration
+    if keep_last is None and config.automatic_checkpoint_naming:
+        keep_last = config.total_limit
     automatic, config.automatic_checkpoint_naming = config.automatic_checkpoint_naming, False  # ours names it
     error: CheckpointError | None = None
     try:
