@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,20 +147,51 @@ def test_sigterm_jit_checkpoint_is_committed_and_verified(integration_harness, t
     assert resumed_step(hf_trainer(tmp_path, max_steps=step), True) == step
 
 
-def test_best_model_checkpoint_names_the_final_directory_and_rotation_keeps_it(tmp_path):
+BEST_OF_EVERY_STEP = {
+    "evaluate": True,
+    "max_steps": 5,
+    "eval_strategy": "steps",
+    "eval_steps": 1,
+    "metric_for_best_model": "loss",
+    "greater_is_better": True,
+    "load_best_model_at_end": True,
+}  # fmt: skip  (the loss falls, so "greater is better" makes an early checkpoint the best: an old one)
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-"))
+
+
+@pytest.mark.parametrize("limit", [2, 3])
+def test_save_total_limit_with_the_best_keeps_what_hf_keeps_and_the_best_names_the_final_directory(tmp_path, limit):
     """HF computes best_model_checkpoint during the save, that is inside staging: it must name the final path."""
-    trainer = hf_trainer(
-        tmp_path, evaluate=True, max_steps=5, save_total_limit=2, eval_strategy="steps", eval_steps=1,
-        metric_for_best_model="loss", greater_is_better=True, load_best_model_at_end=True,
-    )  # fmt: skip
+    plain = hf_trainer(tmp_path / "plain", guarded=False, save_total_limit=limit, **BEST_OF_EVERY_STEP)
+    plain.train()
+    trainer = hf_trainer(tmp_path / "run", save_total_limit=limit, **BEST_OF_EVERY_STEP)
     trainer.train()  # load_best_model_at_end loads from best_model_checkpoint: a staging path would fail here
     best = trainer.state.best_model_checkpoint
-    assert best == str(tmp_path / f"checkpoint-{trainer.state.best_global_step}")
-    assert verify_checkpoint(best).ok
-    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
-    assert kept == sorted({"checkpoint-4", "checkpoint-5", Path(best).name}), "the newest 2 and the best"
-    recorded = json.loads((tmp_path / "checkpoint-5" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert Path(best).name == Path(plain.state.best_model_checkpoint).name != "checkpoint-5", "premise: an old best"
+    assert Path(best).parent == tmp_path / "run" and verify_checkpoint(best).ok
+    assert _checkpoints(tmp_path / "run") == _checkpoints(tmp_path / "plain"), "kept other checkpoints than HF"
+    assert len(_checkpoints(tmp_path / "run")) == limit
+    recorded = json.loads((tmp_path / "run" / "checkpoint-5" / "trainer_state.json").read_text())[
+        "best_model_checkpoint"
+    ]
     assert recorded == best
+    assert trainer.args.save_total_limit == limit, "the caller's arguments changed"
+
+
+def test_save_total_limit_1_with_the_best_keeps_the_newest_too_and_latest_stays_valid(tmp_path):
+    """HF's end-of-training rmtree deleted the newest checkpoint, leaving LATEST naming a missing directory."""
+    trainer = hf_trainer(tmp_path, save_total_limit=1, **BEST_OF_EVERY_STEP)
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint).name
+    assert best != "checkpoint-5" and _checkpoints(tmp_path) == sorted({best, "checkpoint-5"}), "the best and newest"
+    assert (tmp_path / "LATEST").read_text().strip() == "checkpoint-5"
+    doctor = subprocess.run(
+        [sys.executable, "-m", "ckptguard.cli", "doctor", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
 
 
 def test_trainer_before_the_mixin_in_the_bases_is_refused_at_class_creation():

@@ -13,18 +13,23 @@ the ``hf`` extra; importing this module fails loudly if either is gone). During 
 ``_get_output_dir`` names a staging directory that rank 0 created and broadcast, so HF's own
 ``_save_checkpoint`` (model, optimizer, scheduler, RNG of every rank, trainer state) and its JIT
 (SIGTERM) checkpoint write there, on every rank; :mod:`ckptguard.integrations.staged` then commits it.
-HF's own rotation, which would run inside the staging directory, finds nothing to delete there;
-``save_total_limit`` is applied after the commit, through the publish path.
+HF's own deletions would go around the commit protocol, so HF is shown no ``save_total_limit`` while it
+trains (its rotation, and with a limit of 1 its end-of-training ``rmtree`` of the newest checkpoint,
+which left LATEST naming a deleted directory); the limit is applied after each commit, through the
+publish path, keeping what HF's rotation keeps: the newest `limit`, or the best and the newest
+``limit - 1`` (at least the newest) when the best is older.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
 
+from ckptguard import discovery
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
 from ckptguard.integrations import staged
@@ -60,6 +65,7 @@ class CheckpointGuardMixin:
     ckptguard_timeout_s: float = 600.0
     _ckptguard_staging: Path | None = None
     _ckptguard_coord: Coordinator | None = None
+    _ckptguard_total_limit: int | None = None  # the caller's save_total_limit, while HF is shown none
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse ``class T(Trainer, CheckpointGuardMixin)``: Trainer's own save would win and every
@@ -93,10 +99,15 @@ class CheckpointGuardMixin:
             )
         out, coord = Path(self.args.output_dir), self._coordinator()  # type: ignore[attr-defined]
         staged.open_run(coord, out)
+        given = self.args  # type: ignore[has-type]
+        self._ckptguard_total_limit = given.save_total_limit
+        self.args = copy.copy(given)  # the caller's arguments stay as they were
+        self.args.save_total_limit = None
         try:
             resume_from_checkpoint = coord.on_primary(lambda: _resume_path(out, resume_from_checkpoint))
             return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
         finally:
+            self.args, self._ckptguard_total_limit = given, None
             staged.close_run(coord, out)
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -124,9 +135,9 @@ class CheckpointGuardMixin:
             prepare=lambda: _drop_jit_sentinel(target),
         )  # fmt: skip
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-        limit = self.args.save_total_limit  # type: ignore[attr-defined]
+        limit = self._ckptguard_total_limit or self.args.save_total_limit  # type: ignore[attr-defined]
         protected = frozenset({Path(best).name} if best else set())
-        coord.on_primary(lambda: staged.rotate(run_dir, limit, protected), step=step)
+        coord.on_primary(lambda: staged.rotate(run_dir, _newest_kept(run_dir, limit, best), protected), step=step)
 
     def _record_best(self, run_dir: Path, staging: Path, written: Path) -> None:
         """Point ``best_model_checkpoint`` at the final path (HF computed it inside staging); the process that
@@ -148,6 +159,15 @@ class CheckpointGuardMixin:
             if entry.get("step") == step:
                 metrics.update({k: float(v) for k, v in entry.items() if k.startswith("eval_") and _finite_number(v)})
         return metrics
+
+
+def _newest_kept(run_dir: Path, limit: int | None, best: str | None) -> int | None:
+    """How many of the newest checkpoints HF's rotation keeps beside the best: `limit` when the best is among
+    them, else ``limit - 1``, and at least the newest (kept for resuming)."""
+    if limit is None or limit < 1 or not best:
+        return limit
+    newest = [c.name for c in discovery.newest_first(discovery.discover(run_dir))][:limit]
+    return limit if Path(best).name in newest else max(limit - 1, 1)
 
 
 def _finite_number(value: object) -> bool:
