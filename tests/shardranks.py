@@ -5,7 +5,8 @@ as torchrun wires them); each rank prints one JSON line: what it saved or restor
 the full (gathered) parameters and optimizer moments, or the typed error it raised. Modes:
 
 * ``train``    6 steps, saves after steps 1 and 2 (the 2nd with ``ARG`` = a fault: ``kill1`` SIGKILLs
-               rank 1 while it writes its shard, ``fill`` fills the disk at ``ARG2`` first; or
+               rank 1 while it writes its shard, ``flip1`` flips a bit of rank 1's shard file on disk
+               once rank 1 has written, fsynced and closed it, ``fill`` fills the disk at ``ARG2`` first; or
                ``async``: in the background while step 3 changes the shards), and reports the
                fingerprint of the state after every step;
 * ``resume``   a model built from another seed restores the newest checkpoint, reports its step and
@@ -102,6 +103,8 @@ def _main(mode: str, run_dir: str, arg: str, arg2: str) -> dict[str, Any]:
         _step(model, opt, step)
         if step == 2 and arg == "kill1" and rank == 1:
             _kill_while_writing()
+        if step == 2 and arg == "flip1" and rank == 1:
+            _flip_after_writing()
         if step == 2 and arg == "fill":
             dist.barrier()
             if rank == 0:
@@ -158,6 +161,37 @@ def _kill_while_writing() -> None:
         return real_open(file, mode, *args, **kwargs)
 
     builtins.open = open_then_die
+
+
+def _flip_after_writing() -> None:
+    """Flip a bit of each shard file this rank writes, on disk, right after the writer has closed it.
+
+    The writer hashed the bytes it sent, so its digest is right and the file is not: media or a
+    driver that changed the bytes between the write and the read-back.
+    """
+    import builtins
+
+    from faultkit import flip_bit
+
+    real_open = builtins.open
+
+    class FlipOnClose:
+        def __init__(self, file: Any, fh: Any) -> None:
+            self._file, self._fh = file, fh
+
+        def __enter__(self) -> Any:
+            return self._fh.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            closed = self._fh.__exit__(*exc)
+            flip_bit(Path(self._file), 200)
+            return closed
+
+    def open_then_flip(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        fh = real_open(file, mode, *args, **kwargs)
+        return FlipOnClose(file, fh) if mode == "xb" and str(file).endswith(".distcp") else fh
+
+    builtins.open = open_then_flip
 
 
 def _fill(disk: Path) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptguard import CheckpointManager, VerificationError, publish, save_lora_adapters
+from ckptguard import CheckpointManager, VerificationError, publish, save_lora_adapters, writer
+from ckptguard.layout import STATE_FILE
 from ckptguard.storage.durable import atomic_write_bytes
 from conftest import make_lora_model, make_training_state
 
@@ -51,11 +52,12 @@ def _damage_after_rename(monkeypatch, target: Path, relpath: str) -> None:
 
 
 def test_a_checkpoint_damaged_before_verification_is_moved_aside_and_never_resumed(tmp_path, monkeypatch):
+    """The trainer state is parsed after the rename (its step must agree), so damage there is caught there."""
     run = tmp_path / "run"
     state = make_training_state()
     with CheckpointManager(run) as mgr:
         mgr.save(1, state)
-        _damage_after_rename(monkeypatch, run / "checkpoint-2", "state/model.safetensors")
+        _damage_after_rename(monkeypatch, run / "checkpoint-2", STATE_FILE)
         with pytest.raises(VerificationError, match=r"content hash mismatch.*moved aside to checkpoint-2\.corrupt-"):
             mgr.save(2, state)
         monkeypatch.undo()
@@ -65,6 +67,30 @@ def test_a_checkpoint_damaged_before_verification_is_moved_aside_and_never_resum
     assert publish.read_latest(run) == "checkpoint-1"
     with CheckpointManager(run) as mgr:
         assert mgr.restore(make_training_state(seed=1)).step == 1
+
+
+def test_a_file_changed_on_disk_after_its_write_fails_the_save_before_anything_is_committed(tmp_path, monkeypatch):
+    """The writer re-reads its files in staging (in parallel with the other ranks'), before the commit."""
+    run = tmp_path / "run"
+    state = make_training_state()
+    real_write_files = writer.write_files
+
+    def write_then_damage(staging, plans):
+        files = real_write_files(staging, plans)
+        victim = staging / "state/model.safetensors"
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        return files
+
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, state)
+        monkeypatch.setattr(writer, "write_files", write_then_damage)
+        with pytest.raises(VerificationError, match=r"model\.safetensors: content hash mismatch.*nothing was"):
+            mgr.save(2, state)
+        monkeypatch.undo()
+    assert sorted(n for n in os.listdir(run) if n.startswith(("checkpoint-", ".staging"))) == ["checkpoint-1"]
+    assert publish.read_latest(run) == "checkpoint-1"
 
 
 def test_an_adapter_that_fails_deep_verification_leaves_nothing_at_the_target(tmp_path, monkeypatch):

@@ -79,6 +79,19 @@ def test_flipped_bit_in_one_shard_file_is_named_and_resume_takes_the_previous(
     assert (report["step"], report["restored"], report["next"]) == (1, trace["1"], trace["2"])
 
 
+def test_shard_changed_on_disk_after_its_write_fails_the_save_on_every_rank_naming_its_writer(tmp_path: Path) -> None:
+    """Each rank re-reads its own shards before the ranks agree: rank 1's bad file is rank 1's error, everywhere.
+
+    Nothing is committed (no ``checkpoint-2``, not even moved aside) and checkpoint-1 stays LATEST.
+    """
+    reports = run_ranks("train", tmp_path / "run", arg="flip1")
+    assert [(r["type"], r["rank"]) for r in reports] == [("VerificationError", 1)] * 2, reports
+    assert reports[0]["text"] == reports[1]["text"]
+    assert "sharded/__1_0.distcp: content hash mismatch" in reports[0]["text"]
+    assert "nothing was committed" in reports[0]["text"] and "step=2" in reports[0]["text"]
+    _assert_only_checkpoint_1(tmp_path / "run")
+
+
 def test_rank_killed_while_writing_its_shard_is_named_on_the_other(tmp_path: Path) -> None:
     survivor, killed = run_ranks("train", tmp_path / "run", arg="kill1")
     assert killed.get("exit") == -9, killed

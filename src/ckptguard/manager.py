@@ -27,7 +27,7 @@ from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
 from ckptguard.storage import tiered
 from ckptguard.storage.objectstore import is_remote
-from ckptguard.verify import check_level
+from ckptguard.verify import check_level, check_written
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,10 @@ class CheckpointManager:
                 error = WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
             if snap.sharded:  # FSDP2 entries: every rank (even one whose files failed) writes its shards via DCP
                 files = {**files, **sharded.save(staging, snap.sharded, coord=self._coord, step=step)}
+            # 3. every rank re-reads what it wrote, in parallel with the others, before they agree
+            error = error or check_written(staging, files, level=self.verify_level, step=step)
             every_rank_files = self._coord.agree(error, files, step=step)
-            # 3. rank 0 writes the manifest, renames into place, verifies, points LATEST, prunes
+            # 4. rank 0 writes the manifest, renames into place, verifies what is left, points LATEST, prunes
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
             path = self._coord.on_primary(lambda: self._commit(step, staging, merged, metrics, snap), step=step)
         except CheckpointError as exc:
@@ -257,7 +259,7 @@ class CheckpointManager:
         path = publish.publish(
             staging, self.run_dir / checkpoint_name(step), manifest, level=self.verify_level,
             expected=snap.tensor_files() if deep else None, model=snap.peft_model if deep else None,
-            latest=True, events=self._events,
+            latest=True, events=self._events, reread=frozenset(files) if self.verify_level != "quick" else frozenset(),
         ).path  # fmt: skip
         self._pruner.after_save(
             CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))

@@ -8,6 +8,7 @@ directory, every field type-checked, and its own checksum verified. Nothing here
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import posixpath
@@ -298,7 +299,14 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions recorded in each manifest, so a checkpoint says what wrote it."""
+    """Versions recorded in each manifest, so a checkpoint says what wrote it (a copy: callers may change it)."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    """Read once per process: each read parses package metadata files (milliseconds a save, more on a busy
+    machine), and an upgrade installed while a run goes on does not change the code it already imported."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}

@@ -4,7 +4,8 @@
         1. MANIFEST.json written last into staging, fsynced, every staging directory fsynced
         2. an existing directory of the target name renamed aside (``.superseded-<time>``), never overwritten
         3. staging renamed to the target; the parent directory fsynced
-        4. verified at the requested level (re-read and compare hashes; deep: tensors and adapter keys)
+        4. verified at the requested level (re-read and compare hashes; deep: tensors and adapter keys);
+           files the caller's writers already re-read in staging are only checked for presence and size
         5. on a failed verification the new directory is moved aside (``.corrupt-*``) and VerificationError
            raised: nothing is left at the target name
         6. LATEST replaced atomically (for run directories); if that fails the new directory is moved
@@ -81,11 +82,13 @@ def publish(
     model: Any = None,
     latest: bool = False,
     events: EventLog | None = None,
+    reread: frozenset[str] = frozenset(),
 ) -> Published:
     """Steps 1-6 above for a staging directory whose files are written and fsynced.
 
     Raises WriteError (OS errors, with the staging directory removed when nothing was renamed yet)
-    or VerificationError. `expected` and `model` feed the deep level (see :mod:`ckptguard.verify`).
+    or VerificationError. `expected` and `model` feed the deep level (see :mod:`ckptguard.verify`);
+    `reread` names files their writers already re-read and hashed in staging, which step 4 only stats.
     """
     step = manifest.step
     try:
@@ -99,7 +102,7 @@ def publish(
         raise from_os_error(WriteError, "could not commit the checkpoint", exc, path=target, step=step) from exc
     if superseded is not None and events is not None:
         events.emit("superseded", step=step, path=target, moved_to=superseded)
-    report = verify_checkpoint(target, level, expected=expected, model=model)
+    report = verify_checkpoint(target, level, expected=expected, model=model, reread=reread)
     if events is not None:
         events.emit(
             "verify", step=step, path=target, level=level, ok=report.ok, bytes=report.bytes_read,

@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from ckptguard import dcp_metadata
-from ckptguard.errors import CorruptCheckpointError
+from ckptguard.errors import CorruptCheckpointError, VerificationError, from_os_error
 from ckptguard.hashing import hash_file
 from ckptguard.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE
 from ckptguard.lora import adapter_key_problems
@@ -89,15 +89,20 @@ def verify_checkpoint(
     *,
     expected: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     model: Any = None,
+    reread: frozenset[str] = frozenset(),
 ) -> VerifyReport:
-    """Check a checkpoint directory at `level`; never raises for a damaged checkpoint, reports it."""
+    """Check a checkpoint directory at `level`; never raises for a damaged checkpoint, reports it.
+
+    `reread`: files whose bytes their writers have just re-read and hashed (:func:`check_written`,
+    each rank its own, in parallel); they get the quick check here unless `level` parses them.
+    """
     check_level(level)
     start = time.perf_counter()
     report = VerifyReport(path=Path(path), level=level)
     try:
         _check_structure(report)
         if report.ok and level in ("full", "deep"):
-            _check_contents(report, deep=level == "deep", expected=expected or {})
+            _check_contents(report, deep=level == "deep", expected=expected or {}, reread=reread)
         if report.ok and level == "deep" and model is not None:
             _check_adapter(report, model)
     except OSError as exc:  # a directory that cannot be listed, a file that vanished while we looked
@@ -162,18 +167,51 @@ def read_verified(path: Path, entry: FileEntry) -> bytes:
     return data
 
 
+def check_written(root: Path, files: Mapping[str, FileEntry], *, level: str, step: int) -> VerificationError | None:
+    """Re-read the files a rank just wrote under `root` and compare each with the entry it recorded while writing.
+
+    Every rank runs this on its own files before the ranks agree on the save (nothing at the quick
+    level), so a checkpoint's bytes are re-read by as many readers as wrote them, not by the
+    committing rank alone. Returns the error to agree on, naming the first file that differs.
+    """
+    if level == "quick":
+        return None
+    items = sorted(files.items(), key=lambda kv: -kv[1].size)
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            problems = [p for _, found in pool.map(lambda kv: _hash_problems(root, *kv), items) for p in found]
+    except OSError as exc:
+        return from_os_error(VerificationError, "could not re-read a file just written", exc, step=step)
+    if not problems:
+        return None
+    return VerificationError(
+        f"failed {level} verification right after writing ({problems[0]}); nothing was committed",
+        path=root / problems[0].file,
+        step=step,
+    )
+
+
+def _hash_problems(root: Path, relpath: str, entry: FileEntry) -> tuple[int, list[Problem]]:
+    """(bytes read, problems) for a file checked by size and hash alone; OSError propagates."""
+    size, digest = hash_file(root / relpath)
+    if size != entry.size:
+        return size, [Problem(relpath, size_mismatch(size, entry))]
+    if digest != entry.xxh3_128:
+        return size, [Problem(relpath, hash_mismatch(digest, entry))]
+    return size, []
+
+
+def _parsed(relpath: str, deep: bool) -> bool:
+    """Whether a full check parses this file (small JSON always; at the deep level everything it can)."""
+    return relpath in (STATE_FILE, dcp_metadata.METADATA_PATH) or (deep and relpath.endswith((".json", ".safetensors")))
+
+
 def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool, expected: Any) -> tuple[int, list]:
     """(bytes read, problems) for one file; small JSON and every file at the deep level are parsed too."""
     path = report.path / relpath
-    parse = deep or relpath in (STATE_FILE, dcp_metadata.METADATA_PATH)
     try:
-        if not parse:
-            size, digest = hash_file(path)
-            if size != entry.size:
-                return size, [Problem(relpath, size_mismatch(size, entry))]
-            if digest != entry.xxh3_128:
-                return size, [Problem(relpath, hash_mismatch(digest, entry))]
-            return size, []
+        if not _parsed(relpath, deep):
+            return _hash_problems(report.path, relpath, entry)
         data = read_verified(path, entry)
     except ManifestError as exc:
         return 0, [Problem(relpath, exc.reason)]
@@ -241,10 +279,11 @@ def compare_tensors(
     return []
 
 
-def _check_contents(report: VerifyReport, deep: bool, expected: Mapping[str, Any]) -> None:
+def _check_contents(report: VerifyReport, deep: bool, expected: Mapping[str, Any], reread: frozenset[str]) -> None:
     manifest = report.manifest
     assert manifest is not None
-    items = sorted(manifest.files.items(), key=lambda kv: -kv[1].size)
+    unread = {path: entry for path, entry in manifest.files.items() if path not in reread or _parsed(path, deep)}
+    items = sorted(unread.items(), key=lambda kv: -kv[1].size)
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = pool.map(lambda kv: _check_one(report, kv[0], kv[1], deep, expected.get(kv[0])), items)
         for nbytes, problems in results:
