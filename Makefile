@@ -12,7 +12,7 @@ HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
 
-.PHONY: demo demo-higgs test test-core test-higgs lint format bench bench-higgs bench-s3 bench-sharded fuzz powercut clean browser fuse integration-trials
+.PHONY: demo demo-higgs test test-core test-higgs test-under-load lint format bench bench-higgs bench-s3 bench-sharded fuzz powercut clean browser fuse integration-trials
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ test: test-core test-higgs
 
 test-core: $(VENV)/.installed lint browser fuse
 	$(PY) -m pytest -q -ra
+
+# The same suites as `make test` beside two CPU burners, as on a machine shared with other jobs: the tests wait
+# on events and observed state, never on the clock, so they must pass here too. The burners are killed on
+# every way out (pass, failure, Ctrl-C).
+test-under-load:
+	@$(PYTHON) -c 'while True: pass' & b1=$$!; $(PYTHON) -c 'while True: pass' & b2=$$!; \
+		trap 'kill $$b1 $$b2 2>/dev/null' EXIT INT TERM; \
+		echo "two CPU burners running (pids $$b1 $$b2)"; \
+		$(MAKE) test
 
 # The Higgs tests and the core and trainer tests again, on the older transformers/peft stack. The bench
 # smoke test is left to test-core: it exercises the store, not transformers.

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+# One compute thread in this process and, through the environment, in every child it starts. The models
+# here are tiny, so a second thread gains little on an idle machine; on a busy one OpenMP's threads wait
+# for each other at every operation while other processes hold the cores, and a 20 s run takes minutes.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 pytest_plugins = ["s3kit"]  # the S3 server on 127.0.0.1 and a bucket per test, for the remote tests
 

@@ -157,10 +157,10 @@ def forge_file(checkpoint: Path, relpath: str, data: bytes) -> None:
 
 # --- other processes ---------------------------------------------------------------------------
 
-# Runs in a child: build a CheckpointManager, report the outcome as one JSON line, hold it open
-# for `hold_s` seconds (so a parent can observe the lock), then close it.
+# Runs in a child: build a CheckpointManager, report the outcome as one JSON line; with "hold", keep it
+# open (so a parent can observe the lock) until its stdin closes: the parent is done, or gone.
 _CONSTRUCT = """
-import json, sys, time
+import json, sys
 from ckptguard import CheckpointManager
 from ckptguard.errors import CheckpointError
 kwargs = json.loads(sys.argv[2])
@@ -171,7 +171,8 @@ except CheckpointError as e:
                       "errno": e.errno, "remedy": e.remedy}), flush=True)
     sys.exit(0)
 print(json.dumps({"ok": True}), flush=True)
-time.sleep(float(sys.argv[3]))
+if sys.argv[3] == "hold":
+    sys.stdin.read()
 mgr.close()
 """
 
@@ -200,17 +201,17 @@ def construct_in_child(run_dir: Path, *, unprivileged: bool = False, **kwargs: A
 
     `{"ok": True}` or `{"ok": False, "type": ..., "text": str(error), "path", "errno", "remedy"}`.
     """
-    cmd = python_cmd(_CONSTRUCT, str(run_dir), json.dumps(kwargs), "0", unprivileged=unprivileged)
+    cmd = python_cmd(_CONSTRUCT, str(run_dir), json.dumps(kwargs), "", unprivileged=unprivileged)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"child crashed instead of raising a CheckpointError:\n{done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @contextlib.contextmanager
-def manager_in_child(run_dir: Path, hold_s: float = 60.0, **kwargs: Any) -> Iterator[subprocess.Popen]:
-    """A second process that holds a CheckpointManager (and so the lock) on `run_dir` until exit."""
-    cmd = python_cmd(_CONSTRUCT, str(run_dir), json.dumps(kwargs), str(hold_s))
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def manager_in_child(run_dir: Path, **kwargs: Any) -> Iterator[subprocess.Popen]:
+    """A second process that holds a CheckpointManager (and so the lock) on `run_dir` until the block ends."""
+    cmd = python_cmd(_CONSTRUCT, str(run_dir), json.dumps(kwargs), "hold")
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
@@ -219,6 +220,25 @@ def manager_in_child(run_dir: Path, hold_s: float = 60.0, **kwargs: Any) -> Iter
     finally:
         child.kill()
         child.wait(timeout=30)
+
+
+def freeze(proc: subprocess.Popen) -> None:
+    """SIGSTOP `proc` and wait until the kernel shows every one of its threads stopped (state T).
+
+    kill() returns once the signal is queued; a thread still running may send one more request.
+    """
+
+    def stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    proc.send_signal(signal.SIGSTOP)
+    while not stopped():
+        assert proc.poll() is None, f"pid {proc.pid} ended (rc={proc.returncode}) instead of stopping"
+        time.sleep(0.01)
 
 
 def launch_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:

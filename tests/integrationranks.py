@@ -76,7 +76,7 @@ def ranks(library: str, out: Path, mode: str, disk: Path | None = None) -> list[
     return launch_ranks([cmd, cmd])
 
 
-def rank_outcomes(procs: list[Any], timeout: float = 240) -> list[dict[str, Any]]:
+def rank_outcomes(procs: list[Any], timeout: float = 600) -> list[dict[str, Any]]:
     """Each rank's last stdout line as JSON, once both ended (killed at the timeout)."""
     import json
 

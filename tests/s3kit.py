@@ -224,7 +224,8 @@ def child_env(server: S3Server) -> dict[str, str]:
     return env
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+def wait_for(predicate: Any, what: str, timeout: float = 600.0) -> None:
+    """Until `predicate()` holds, polled; `timeout` only catches a hang, so it is far past any slow machine."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -232,31 +233,61 @@ def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
 
 
 def wait_until_stale(store: Any) -> None:
-    """Until the run's lease (of ObjectStore `store`) is past its recorded expiry: observed, not slept for."""
+    """Until the run's lease (of ObjectStore `store`) is past its recorded expiry: observed, not slept for.
+
+    The expiry is re-read every time, so a renewal that lands late only moves the wait on; the bound is
+    a hang detector (a lease renewed forever), far past any TTL a test uses.
+    """
     from ckptguard.storage.lease import holder
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while (held := holder(store)) is not None and time.time() <= held[1]:
-        assert time.monotonic() < deadline, "the lease never went stale"
+        assert time.monotonic() < deadline, f"the lease never went stale: {held}"
         time.sleep(0.05)
 
 
-def kill_writer_mid_upload(remote: RemoteRun, script: str, *args: str) -> float:
+def freeze_renewals(lease: Any) -> None:
+    """Stop `lease`'s renew thread and wait until it has ended, as a writer frozen mid-run would stop renewing.
+
+    Joined, not only told: a renewal already under way when it was told could otherwise land after
+    another writer's takeover and make the frozen writer the holder again.
+    """
+    lease._stop.set()
+    assert lease._thread is not None, "freeze a lease that was acquired"
+    lease._thread.join()
+
+
+def wait_until_held_by(store: Any, holder_id: str) -> None:
+    """Until the run's lease object names `holder_id` as its holder (read from the bucket)."""
+    from ckptguard.storage.lease import holder
+
+    wait_for(lambda: (held := holder(store)) is not None and held[0] == holder_id, f"the lease held by {holder_id}")
+
+
+def kill_writer_mid_upload(remote: RemoteRun, script: str, *args: str) -> str:
     """Run `script` in a child process; SIGKILL it once the first object of checkpoint-2 is in the bucket.
 
-    `script` prints "uploading" when the upload of checkpoint-2 starts. Returns the time of the kill.
+    `script` prints "uploading" when the upload of checkpoint-2 starts (its stdin is a pipe that stays
+    open until the kill, for it to block on). Returns the holder its lease object names after the kill.
     """
+    from ckptguard.storage.lease import holder
+    from ckptguard.storage.objectstore import ObjectStore
+
     child = subprocess.Popen(
-        [sys.executable, "-c", script, *args], env=child_env(remote.server), stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", script, *args],
+        env=child_env(remote.server), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "uploading"
-        wait_for(lambda: remote.objects("checkpoint-2/"), "the first object of checkpoint-2")
+        wait_for(lambda: remote.objects("checkpoint-2/") or child.poll() is not None, "checkpoint-2's first object")
+        assert child.poll() is None, f"the writer ended (rc={child.returncode}) before its upload was under way"
         child.kill()
     finally:
         child.kill()
         child.wait()
-    return time.monotonic()
+    held = holder(ObjectStore(remote.url))
+    assert held is not None and f":{child.pid}:" in held[0], f"the lease is not the killed writer's: {held}"
+    return held[0]
 
 
 def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int) -> None:

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -49,11 +47,10 @@ EXPECTED = {
 }
 
 
-@pytest.mark.timeout(120)
 def test_quick_run_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # a hang bound
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("bench.md", "bench.json", "bench.png"):
         assert (out / name).stat().st_size > 0, name

@@ -76,8 +76,9 @@ def test_doctor_reports_a_lock_held_by_another_process(run):
             sys.executable,
             "-c",
             f"from ckptguard import CheckpointManager; m = CheckpointManager({str(run)!r});"
-            "print('ready', flush=True); import time; time.sleep(60)",
+            "print('ready', flush=True); import sys; sys.stdin.read()",  # held until this test closes stdin
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )

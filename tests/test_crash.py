@@ -10,7 +10,6 @@ The run directory carries over from trial to trial, like a job that is preempted
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -53,11 +52,9 @@ def run_trials(
 
 
 def test_sigkill_at_random_instants_always_resumes_newest_committed_step(tmp_path: Path) -> None:
-    start = time.monotonic()
     phases = run_trials(tmp_path / "run", TRIALS, SEED)
     # The trials must actually have hit the save itself, not only the gaps between saves.
     assert phases["write"] >= 10 and phases["commit"] >= 3, phases
-    assert time.monotonic() - start < 90
 
 
 def test_sigkill_during_background_saves_resumes_newest_committed_step(tmp_path: Path) -> None:

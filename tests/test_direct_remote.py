@@ -4,7 +4,7 @@ hashed as they are sent, and are committed by the same marker protocol; nothing 
 from __future__ import annotations
 
 import json
-import time
+import re
 from pathlib import Path
 
 import pytest
@@ -17,21 +17,21 @@ from ckptguard.layout import MARKER_NAME
 from ckptguard.storage import remote_publish
 from ckptguard.storage.objectstore import ObjectStore
 from conftest import make_training_state
-from s3kit import RemoteRun, kill_writer_mid_upload, wait_for
+from s3kit import RemoteRun, kill_writer_mid_upload, wait_for, wait_until_stale
 from test_tiered import WEIGHTS
 
 # Saves a small step 1, then a 48 MiB step 2 straight from memory; killed while step 2 is in flight.
 _WRITER = """
-import sys, time, torch
+import sys, torch
 from ckptguard import CheckpointManager
 url, local = sys.argv[1:]
-options = {"mode": "direct", "local_dir": local, "lease_ttl_s": 3, "chunk_bytes": 5 << 20}
+options = {"mode": "direct", "local_dir": local, "lease_ttl_s": 10, "chunk_bytes": 5 << 20}
 mgr = CheckpointManager(url, storage_options=options)
 mgr.save(1, {"model": torch.nn.Linear(4, 4)})
 print("uploading", flush=True)
 mgr.save(2, {"model": torch.nn.Linear(3072, 4096)})
 print("committed", flush=True)
-time.sleep(60)
+sys.stdin.read()  # until killed
 """
 
 
@@ -77,14 +77,14 @@ def test_sigkill_mid_direct_upload_leaves_nothing_committed_and_resume_takes_the
     tmp_path: Path, slow_remote: RemoteRun
 ) -> None:
     remote = slow_remote
-    killed_at = kill_writer_mid_upload(remote, _WRITER, remote.url, str(tmp_path / "a"))
+    dead = kill_writer_mid_upload(remote, _WRITER, remote.url, str(tmp_path / "a"))
     left = remote.objects("checkpoint-2/")
     assert f"checkpoint-2/{WEIGHTS}" not in left and f"checkpoint-2/{MARKER_NAME}" not in left
     assert not list((tmp_path / "a").glob("checkpoint-*"))  # nothing of either save on local disk
-    options = {"mode": "direct", "local_dir": str(tmp_path / "b"), "lease_ttl_s": 3}
-    with pytest.raises(LockedError, match="another writer holds the lease"):
+    options = {"mode": "direct", "local_dir": str(tmp_path / "b"), "lease_ttl_s": 10}
+    with pytest.raises(LockedError, match=re.escape(f"another writer holds the lease ({dead})")):  # within its TTL
         CheckpointManager(remote.url, storage_options=options)
-    time.sleep(max(0.0, killed_at + 3.5 - time.monotonic()))
+    wait_until_stale(ObjectStore(remote.url))  # the dead writer's lease, past the expiry it recorded
     with CheckpointManager(remote.url, storage_options=options) as mgr:  # takes the stale lease over
         restored = mgr.restore({"model": torch.nn.Linear(4, 4)})
     assert restored is not None and restored.step == 1

@@ -20,7 +20,8 @@ from ckptguard.layout import LEASE_NAME, MARKER_NAME
 from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease, holder
 from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
-from s3kit import RemoteRun, child_env, wait_until_stale
+from faultkit import freeze
+from s3kit import RemoteRun, child_env, freeze_renewals, wait_until_held_by, wait_until_stale
 
 TTL = {"lease_ttl_s": 2.0}
 
@@ -72,9 +73,14 @@ def test_a_writer_paused_past_its_lease_deletes_and_overwrites_nothing_of_the_ne
     try:
         assert paused.stdout is not None and paused.stdin is not None
         assert paused.stdout.readline().strip() == "ready"
-        paused.send_signal(signal.SIGSTOP)  # every thread of it, the renewals too
-        wait_until_stale(ObjectStore(remote.url))
+        freeze(paused)  # every thread of it, the renewals too
+        store = ObjectStore(remote.url)
+        paused_holder = holder(store)
+        assert paused_holder is not None
+        wait_until_stale(store)
         new = CheckpointManager(tmp_path / "b", remote=remote.url, storage_options=TTL, keep_last=1)
+        held = holder(store)
+        assert held is not None and held[0] != paused_holder[0], (held, paused_holder)  # taken over
         torch.manual_seed(2)
         new.save(2, {"model": torch.nn.Linear(16, 16)})  # the same name the paused writer will upload
         new._tier._finish_pending()
@@ -105,10 +111,11 @@ def test_a_lost_lease_fences_prune_and_clean_up_before_any_delete(remote: Remote
     old_store = ObjectStore(remote.url, TTL)
     old = Lease(old_store)
     old.acquire()
-    old._stop.set()  # frozen: no more renewals
+    freeze_renewals(old)
     wait_until_stale(old_store)
     new = Lease(ObjectStore(remote.url, TTL))
     new.acquire()
+    wait_until_held_by(old_store, new.holder)
     before = _snapshot(remote)
     with pytest.raises(LockedError, match="another writer took over the lease"):
         remote_publish.remove(old_store, "checkpoint-1", old.renew)

@@ -25,7 +25,7 @@ from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease
 from ckptguard.storage.objectstore import ObjectStore
 from conftest import make_training_state
-from s3kit import RemoteRun, S3Server, new_run, use_server, wait_until_stale
+from s3kit import RemoteRun, S3Server, freeze_renewals, new_run, use_server, wait_until_held_by, wait_until_stale
 
 WEIGHTS = "state/model.safetensors"
 
@@ -106,13 +106,14 @@ def test_second_writer_on_a_remote_run_gets_locked_error(tmp_path: Path, remote:
 
 
 def test_stale_lease_is_taken_over_and_the_old_holder_cannot_commit(remote: RemoteRun) -> None:
-    ttl = {"lease_ttl_s": 2.0}  # long enough that a loaded machine still asks again before it expires
+    ttl = {"lease_ttl_s": 2.0}
     old = Lease(ObjectStore(remote.url, ttl))
     old.acquire()
-    old._stop.set()  # the holder stops renewing, as a frozen or partitioned writer would
+    freeze_renewals(old)  # the holder stops renewing, as a frozen or partitioned writer would
     wait_until_stale(old.store)  # a live lease refuses a second writer: test_second_writer_... above
     new = Lease(ObjectStore(remote.url, ttl))
     new.acquire()
+    wait_until_held_by(old.store, new.holder)  # the takeover, as the bucket records it
     with pytest.raises(LockedError, match="took over the lease"):
         old.renew()  # what an upload does right before its marker
     new.release()

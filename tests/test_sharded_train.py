@@ -28,7 +28,7 @@ def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "ckptguard.train", *tiny(out, 2, "train.strategy=fsdp", f"checkpoint.save_every={STEPS // 2}", *extra),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

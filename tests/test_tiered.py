@@ -4,7 +4,7 @@ writer SIGKILLed mid-upload, the S3 server killed mid-upload), and the trainer a
 from __future__ import annotations
 
 import os
-import time
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +15,23 @@ from ckptguard import CheckpointManager, verify_checkpoint
 from ckptguard.errors import LockedError, UploadError
 from ckptguard.events import read_events
 from ckptguard.layout import MARKER_NAME
+from ckptguard.storage.objectstore import ObjectStore
 from conftest import make_training_state
-from s3kit import RemoteRun, S3Server, kill_writer_mid_upload, new_run, use_server, wait_for
+from s3kit import RemoteRun, S3Server, kill_writer_mid_upload, new_run, use_server, wait_for, wait_until_stale
 
 WEIGHTS = "state/model.safetensors"
 
 # Saves step 1 (uploaded), then a 48 MiB step 2 whose upload is in flight when it prints "uploading".
 _WRITER = """
-import sys, time, torch
+import sys, torch
 from ckptguard import CheckpointManager
 local, url = sys.argv[1:]
-mgr = CheckpointManager(local, remote=url, storage_options={"lease_ttl_s": 5, "chunk_bytes": 5 << 20})
+mgr = CheckpointManager(local, remote=url, storage_options={"lease_ttl_s": 10, "chunk_bytes": 5 << 20})
 state = {"model": torch.nn.Linear(3072, 4096)}
 mgr.save(1, state)
 mgr.save(2, state)  # waits for upload 1, commits 2 locally, starts upload 2
 print("uploading", flush=True)
-time.sleep(60)
+sys.stdin.read()  # until killed
 """
 
 
@@ -38,14 +39,14 @@ def test_sigkill_mid_upload_leaves_nothing_committed_and_resume_finds_the_newest
     tmp_path: Path, slow_remote: RemoteRun
 ) -> None:
     remote = slow_remote
-    killed_at = kill_writer_mid_upload(remote, _WRITER, str(tmp_path / "a"), remote.url)
+    dead = kill_writer_mid_upload(remote, _WRITER, str(tmp_path / "a"), remote.url)
     left = remote.objects("checkpoint-2/")
     assert f"checkpoint-2/{WEIGHTS}" not in left  # the 48 MiB object was still in flight
     assert f"checkpoint-2/{MARKER_NAME}" not in left
-    options = {"lease_ttl_s": 5}
-    with pytest.raises(LockedError, match="another writer holds the lease"):  # not stale yet: 5 s TTL
+    options = {"lease_ttl_s": 10}
+    with pytest.raises(LockedError, match=re.escape(f"another writer holds the lease ({dead})")):  # within its TTL
         CheckpointManager(tmp_path / "b", remote=remote.url, storage_options=options)
-    time.sleep(max(0.0, killed_at + 5.5 - time.monotonic()))
+    wait_until_stale(ObjectStore(remote.url))  # the dead writer's lease, past the expiry it recorded
     with CheckpointManager(tmp_path / "b", remote=remote.url, storage_options=options) as mgr:  # takes it over
         state = {"model": torch.nn.Linear(3072, 4096)}
         restored = mgr.restore(state)
