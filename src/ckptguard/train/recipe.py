@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ckptguard import CheckpointManager, RNGState, per_rank
+from ckptguard import CheckpointManager, RNGState, discovery, per_rank
 from ckptguard.errors import CheckpointError
 from ckptguard.events import EventLog
-from ckptguard.preemption import PreemptionWatcher
+from ckptguard.preemption import Preempted, PreemptionWatcher
 from ckptguard.report import write_report
 from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
 from ckptguard.train.backends import Backend, Batch
@@ -60,8 +60,10 @@ class LoRARecipe:
         self.backend: Backend = build_backend(cfg.model)
         # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
         #    records are rendered the way the model will be prompted (its chat template, if any).
+        #    Rendering may take long and has no step boundary: a stop signal interrupts it (Preempted).
         self.chat = resolve_chat_format(self.backend.tokenizer, cfg.data.chat_template)
-        self.train_blocks, self.eval_blocks = self._load_data()
+        with self.stop.interrupting():
+            self.train_blocks, self.eval_blocks = self._load_data()
         self.order = SampleOrder(len(self.train_blocks), cfg.data.seed)
         t = cfg.train
         self._warn(guards.repeated_blocks(len(self.train_blocks), t.batch_size * t.grad_accum * rt.world_size))
@@ -92,8 +94,11 @@ class LoRARecipe:
 
     def _load_data(self) -> tuple[Blocks, Blocks | None]:
         """Train and eval blocks (each model family reads its own data format); eval None when it is off."""
+        primary, templated = bool(self.rt and self.rt.is_primary), self.chat.template is not None
+        if primary and templated:  # before rendering: a template's renders are what may take a while
+            tqdm.write(self.chat.describe())
         train, held_out, has_chat = self.backend.load_data(self.cfg.data, self.chat)
-        if has_chat and self.rt and self.rt.is_primary:
+        if primary and has_chat and not templated:
             tqdm.write(self.chat.describe())
         return train, held_out
 
@@ -409,7 +414,12 @@ def run(cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timel
     """Set up, train, clean up; errors propagate to the caller (commands.py maps them to exit codes)."""
     recipe = LoRARecipe(cfg, stop, resume, new_timeline)
     try:
-        recipe.setup()
+        try:
+            recipe.setup()
+        except Preempted as exc:  # while the data was prepared: before the manager, so read the run dir
+            found = discovery.newest_first(discovery.discover(Path(cfg.checkpoint.output_dir)))
+            message = stopped_in_start_up(exc.signal.name, 0, found[0] if found else None)
+            return recipe._end_before_training(message, EXIT_PREEMPTED)
         return recipe.train()
     finally:
         recipe.cleanup()
