@@ -29,7 +29,7 @@ from ckptguard.errors import CheckpointError
 from ckptguard.events import EventLog
 from ckptguard.preemption import Preempted, PreemptionWatcher
 from ckptguard.report import write_report
-from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
+from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime, sizing
 from ckptguard.train.backends import Backend, Batch
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import ConfigError, RunConfig, lr_factor
@@ -58,6 +58,8 @@ class LoRARecipe:
             cfg.train.device, cfg.train.precision, cfg.checkpoint.timeout_s, cfg.train.strategy
         )
         self.backend: Backend = build_backend(cfg.model)
+        # Sizes the machine cannot hold are refused now, before anything is allocated.
+        sizing.check_fits(sizing.config_terms(cfg, self.backend.tokenizer.vocab_size), rt.device)
         # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
         #    records are rendered the way the model will be prompted (its chat template, if any).
         #    Rendering may take long and has no step boundary: a stop signal interrupts it (Preempted).
@@ -71,10 +73,14 @@ class LoRARecipe:
         #    match a module, since PEFT would silently leave one out and train a smaller adapter.
         meta = self.backend.build_model("meta")
         guards.check_lora_targets(meta, cfg.lora.target_modules)
+        batch = sizing.config_terms(cfg, self.backend.tokenizer.vocab_size)["train.batch_size"]
+        lora = sizing.model_terms(meta, cfg.lora.r, cfg.lora.target_modules)
+        sizing.check_fits({**lora, "train.batch_size": batch}, rt.device)
+        meta = self._peft_model(meta)
         # 4. Preflight before the weights load: an unusable output_dir stops the run now, with its
         #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state); so does
         #    a --resume that names no checkpoint or would start over among another run's checkpoints.
-        self.manager = self._manager(cfg, meta)
+        self.manager = self._manager(cfg, self._checkpoint_bytes(meta))
         # loss, lr and eval loss go to the run's events.jsonl too, for the run report
         self.events = EventLog(self.manager.run_dir, rank=rt.rank, enabled=rt.is_primary)
         self._check_resume_request()
@@ -102,7 +108,7 @@ class LoRARecipe:
             tqdm.write(self.chat.describe())
         return train, held_out
 
-    def _manager(self, cfg: RunConfig, meta: torch.nn.Module) -> CheckpointManager:
+    def _manager(self, cfg: RunConfig, expected_bytes: int) -> CheckpointManager:
         """The run's checkpoint manager; a combination of [checkpoint] keys it refuses is a ConfigError."""
         try:
             return CheckpointManager(
@@ -112,7 +118,7 @@ class LoRARecipe:
                 metric=cfg.checkpoint.metric or None,
                 mode=cfg.checkpoint.mode,
                 verify=cfg.checkpoint.verify,
-                expected_bytes=self._checkpoint_bytes(meta),
+                expected_bytes=expected_bytes,
                 async_save=cfg.checkpoint.async_save,
                 create_parents=True,
                 timeout_s=cfg.checkpoint.timeout_s,
@@ -154,9 +160,8 @@ class LoRARecipe:
             raise ConfigError(f"lora.target_modules: {exc}") from None
 
     def _checkpoint_bytes(self, meta: torch.nn.Module) -> int:
-        """Bytes of one checkpoint, from the model's shapes alone (`meta`: on the meta device, no weights)."""
-        model = self._peft_model(meta)
-        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        """Bytes of one checkpoint, from the LoRA model's shapes alone (`meta`: on the meta device, no weights)."""
+        trainable = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
         return 3 * trainable + 256 * 1024  # adapter, AdamW exp_avg and exp_avg_sq, JSON and RNG state
 
     def _state(self) -> dict[str, Any]:
