@@ -8,19 +8,23 @@ what training saw. Templates are built here in the styles real models ship; noth
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ckptguard.cli import main
-from ckptguard.train.chat import ChatFormat, resolve_chat_format
+from ckptguard.train.chat import RENDER_SECONDS, ChatFormat, resolve_chat_format
 from ckptguard.train.config import ConfigError, load_config
 from ckptguard.train.data import DataError, make_blocks, read_jsonl
 from ckptguard.train.resume import ResumeMismatchError, check_resumable
 from ckptguard.train.tokenizer import IGNORE_INDEX, ByteTokenizer, HFTokenizer
 from conftest import CHATML, CHATML_GENERATION, LLAMA3, save_tiny_hf_model, tiny_hf_tokenizer
 from test_train_resume import tiny
+from trainkit import finish, read_until, start_train
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}
 CONVERSATIONS = [
@@ -192,3 +196,46 @@ def test_a_checkpoint_from_before_chat_formats_were_recorded_counts_as_plain(tmp
     templated = {"config": config, "train_data": {"blocks": "12x32:0123abcd", "chat_format": "template sha256:ab"}}
     with pytest.raises(ResumeMismatchError, match="chat format: checkpoint has plain, this run has template sha256:ab"):
         check_resumable(older, templated, tmp_path)
+
+
+# Jinja's sandbox caps one range at 100,000 items; three nested ones would still loop for ever.
+ENDLESS = "{% for i in range(99999) %}{% for j in range(99999) %}{% for k in range(99999) %}"
+ENDLESS += "{% endfor %}{% endfor %}{% endfor %}"
+
+
+def _endless_template_run(tmp_path: Path) -> tuple[list[str], Path, Path]:
+    model_dir, data, template = tmp_path / "model", tmp_path / "chat.jsonl", tmp_path / "endless.jinja"
+    save_tiny_hf_model(model_dir, chat_template=CHATML)
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    template.write_text(ENDLESS)
+    sets = ["model.backend=hf-causal-lm", f"model.path={model_dir}", f"data.train={data}"]
+    return [*sets, f"data.chat_template={template}", 'lora.target_modules=["q_proj", "v_proj"]'], data, template
+
+
+@pytest.mark.parametrize("command", ["data", "train"])
+def test_an_endless_chat_template_is_an_error_naming_it_and_the_record(tmp_path: Path, command: str) -> None:
+    sets, data, template = _endless_template_run(tmp_path)
+    if command == "train":
+        sets = tiny(tmp_path / "run", *sets)[1::2]
+    cmd = [sys.executable, "-m", "ckptguard.cli", command, *(a for s in sets for a in ("--set", s))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr
+    message = (
+        f"the chat template in {template} took more than {RENDER_SECONDS:g} s to render this record; a chat "
+        "template must render each conversation in bounded time and size: check its loops and repeats\n"
+    )
+    first = done.stderr.rsplit("error: ", 1)[1]  # train renders the records in its split's order
+    assert first in [f"{data}:{n}: {message}" for n in (1, 2, 3)], done.stderr
+
+
+def test_sigterm_while_the_chat_template_renders_stops_with_exit_75(tmp_path: Path) -> None:
+    sets, _, template = _endless_template_run(tmp_path)
+    child = start_train(tiny(tmp_path / "run", *sets), threads=1)
+    text = read_until(child, f"chat format: the chat template in {template}")  # printed as rendering starts
+    child.send_signal(signal.SIGTERM)
+    text += finish(child, timeout=60)
+    assert child.returncode == 75, text
+    assert text.endswith(
+        "stopped by SIGTERM during start-up, before step 1\nnothing was saved yet; run the same command again to "
+        "start\n"
+    )

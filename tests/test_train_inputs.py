@@ -6,6 +6,9 @@ The messages are pinned: they are what a user will paste into a search box.
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +221,34 @@ def test_every_configurable_backend_has_a_class_of_that_name() -> None:
     except ImportError:  # outside the Higgs environment: its name is the remaining one
         names.add("higgs-audio")
     assert set(BACKENDS) == names
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("train.batch_size=9223372036854775807", "train.batch_size"),
+        ("model.hidden_size=4000000000", "model.hidden_size"),
+        ("lora.r=4000000000", "lora.r"),
+    ],
+)
+def test_sizes_the_machine_cannot_hold_are_refused_before_allocating_naming_the_field(
+    tmp_path: Path, setting: str, field: str
+) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ckptguard.cli", "train", "--set", f"checkpoint.output_dir={out}"]
+    cmd += ["--set", "model.num_heads=1", "--set", setting]
+
+    def cap_memory() -> None:  # a regression must fail here, not summon the OOM killer on the machine
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=cap_memory)
+    assert done.returncode == 2, done.stderr
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"error: {field}: the run needs at least "), error
+    assert " available (MemAvailable in /proc/meminfo); lower " + field in error
+    needed, limit = (float(x.split()[0]) for x in (error.split("at least ")[1], error.split("more than the ")[1]))
+    units = {u: 1024**i for i, u in enumerate(["B", "KiB", "MiB", "GiB", "TiB"])}
+    needed *= units[error.split("at least ")[1].split()[1]]
+    limit *= units[error.split("more than the ")[1].split()[1]]
+    assert needed > limit
+    assert not out.exists() or not any(out.glob("checkpoint-*"))

@@ -5,6 +5,10 @@ seconds before killing a job. Saving inside the signal handler would run in the 
 optimizer step; instead the handler only sets a flag, and the training loop asks
 :meth:`PreemptionWatcher.should_stop` at each step boundary. Under torch.distributed the flag is
 OR-reduced across ranks, so all ranks stop at the same step even if only one got the signal.
+
+Where there is nothing to save and no step boundary comes soon (preparing the data), the loop asks
+for :meth:`PreemptionWatcher.interrupting` instead: a signal then raises :class:`Preempted` at once.
+torch is imported only when a collective is needed, so an entry point can watch signals before it.
 """
 
 from __future__ import annotations
@@ -12,16 +16,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 log = logging.getLogger("ckptguard")
 
 #: Exit status after a preemption save (EX_TEMPFAIL: "try again later"), distinct from success and crashes.
 PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """A stop signal arrived inside :meth:`PreemptionWatcher.interrupting`: stop now, nothing to save."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(f"{sig.name} received")
+        self.signal = sig
 
 
 class PreemptionWatcher:
@@ -43,6 +54,7 @@ class PreemptionWatcher:
     ) -> None:
         self.received: signal.Signals | None = None
         self._abort_on_repeat = abort_on_repeat
+        self._interrupting = False
         self._previous: dict[signal.Signals, Any] = {}
         for sig in dict.fromkeys((*signals, *abort_on_repeat)):  # each once: close() restores the first
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -56,10 +68,26 @@ class PreemptionWatcher:
             # os.write, not print: the handler may run in the middle of a print to the same stream.
             notice = f"\n{sig.name}: saving at the next step boundary, then exiting ({sig.name} again: abort now)\n"
             os.write(2, notice.encode())
+        if self._interrupting:
+            raise Preempted(sig)
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """Inside, a stop signal (or one received before) raises :class:`Preempted`: for work with nothing to save."""
+        if self.received is not None:
+            raise Preempted(self.received)
+        self._interrupting = True
+        try:
+            yield
+        finally:
+            self._interrupting = False
 
     def should_stop(self) -> bool:
         """True on every rank once any rank received a preemption signal (a collective when distributed)."""
         flag = self.received is not None
+        import torch
+        import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             device = "cuda" if dist.get_backend() == "nccl" else "cpu"
             t = torch.tensor([int(flag)], device=device)

@@ -14,14 +14,26 @@ training saw); a template for which that does not hold is an error naming the re
 
 Tokenizers without a template (the embedded byte tokenizer, many base models) keep the plain
 ``<|role|>`` format of :func:`ckptguard.train.tokenizer.encode_chat`.
+
+A template is a program the data set's author wrote: Jinja's sandbox keeps it from touching the
+machine, but not from looping for ever or filling memory. Each record's renders are bounded
+(:data:`RENDER_SECONDS`, :data:`RENDER_GROWTH_BYTES`) by a timer that interrupts the render, so such a
+template is an error naming it and the record instead of a hang or the OOM killer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ckptguard.train.config import ConfigError
@@ -29,6 +41,10 @@ from ckptguard.train.tokenizer import IGNORE_INDEX, Tokenizer, encode_chat
 
 PLAIN = "plain"  # data.chat_template value that asks for the plain format whatever the tokenizer has
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+#: The most one record's renders may take, and grow the process by; real templates need milliseconds, kilobytes.
+RENDER_SECONDS = 10.0
+RENDER_GROWTH_BYTES = 1 << 30
+_CHECK_EVERY_S = 0.05  # how often the timer looks at the clock and the process's memory
 
 
 class ChatTemplateError(ValueError):
@@ -59,7 +75,8 @@ class ChatFormat:
         if self.template is None:
             return encode_chat(messages, tok)
         # resolve_chat_format gives a template only to a tokenizer that wraps a Hugging Face one
-        return _encode_templated(messages, tok.hf, self.template, where)  # type: ignore[attr-defined]
+        with _bounded(f"{where}: {self.source}"):
+            return _encode_templated(messages, tok.hf, self.template, where)  # type: ignore[attr-defined]
 
 
 def resolve_chat_format(tok: Tokenizer, setting: str) -> ChatFormat:
@@ -83,6 +100,43 @@ def resolve_chat_format(tok: Tokenizer, setting: str) -> ChatFormat:
         raise ConfigError(f"data.chat_template: cannot read the template file {setting}: {exc}") from None
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def _bounded(what: str) -> Iterator[None]:
+    """Interrupt the renders inside once they take RENDER_SECONDS or grow the process by RENDER_GROWTH_BYTES.
+
+    A SIGALRM timer, because Jinja's loops are Python code that an exception raised from a signal
+    handler stops at once. Signals reach only the main thread, so elsewhere the renders run unbounded.
+    """
+    if threading.current_thread() is not threading.main_thread() or not os.path.exists("/proc/self/statm"):
+        yield
+        return
+    deadline, start_bytes = time.monotonic() + RENDER_SECONDS, _resident_bytes()
+
+    def check(signum: int, frame: FrameType | None) -> None:
+        if time.monotonic() > deadline:
+            raise ChatTemplateError(f"{what} took more than {RENDER_SECONDS:g} s to render this record" + _FIX)
+        grown = _resident_bytes() - start_bytes
+        if grown > RENDER_GROWTH_BYTES:
+            mib = RENDER_GROWTH_BYTES >> 20
+            raise ChatTemplateError(f"{what} grew memory by more than {mib} MiB rendering this record" + _FIX)
+
+    previous = signal.signal(signal.SIGALRM, check)
+    signal.setitimer(signal.ITIMER_REAL, _CHECK_EVERY_S, _CHECK_EVERY_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_FIX = "; a chat template must render each conversation in bounded time and size: check its loops and repeats"
+
+
 def _render(hf: Any, template: str, messages: list[dict[str, str]], **kwargs: Any) -> Any:
     return hf.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True, **kwargs)
 
@@ -102,7 +156,8 @@ def _encode_templated(
     except ChatTemplateError:
         raise
     except Exception as exc:  # jinja2 errors, raise_exception() in templates: the record cannot be rendered
-        raise ChatTemplateError(f"{where}: the chat template cannot render this record: {exc}") from None
+        why = exc or type(exc).__name__  # a MemoryError says nothing else
+        raise ChatTemplateError(f"{where}: the chat template cannot render this record: {why}") from None
     if all(label == IGNORE_INDEX for label in labels):
         raise ChatTemplateError(f"{where}: the chat template marks no token of the assistant's replies as trained")
     return ids, labels

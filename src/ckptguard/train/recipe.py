@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ckptguard import CheckpointManager, RNGState, per_rank
+from ckptguard import CheckpointManager, RNGState, discovery, per_rank
 from ckptguard.errors import CheckpointError
 from ckptguard.events import EventLog
-from ckptguard.preemption import PreemptionWatcher
+from ckptguard.preemption import Preempted, PreemptionWatcher
 from ckptguard.report import write_report
-from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime
+from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime, sizing
 from ckptguard.train.backends import Backend, Batch
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import ConfigError, RunConfig, lr_factor
@@ -58,10 +58,14 @@ class LoRARecipe:
             cfg.train.device, cfg.train.precision, cfg.checkpoint.timeout_s, cfg.train.strategy
         )
         self.backend: Backend = build_backend(cfg.model)
+        # Sizes the machine cannot hold are refused now, before anything is allocated.
+        sizing.check_fits(sizing.config_terms(cfg, self.backend.tokenizer.vocab_size), rt.device)
         # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
         #    records are rendered the way the model will be prompted (its chat template, if any).
+        #    Rendering may take long and has no step boundary: a stop signal interrupts it (Preempted).
         self.chat = resolve_chat_format(self.backend.tokenizer, cfg.data.chat_template)
-        self.train_blocks, self.eval_blocks = self._load_data()
+        with self.stop.interrupting():
+            self.train_blocks, self.eval_blocks = self._load_data()
         self.order = SampleOrder(len(self.train_blocks), cfg.data.seed)
         t = cfg.train
         self._warn(guards.repeated_blocks(len(self.train_blocks), t.batch_size * t.grad_accum * rt.world_size))
@@ -69,10 +73,14 @@ class LoRARecipe:
         #    match a module, since PEFT would silently leave one out and train a smaller adapter.
         meta = self.backend.build_model("meta")
         guards.check_lora_targets(meta, cfg.lora.target_modules)
+        batch = sizing.config_terms(cfg, self.backend.tokenizer.vocab_size)["train.batch_size"]
+        lora = sizing.model_terms(meta, cfg.lora.r, cfg.lora.target_modules)
+        sizing.check_fits({**lora, "train.batch_size": batch}, rt.device)
+        meta = self._peft_model(meta)
         # 4. Preflight before the weights load: an unusable output_dir stops the run now, with its
         #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state); so does
         #    a --resume that names no checkpoint or would start over among another run's checkpoints.
-        self.manager = self._manager(cfg, meta)
+        self.manager = self._manager(cfg, self._checkpoint_bytes(meta))
         # loss, lr and eval loss go to the run's events.jsonl too, for the run report
         self.events = EventLog(self.manager.run_dir, rank=rt.rank, enabled=rt.is_primary)
         self._check_resume_request()
@@ -92,12 +100,15 @@ class LoRARecipe:
 
     def _load_data(self) -> tuple[Blocks, Blocks | None]:
         """Train and eval blocks (each model family reads its own data format); eval None when it is off."""
+        primary, templated = bool(self.rt and self.rt.is_primary), self.chat.template is not None
+        if primary and templated:  # before rendering: a template's renders are what may take a while
+            tqdm.write(self.chat.describe())
         train, held_out, has_chat = self.backend.load_data(self.cfg.data, self.chat)
-        if has_chat and self.rt and self.rt.is_primary:
+        if primary and has_chat and not templated:
             tqdm.write(self.chat.describe())
         return train, held_out
 
-    def _manager(self, cfg: RunConfig, meta: torch.nn.Module) -> CheckpointManager:
+    def _manager(self, cfg: RunConfig, expected_bytes: int) -> CheckpointManager:
         """The run's checkpoint manager; a combination of [checkpoint] keys it refuses is a ConfigError."""
         try:
             return CheckpointManager(
@@ -107,7 +118,7 @@ class LoRARecipe:
                 metric=cfg.checkpoint.metric or None,
                 mode=cfg.checkpoint.mode,
                 verify=cfg.checkpoint.verify,
-                expected_bytes=self._checkpoint_bytes(meta),
+                expected_bytes=expected_bytes,
                 async_save=cfg.checkpoint.async_save,
                 create_parents=True,
                 timeout_s=cfg.checkpoint.timeout_s,
@@ -149,9 +160,8 @@ class LoRARecipe:
             raise ConfigError(f"lora.target_modules: {exc}") from None
 
     def _checkpoint_bytes(self, meta: torch.nn.Module) -> int:
-        """Bytes of one checkpoint, from the model's shapes alone (`meta`: on the meta device, no weights)."""
-        model = self._peft_model(meta)
-        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        """Bytes of one checkpoint, from the LoRA model's shapes alone (`meta`: on the meta device, no weights)."""
+        trainable = sum(p.numel() * p.element_size() for p in meta.parameters() if p.requires_grad)
         return 3 * trainable + 256 * 1024  # adapter, AdamW exp_avg and exp_avg_sq, JSON and RNG state
 
     def _state(self) -> dict[str, Any]:
@@ -409,7 +419,12 @@ def run(cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timel
     """Set up, train, clean up; errors propagate to the caller (commands.py maps them to exit codes)."""
     recipe = LoRARecipe(cfg, stop, resume, new_timeline)
     try:
-        recipe.setup()
+        try:
+            recipe.setup()
+        except Preempted as exc:  # while the data was prepared: before the manager, so read the run dir
+            found = discovery.newest_first(discovery.discover(Path(cfg.checkpoint.output_dir)))
+            message = stopped_in_start_up(exc.signal.name, 0, found[0] if found else None)
+            return recipe._end_before_training(message, EXIT_PREEMPTED)
         return recipe.train()
     finally:
         recipe.cleanup()
