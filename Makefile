@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 
 test: test-core test-higgs
 
-test-core: $(VENV)/.installed lint browser fuse
+test-core: $(VENV)/.installed lint browser fuse compat-accelerate
 	$(PY) -m pytest -q -ra
 
 # The same suites as `make test` beside two CPU burners, as on a machine shared with other jobs: the tests wait
@@ -104,6 +104,18 @@ bench-higgs: $(HVENV)/.installed
 integration-trials: $(VENV)/.installed
 	CKPTGUARD_KILL_TRIALS=40 $(PY) -m pytest -q -k "random_kills or killed" tests/test_integration_hf.py \
 		tests/test_integration_accelerate.py tests/test_integration_lightning.py tests/test_integration_two_ranks.py
+
+# The libraries' own checkpoint tests, plain and with ckptguard enabled as README says (compat/run.py):
+# Accelerate's from its sdist (downloaded once into runs/compat-cache), Lightning's from
+# LIGHTNING_TESTS=<a checkout of Lightning at the installed version> (skipped, saying so, when unset)
+.PHONY: compat compat-accelerate compat-lightning
+compat: compat-accelerate compat-lightning
+
+compat-accelerate: $(VENV)/.installed
+	$(PY) compat/run.py accelerate
+
+compat-lightning: $(VENV)/.installed
+	$(PY) compat/run.py lightning
 
 clean:
 	rm -rf $(VENV) $(HVENV) runs bench/results
