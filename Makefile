@@ -72,12 +72,12 @@ powercut: $(VENV)/.installed fuse
 	$(PY) bench/powercut.py
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench examples
-	$(VENV)/bin/ruff format --check src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples compat
+	$(VENV)/bin/ruff format --check src tests bench examples compat
 
 format: $(VENV)/.installed
-	$(VENV)/bin/ruff format src tests bench examples
-	$(VENV)/bin/ruff check --fix src tests bench examples
+	$(VENV)/bin/ruff format src tests bench examples compat
+	$(VENV)/bin/ruff check --fix src tests bench examples compat
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
