@@ -3,13 +3,18 @@
 Each function takes checked data from `history` and returns the ``<svg>`` element as text, or None
 when there is nothing to draw (the page then says why). Figures are made with
 ``matplotlib.figure.Figure`` directly, not pyplot: no global state, no GUI backend, safe in a
-trainer's process. Text stays text (``svg.fonttype = none``) so the page is small and searchable.
+trainer's process. Text stays text (``svg.fonttype = none``) so the page is small and searchable,
+and is drawn as written (``text.parse_math = False``): a logged name holding ``$...$`` is never
+handed to the mathtext parser, which a hostile name can send into unbounded recursion.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import matplotlib
 from matplotlib.axes import Axes
@@ -17,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ckptguard.report.history import DiskUse, History, Metric, Save, Session
+from ckptguard.report.text import shown
 
 OUTCOME_STYLE = {  # marker, colour, label
     "kept": ("o", "#2e7d32", "verified, kept"),
@@ -26,12 +32,29 @@ OUTCOME_STYLE = {  # marker, colour, label
     "quarantined": ("^", "#ef6c00", "failed verification, moved aside"),
 }
 SESSION_COLOURS = ["#1565c0", "#6a1b9a", "#00838f", "#ad1457", "#558b2f", "#4e342e"]
+_RC = {"svg.fonttype": "none", "text.parse_math": False}
+# A long run is drawn from a bounded sample: a 10-inch chart cannot show more, and every point drawn
+# is bytes in the page and time in matplotlib (20,000 saves took minutes and 20 MB drawn one by one).
+MAX_LINE_POINTS = 1000  # per line, keeping each stretch's lowest and highest value
+MAX_MARKERS = 300  # per lane and outcome on the timeline
+MAX_BARS = 100  # save costs: beyond this, one bar per group of consecutive saves
+T = TypeVar("T")
+
+
+def _plain_text(draw: Callable[..., str | None]) -> Callable[..., str | None]:
+    """Draw under `_RC`: texts read ``text.parse_math`` when made, so it must hold while the chart is built."""
+
+    @functools.wraps(draw)
+    def drawn(*args: object) -> str | None:
+        with matplotlib.rc_context(_RC):
+            return draw(*args)
+
+    return drawn
 
 
 def _svg(fig: Figure) -> str:
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg") :]  # drop the XML prolog and doctype: the element goes inline
 
@@ -40,13 +63,38 @@ def _colour(session: int) -> str:
     return SESSION_COLOURS[(session - 1) % len(SESSION_COLOURS)]
 
 
-def _by_session(points: Iterable[Metric]) -> dict[int, list[Metric]]:
-    out: dict[int, list[Metric]] = {}
-    for p in points:
-        out.setdefault(p.session, []).append(p)
+def envelope(items: Sequence[T], limit: int, value: Callable[[T], float]) -> list[tuple[int, T]]:
+    """At most `limit` of `items` with their indices, in order: the lowest and highest of each stretch.
+
+    A loss spike or the moment the disk ran low survives the thinning, as even sampling would not promise.
+    """
+    if len(items) <= limit:
+        return list(enumerate(items))
+    size = math.ceil(len(items) / (limit // 2))
+    out: list[tuple[int, T]] = []
+    for start in range(0, len(items), size):
+        stretch = range(start, min(start + size, len(items)))
+        low, high = min(stretch, key=lambda i: value(items[i])), max(stretch, key=lambda i: value(items[i]))
+        out += [(i, items[i]) for i in sorted({low, high})]
     return out
 
 
+def evenly(items: Sequence[T], limit: int) -> list[T]:
+    """At most `limit` of `items`, evenly spaced, the first and the last among them."""
+    if len(items) <= limit:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def _by_session(points: Iterable[Metric]) -> dict[int, list[Metric]]:
+    """Each session's points, thinned to MAX_LINE_POINTS."""
+    out: dict[int, list[Metric]] = {}
+    for p in points:
+        out.setdefault(p.session, []).append(p)
+    return {k: [p for _, p in envelope(v, MAX_LINE_POINTS, lambda p: p.value)] for k, v in out.items()}
+
+
+@_plain_text
 def metrics_chart(h: History) -> str | None:
     """Train loss (a line per session, so a resumed stretch overlays the one it replaced), eval loss, lr."""
     if not (h.train_loss or h.eval_loss or h.lr):
@@ -105,6 +153,7 @@ def save_state(save: Save) -> str:
     return "kept" if save.kept else "pruned" if save.pruned else "gone"
 
 
+@_plain_text
 def timeline_chart(h: History) -> str | None:
     """One lane per process over steps: its saves, where it resumed from, and how it ended."""
     if not h.sessions and not h.saves:
@@ -125,7 +174,7 @@ def timeline_chart(h: History) -> str | None:
         )
         if s.resumed_from:
             ax.annotate(
-                f"resumed from {s.resumed_from}",
+                f"resumed from {shown(s.resumed_from)}",
                 (s.first_step, y),
                 xytext=(0, 9),
                 textcoords="offset points",
@@ -133,14 +182,19 @@ def timeline_chart(h: History) -> str | None:
                 color=_colour(s.number),
             )
         _end_marker(ax, s, y)
-    drawn: set[str] = set()
+    groups: dict[tuple[str, int], list[int]] = {}  # (outcome, lane) -> steps: one line of markers each
     for save in h.saves:
-        state = save_state(save)
+        groups.setdefault((save_state(save), lane.get(save.session, 1)), []).append(save.step)
+    drawn: set[str] = set()
+    order = list(OUTCOME_STYLE)  # the legend's order
+    for (state, y), steps in sorted(groups.items(), key=lambda g: (order.index(g[0][0]), g[0][1])):
         marker, colour, label = OUTCOME_STYLE[state]
+        steps = evenly(steps, MAX_MARKERS)
         ax.plot(
-            save.step,
-            lane.get(save.session, 1),
+            steps,
+            [y] * len(steps),
             marker,
+            ls="none",
             color=colour,
             ms=9,
             mec="black",
@@ -184,6 +238,7 @@ def _lane_label(s: Session) -> str:
     return f"run {s.number}\npid {s.pid if s.pid is not None else '?'}, {started}"
 
 
+@_plain_text
 def save_cost_chart(saves: list[Save]) -> str | None:
     """Per save: seconds from the save call to verified, and the part the training loop waited (stall)."""
     timed = [s for s in saves if s.seconds is not None]
@@ -191,12 +246,27 @@ def save_cost_chart(saves: list[Save]) -> str | None:
         return None
     fig = Figure(figsize=(10, 3.2))
     ax = fig.subplots()
-    x = range(len(timed))
-    ax.bar([i - 0.2 for i in x], [s.seconds or 0 for s in timed], 0.4, color="#1565c0", label="save to verified")
-    ax.bar([i + 0.2 for i in x], [s.stall_seconds or 0 for s in timed], 0.4, color="#ef6c00", label="stall")
-    every = max(1, len(timed) // 30)  # at most ~30 labels, however many saves
-    ax.set_xticks(list(x)[::every], [f"{s.step}\nrun {s.session}" for s in timed][::every], fontsize=7)
-    ax.set_xlabel("save (step, run)")
+    size = math.ceil(len(timed) / MAX_BARS)  # saves per bar: 1 up to MAX_BARS saves
+    groups = [timed[i : i + size] for i in range(0, len(timed), size)]
+    x = range(len(groups))
+    each = "" if size == 1 else f", the longest of {size} saves"
+    ax.bar(
+        [i - 0.2 for i in x],
+        [max(s.seconds or 0 for s in g) for g in groups],
+        0.4,
+        color="#1565c0",
+        label="save to verified" + each,
+    )
+    ax.bar(
+        [i + 0.2 for i in x],
+        [max(s.stall_seconds or 0 for s in g) for g in groups],
+        0.4,
+        color="#ef6c00",
+        label="stall" + each,
+    )
+    every = max(1, len(groups) // 30)  # at most ~30 labels, however many saves
+    ax.set_xticks(list(x)[::every], [f"{g[0].step}\nrun {g[0].session}" for g in groups][::every], fontsize=7)
+    ax.set_xlabel("save (step, run)" if size == 1 else f"saves, {size} a bar (first step, run)")
     ax.set_ylabel("seconds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -215,6 +285,7 @@ def _unit(largest: float) -> tuple[float, str]:
     return 1.0, "B"
 
 
+@_plain_text
 def disk_chart(disk: list[DiskUse]) -> str | None:
     """After each save, in order: what the run's checkpoints hold, and the free space left on their filesystem.
 
@@ -225,14 +296,15 @@ def disk_chart(disk: list[DiskUse]) -> str | None:
         return None
     fig = Figure(figsize=(10, 4.2))
     used_ax, free_ax = fig.subplots(2, 1, sharex=True)
-    x = list(range(len(disk)))
+    points = envelope(disk, MAX_LINE_POINTS, lambda d: d.free_bytes)  # (place in the run, facts)
+    x, ms = [i for i, _ in points], 4 if len(disk) <= MAX_MARKERS else 0
     scale, unit = _unit(max(d.checkpoint_bytes for d in disk))
-    used_ax.step(x, [d.checkpoint_bytes / scale for d in disk], "o-", where="post", color="#1565c0", ms=4)
+    used_ax.step(x, [d.checkpoint_bytes / scale for _, d in points], "o-", where="post", color="#1565c0", ms=ms)
     used_ax.set_ylabel(f"checkpoints\n({unit})")
     used_ax.set_ylim(bottom=0)
     scale, unit = _unit(max(d.total_bytes for d in disk))
-    free_ax.plot(x, [d.free_bytes / scale for d in disk], "o-", color="#2e7d32", ms=4, label="free")
-    free_ax.plot(x, [d.total_bytes / scale for d in disk], "--", color="#9e9e9e", label="filesystem size")
+    free_ax.plot(x, [d.free_bytes / scale for _, d in points], "o-", color="#2e7d32", ms=ms, label="free")
+    free_ax.plot(x, [d.total_bytes / scale for _, d in points], "--", color="#9e9e9e", label="filesystem size")
     free_ax.set_ylabel(f"filesystem\n({unit})")
     free_ax.set_ylim(bottom=0)
     free_ax.legend(fontsize=8, loc="lower left")

@@ -2,13 +2,16 @@
 
 A Content-Security-Policy forbids every load, so a page that tried to fetch anything would show a
 console error instead of silently depending on a network. Every string from the run directory is
-escaped: a checkpoint name or an error message is data, never markup.
+escaped: a checkpoint name or an error message is data, never markup; and made showable
+(`text.shown`): a directory name that is not UTF-8 appears as its bytes, escaped, and never stops
+the page.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from html import escape
 
@@ -16,6 +19,7 @@ from ckptguard.listing import ASIDE_WHY, LS_HEADER, ls_rows
 from ckptguard.report import charts
 from ckptguard.report.collect import RunData
 from ckptguard.report.history import Save
+from ckptguard.report.text import shown
 from ckptguard.units import format_bytes
 
 CSS = """
@@ -27,11 +31,12 @@ table { border-collapse: collapse; width: 100%; font-size: 12.5px; margin: 0.5em
 th, td { border-bottom: 1px solid #e0e0e0; padding: 3px 6px; text-align: left; vertical-align: top; }
 td:not(:last-child) { white-space: nowrap; } th { background: #f5f5f5; }
 tr.failed td, tr.quarantined td, tr.killed td, tr.failure td { background: #ffebee; }
-tr.pruned td { color: #757575; } tr.resume td, tr.end td { background: #e3f2fd; }
+tr.pruned td, tr.summary td { color: #757575; } tr.resume td, tr.end td { background: #e3f2fd; }
 figure { margin: 0.5em 0; } figure svg { max-width: 100%; height: auto; }
 pre { background: #f5f5f5; padding: 0.8em; overflow: auto; font-size: 12px; }
 """
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
+NEWEST_SAVES = 200  # listed in full however long the run; older saves that went as planned are summarised
 
 
 def render(data: RunData) -> str:
@@ -73,7 +78,7 @@ def render(data: RunData) -> str:
         _config(data),
     ]
     title = f"ckptguard run report: {data.run_dir}"
-    return (
+    return shown(  # once, over the whole page: every path and logged string in it, wherever it appears
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
@@ -134,27 +139,49 @@ def _num(value: float | None, fmt: str = "{:.3f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def listed(saves: list[Save], newest: int = NEWEST_SAVES) -> list[Save | list[Save]]:
+    """The saves table's rows: a save listed in full, or a run of consecutive saves summarised in one row.
+
+    Listed in full: the `newest` saves, every save that failed and every checkpoint kept now; a long
+    run's other saves (verified, then pruned) are what is summarised.
+    """
+    rows: list[Save | list[Save]] = []
+    for i, s in enumerate(saves):
+        if i >= len(saves) - newest or s.outcome != "verified" or s.kept:
+            rows.append(s)
+        elif rows and isinstance(rows[-1], list):
+            rows[-1].append(s)
+        else:
+            rows.append([s])
+    return rows
+
+
+def _save_row(s: Save) -> tuple[str, list[str]]:
+    what = s.fate if s.outcome == "verified" else s.message or ""
+    cells = [
+        s.name,
+        str(s.session),
+        s.time.strftime("%H:%M:%S") if s.time else "-",
+        _num(s.stall_seconds),
+        _num(s.seconds),
+        format_bytes(s.bytes) if s.bytes is not None else "-",
+        s.verify or "-",
+        s.outcome,
+        what,
+    ]
+    return charts.save_state(s), cells
+
+
+def _summary_row(run: list[Save]) -> tuple[str, list[str]]:
+    fates = Counter(charts.OUTCOME_STYLE[charts.save_state(s)][2] for s in run)
+    what = "; ".join(f"{n:,} {fate}" for fate, n in fates.most_common())
+    runs = sorted({str(s.session) for s in run}, key=int)
+    steps = f"steps {run[0].step} to {run[-1].step}"
+    return "summary", [f"{len(run):,} saves, {steps}", ", ".join(runs), "", "", "", "", "", "verified", what]
+
+
 def _saves_table(saves: list[Save]) -> str:
-    rows = []
-    for s in saves:
-        state = charts.save_state(s)
-        what = s.fate if s.outcome == "verified" else s.message or ""
-        rows.append(
-            (
-                state,
-                [
-                    s.name,
-                    str(s.session),
-                    s.time.strftime("%H:%M:%S") if s.time else "-",
-                    _num(s.stall_seconds),
-                    _num(s.seconds),
-                    format_bytes(s.bytes) if s.bytes is not None else "-",
-                    s.verify or "-",
-                    s.outcome,
-                    what,
-                ],
-            )
-        )
+    rows = [_summary_row(r) if isinstance(r, list) else _save_row(r) for r in listed(saves)]
     header = [
         "checkpoint",
         "run",
@@ -170,7 +197,7 @@ def _saves_table(saves: list[Save]) -> str:
 
 
 def _marks_table(data: RunData) -> str:
-    marks = [m for m in data.history.marks if m.kind != "prune"]  # prunes are in the saves table
+    marks = data.history.marks
     rows = [
         (m.kind, [m.time.strftime("%H:%M:%S") if m.time else "-", str(m.session), _num(m.step, "{}"), m.kind, m.text])
         for m in marks
