@@ -147,7 +147,7 @@ def integration_harness() -> Any:
     """A crash harness forking the savers of integrationkit.py (the training libraries imported once)."""
     from faultkit import CrashHarness
 
-    with CrashHarness(reply_timeout_s=120.0, savers="integrationkit") as harness:
+    with CrashHarness(savers="integrationkit") as harness:
         yield harness
 
 

@@ -413,10 +413,12 @@ class CrashHarness:
     """Runs saving children in a forking helper process and SIGKILLs each after a delay.
 
     Use as a context manager; `trial(run_dir, delay_s)` is bounded by `delay_s` plus the helper's
-    reply timeout, even if the child hangs.
+    reply timeout (a hang bound, never a speed limit: 600 s by default), even if the child hangs.
     """
 
-    def __init__(self, reply_timeout_s: float = 30.0, preload: tuple[str, ...] = (), savers: str | None = None) -> None:
+    def __init__(
+        self, reply_timeout_s: float = 600.0, preload: tuple[str, ...] = (), savers: str | None = None
+    ) -> None:
         """`preload`: modules importable from tests/ to import once in the zygote; `savers`: one of them whose
         functions :meth:`trial` may fork by name (``trial(saver="hf_saver")``)."""
         self.reply_timeout_s = reply_timeout_s
