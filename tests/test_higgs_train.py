@@ -144,7 +144,7 @@ def test_preflight_estimate_covers_a_real_higgs_checkpoint(trained: Path, higgs_
     cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
     recipe = LoRARecipe(cfg, PreemptionWatcher())
     recipe.backend = HiggsAudioBackend(cfg.model)
-    estimate = recipe._checkpoint_bytes(recipe.backend.build_model("meta"))
+    estimate = recipe._checkpoint_bytes(recipe._peft_model(recipe.backend.build_model("meta")))
     written = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file())
     assert written <= estimate < 2 * written + 256 * 1024
 
