@@ -378,8 +378,9 @@ def _zygote(preload: list[str]) -> None:
             function = getattr(importlib.import_module(module), name) if named else _saving_child
             saver = functools.partial(function, run_dir, int(max_steps), int(keep_last), async_save == "1")
             status = _fork_and_kill(saver, float(delay))
-        # Every line the child wrote is already in the pipe: it is dead.
-        print(f"done {status}", flush=True)
+        # Every line the child wrote is already in the pipe: it is dead. A child killed between a line's
+        # text and its newline (tqdm.write makes two writes) left the line open: "done" starts its own.
+        print(f"\ndone {status}", flush=True)
 
 
 @dataclass
@@ -437,7 +438,8 @@ class CrashHarness:
     def _pump(self) -> None:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
-            self._lines.put(line.strip())
+            if line.strip():  # the zygote's "done" comes after a newline of its own
+                self._lines.put(line.strip())
         self._lines.put("eof")
 
     def _next(self, timeout: float) -> str:
