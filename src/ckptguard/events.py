@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,23 +72,27 @@ def _jsonable(value: Any) -> Any:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     """All parseable events (a torn last line after a crash is skipped)."""
-    return read_events_and_damage(run_dir)[0]
+    return list(iter_events(run_dir, []))
 
 
-def read_events_and_damage(run_dir: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """The events, and the numbers (from 1) of the lines that are not a JSON object: torn or damaged."""
+def iter_events(run_dir: Path, damaged: list[int]) -> Iterator[dict[str, Any]]:
+    """The events one at a time, appending to `damaged` the numbers (from 1) of lines that are not a JSON object.
+
+    Read line by line: a run of 100,000 saves logs half a million lines, which held as dicts at once
+    took most of a gigabyte (the report folds them as they are read). Each line goes through the one
+    bounded JSON reader: a torn, garbled or too deeply nested line is damage, never a crash.
+    """
     try:
-        lines = (run_dir / EVENTS_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+        f = (run_dir / EVENTS_NAME).open(encoding="utf-8", errors="replace", newline="\n")
     except OSError:
-        return [], []
-    events, damaged = [], []
-    for number, line in enumerate(lines, start=1):
-        try:
-            event = parse_json(line, f"{EVENTS_NAME}:{number}")
-        except ManifestError:  # torn, garbled, or nested to exhaust the stack: the line is damage, not a crash
-            event = None
-        if isinstance(event, dict):
-            events.append(event)
-        else:
-            damaged.append(number)
-    return events, damaged
+        return
+    with f:
+        for number, line in enumerate(f, start=1):
+            try:
+                event = parse_json(line, f"{EVENTS_NAME}:{number}")
+            except ManifestError:
+                event = None
+            if isinstance(event, dict):
+                yield event
+            else:
+                damaged.append(number)

@@ -10,7 +10,6 @@ show; nothing here raises on bad input, and nothing is unpickled.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ from typing import Any
 from ckptguard import discovery, publish, retention
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.errors import CheckpointError
+from ckptguard.events import iter_events
 from ckptguard.layout import EVENTS_NAME
-from ckptguard.manifest import ManifestError, parse_json
 from ckptguard.report.history import History, replay
 
 
@@ -43,7 +42,7 @@ def collect(run_dir: Path) -> RunData:
 
     damage: list[str] = []
     torn: list[int] = []
-    history = replay(stream_events(run_dir / EVENTS_NAME, torn))  # read once, line by line: never all in memory
+    history = replay(iter_events(run_dir, torn))  # read once, line by line: never all in memory
     if not (run_dir / EVENTS_NAME).is_file():
         damage.append(f"{EVENTS_NAME} is missing: no history of saves, resumes or training metrics")
     elif torn:
@@ -67,29 +66,6 @@ def collect(run_dir: Path) -> RunData:
     )
     decide_fates(data)
     return data
-
-
-def stream_events(path: Path, torn: list[int]) -> Iterator[dict[str, Any]]:
-    """The events of `path` one at a time, appending to `torn` the numbers (from 1) of lines that are not one.
-
-    A run of 100,000 saves logs half a million lines: held as dicts at once they took most of a
-    gigabyte, so the report folds them as they are read. Each line goes through the one bounded
-    JSON reader; a torn, garbled or too deeply nested line is damage, never a crash.
-    """
-    try:
-        f = path.open(encoding="utf-8", errors="replace", newline="\n")
-    except OSError:
-        return
-    with f:
-        for number, line in enumerate(f, start=1):
-            try:
-                event = parse_json(line, f"{EVENTS_NAME}:{number}")
-            except ManifestError:
-                event = None
-            if isinstance(event, dict):
-                yield event
-            else:
-                torn.append(number)
 
 
 def _trainer_config(checkpoints: list[CheckpointInfo], damage: list[str]) -> tuple[dict[str, Any] | None, str]:
