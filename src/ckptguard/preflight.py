@@ -283,6 +283,7 @@ class FilesystemFacts:
     free_bytes: int
     total_bytes: int
     free_inodes: int
+    total_inodes: int  # 0 where the filesystem has no inode limit (its free count is 0 too)
     read_only: bool
 
     @property
@@ -317,6 +318,7 @@ def filesystem_facts(path: Path) -> FilesystemFacts:
         free_bytes=st.f_bavail * st.f_frsize,
         total_bytes=st.f_blocks * st.f_frsize,
         free_inodes=st.f_favail,
+        total_inodes=st.f_files,
         read_only=bool(st.f_flag & os.ST_RDONLY),
     )
 

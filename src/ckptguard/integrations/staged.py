@@ -171,17 +171,14 @@ def full_filesystem(path: Path) -> tuple[int | None, str]:
     """(ENOSPC, why) when the filesystem holding `path` is out of space or inodes, else (None, "").
 
     For an error that lost its errno: checked right after the write failed, before staging is removed,
-    so the failed save's own bytes still occupy the disk. Root may write into the reserved blocks, so
-    for root the free count includes them."""
-    where = next((p for p in (path, *path.parents) if p.exists()), path)
+    so the failed save's own bytes still occupy the disk."""
     try:
-        st = os.statvfs(where)
+        facts = preflight.filesystem_facts(next((p for p in (path, *path.parents) if p.exists()), path))
     except OSError:
         return None, ""
-    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
-    if free < FULL_BELOW:
-        return errno.ENOSPC, f" (the filesystem holding it has {free} bytes free: out of space)"
-    if st.f_files > 0 and st.f_favail == 0:
+    if facts.free_bytes < FULL_BELOW:
+        return errno.ENOSPC, f" (the filesystem holding it has {facts.free_bytes} bytes free: out of space)"
+    if facts.total_inodes > 0 and facts.free_inodes == 0:
         return errno.ENOSPC, " (the filesystem holding it has no free inodes)"
     return None, ""
 
