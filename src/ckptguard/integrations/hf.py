@@ -17,7 +17,7 @@ HF's own deletions would go around the commit protocol, so HF is shown no ``save
 trains (its rotation, and with a limit of 1 its end-of-training ``rmtree`` of the newest checkpoint,
 which left LATEST naming a deleted directory); the limit is applied after each commit, through the
 publish path, keeping what HF's rotation keeps: the newest `limit`, or the best and the newest
-``limit - 1`` (at least the newest) when the best is older.
+``limit - 1`` (at least the newest) when the best is older (:func:`ckptguard.integrations.staged.rotate`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 
 from transformers import Trainer
 
-from ckptguard import discovery
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
 from ckptguard.integrations import staged
@@ -137,7 +136,7 @@ class CheckpointGuardMixin:
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
         limit = self._ckptguard_total_limit or self.args.save_total_limit  # type: ignore[attr-defined]
         protected = frozenset({Path(best).name} if best else set())
-        coord.on_primary(lambda: staged.rotate(run_dir, _newest_kept(run_dir, limit, best), protected), step=step)
+        coord.on_primary(lambda: staged.rotate(run_dir, limit, protected, protected_count=True), step=step)
 
     def _record_best(self, run_dir: Path, staging: Path, written: Path) -> None:
         """Point ``best_model_checkpoint`` at the final path (HF computed it inside staging); the process that
@@ -159,15 +158,6 @@ class CheckpointGuardMixin:
             if entry.get("step") == step:
                 metrics.update({k: float(v) for k, v in entry.items() if k.startswith("eval_") and _finite_number(v)})
         return metrics
-
-
-def _newest_kept(run_dir: Path, limit: int | None, best: str | None) -> int | None:
-    """How many of the newest checkpoints HF's rotation keeps beside the best: `limit` when the best is among
-    them, else ``limit - 1``, and at least the newest (kept for resuming)."""
-    if limit is None or limit < 1 or not best:
-        return limit
-    newest = [c.name for c in discovery.newest_first(discovery.discover(run_dir))][:limit]
-    return limit if Path(best).name in newest else max(limit - 1, 1)
 
 
 def _finite_number(value: object) -> bool:

@@ -292,17 +292,26 @@ def next_sequence(run_dir: Path) -> int:
     return max((c.sequence for c in discovery.discover(run_dir)), default=0) + 1
 
 
-def rotate(run_dir: Path, keep_last: int | None, protected: frozenset[str] = frozenset()) -> None:
+def rotate(
+    run_dir: Path, keep_last: int | None, protected: frozenset[str] = frozenset(), *, protected_count: bool = False
+) -> None:
     """Delete the oldest valid checkpoints beyond `keep_last` (never the newest or a `protected` name).
 
+    `protected_count`: a protected checkpoint older than the newest `keep_last` takes one of their places,
+    keeping at least the newest (HF's rotation: a limit of 2 keeps the best and the newest, not three).
     Runs after a commit, on the primary rank: a failed delete is logged, never a failed save.
     """
     if keep_last is None or keep_last < 1:
         return
-    pruner = Pruner(run_dir, retention.RetentionPolicy(keep_last=keep_last), EventLog(run_dir), primary=True)
-    pruner.protected = set(protected)
     try:
-        pruner.prune(discovery.discover(run_dir))
+        found = discovery.discover(run_dir)
+        if protected_count:
+            valid = discovery.newest_first(found)
+            older = (protected & {c.name for c in valid}) - {c.name for c in valid[:keep_last]}
+            keep_last = max(keep_last - len(older), 1)
+        pruner = Pruner(run_dir, retention.RetentionPolicy(keep_last=keep_last), EventLog(run_dir), primary=True)
+        pruner.protected = set(protected)
+        pruner.prune(found)
     except OSError as exc:
         log.warning("could not rotate old checkpoints in %s: %s", run_dir, exc)
 
