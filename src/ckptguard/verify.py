@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,10 +176,8 @@ def check_written(root: Path, files: Mapping[str, FileEntry], *, level: str, ste
     """
     if level == "quick":
         return None
-    items = sorted(files.items(), key=lambda kv: -kv[1].size)
     try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            problems = [p for _, found in pool.map(lambda kv: _hash_problems(root, *kv), items) for p in found]
+        problems = [p for _, found in _largest_first(files, lambda *kv: _hash_problems(root, *kv)) for p in found]
     except OSError as exc:
         return from_os_error(VerificationError, "could not re-read a file just written", exc, step=step)
     if not problems:
@@ -283,12 +281,18 @@ def _check_contents(report: VerifyReport, deep: bool, expected: Mapping[str, Any
     manifest = report.manifest
     assert manifest is not None
     unread = {path: entry for path, entry in manifest.files.items() if path not in reread or _parsed(path, deep)}
-    items = sorted(unread.items(), key=lambda kv: -kv[1].size)
+    for nbytes, problems in _largest_first(unread, lambda p, e: _check_one(report, p, e, deep, expected.get(p))):
+        report.bytes_read += nbytes
+        report.problems.extend(problems)
+
+
+def _largest_first(
+    files: Mapping[str, FileEntry], check: Callable[[str, FileEntry], tuple[int, list[Problem]]]
+) -> list[tuple[int, list[Problem]]]:
+    """`check` on every file, four at a time, the largest first (so the last to finish is a small one)."""
+    items = sorted(files.items(), key=lambda kv: -kv[1].size)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = pool.map(lambda kv: _check_one(report, kv[0], kv[1], deep, expected.get(kv[0])), items)
-        for nbytes, problems in results:
-            report.bytes_read += nbytes
-            report.problems.extend(problems)
+        return list(pool.map(lambda kv: check(*kv), items))
 
 
 def _check_adapter(report: VerifyReport, model: Any) -> None:
