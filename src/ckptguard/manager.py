@@ -259,7 +259,7 @@ class CheckpointManager:
         path = publish.publish(
             staging, self.run_dir / checkpoint_name(step), manifest, level=self.verify_level,
             expected=snap.tensor_files() if deep else None, model=snap.peft_model if deep else None,
-            latest=True, events=self._events, reread=frozenset(files) if self.verify_level != "quick" else frozenset(),
+            latest=True, events=self._events, reread=frozenset(files),
         ).path  # fmt: skip
         self._pruner.after_save(
             CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))

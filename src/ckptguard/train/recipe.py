@@ -59,7 +59,8 @@ class LoRARecipe:
         )
         self.backend: Backend = build_backend(cfg.model)
         # Sizes the machine cannot hold are refused now, before anything is allocated.
-        sizing.check_fits(sizing.config_terms(cfg, self.backend.tokenizer.vocab_size), rt.device)
+        sized = sizing.config_terms(cfg, self.backend.tokenizer.vocab_size)
+        sizing.check_fits(sized, rt.device)
         # 2. Data before the model: a bad line fails in a second, not after loading weights. Chat
         #    records are rendered the way the model will be prompted (its chat template, if any).
         #    Rendering may take long and has no step boundary: a stop signal interrupts it (Preempted).
@@ -73,9 +74,8 @@ class LoRARecipe:
         #    match a module, since PEFT would silently leave one out and train a smaller adapter.
         meta = self.backend.build_model("meta")
         guards.check_lora_targets(meta, cfg.lora.target_modules)
-        batch = sizing.config_terms(cfg, self.backend.tokenizer.vocab_size)["train.batch_size"]
         lora = sizing.model_terms(meta, cfg.lora.r, cfg.lora.target_modules)
-        sizing.check_fits({**lora, "train.batch_size": batch}, rt.device)
+        sizing.check_fits({**lora, "train.batch_size": sized["train.batch_size"]}, rt.device)
         meta = self._peft_model(meta)
         # 4. Preflight before the weights load: an unusable output_dir stops the run now, with its
         #    remedy, sized for a real checkpoint (adapter + two AdamW moments + small state); so does
