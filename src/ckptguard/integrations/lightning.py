@@ -304,6 +304,8 @@ class LightningGuard(Callback):
 
     def _close_runs(self) -> None:
         """Release the run locks on_fit_start took, so a later fit in this process opens (and cleans) them again."""
+        if not self._opened:
+            return
         coord = self._coord or Coordinator(TIMEOUT_S)
         while self._opened:
             staged.close_run(coord, self._opened.pop())
