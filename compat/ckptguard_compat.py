@@ -5,7 +5,7 @@
 ``--ckptguard=accelerate`` routes ``Accelerator.save_state`` / ``load_state`` through
 ``ckptguard.integrations.accelerate.save_state`` / ``load_state``, as a user who follows README's
 Accelerate section writes them: the directory a test saves into is the run directory (with automatic
-naming, ``project_dir/checkpoints``, keeping ``total_limit`` as ``keep_last``), and a directory it
+naming, ``project_dir/checkpoints``, where save_state applies ``total_limit`` itself), and a directory it
 loads is a checkpoint when it holds a manifest, else the run directory whose newest verified
 checkpoint is loaded. ``--ckptguard=lightning`` gives every ``Trainer`` ``VerifiedCheckpointIO()`` among
 its plugins, inside an ``AsyncCheckpointIO`` that a test passes without a plugin of its own; a test
@@ -80,9 +80,7 @@ def guard_accelerate() -> None:
             return plain_save(self, output_dir, safe_serialization, **kwargs)  # ckptguard's own call, into staging
         run_dir = Path(self.project_dir, "checkpoints") if config.automatic_checkpoint_naming else Path(output_dir)
         with _inside(self):
-            return guarded.save_state(
-                self, run_dir, keep_last=config.total_limit, safe_serialization=safe_serialization, **kwargs
-            )
+            return guarded.save_state(self, run_dir, safe_serialization=safe_serialization, **kwargs)
 
     @functools.wraps(plain_load)
     def load_state(self: Any, input_dir: Any = None, **kwargs: Any) -> Any:
