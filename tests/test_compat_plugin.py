@@ -56,6 +56,17 @@ SUITE = textwrap.dedent(
         trainer.fit(BoringModel())
 
 
+    def test_lightning_with_a_strategy_of_its_own_io():
+        import lightning.pytorch as pl
+        from lightning.pytorch.demos.boring_classes import BoringModel
+
+        strategy = pl.strategies.SingleDeviceStrategy("cpu", checkpoint_io=pl.plugins.TorchCheckpointIO())
+        checkpoints = pl.callbacks.ModelCheckpoint(OUT / "pl-own", save_last=True)
+        trainer = pl.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[checkpoints], strategy=strategy)
+        trainer.fit(BoringModel())
+
+
     def test_fails():
         assert False
 
@@ -89,6 +100,7 @@ def test_accelerate_mode_commits_accelerate_saves_and_leaves_lightning_plain(tmp
     assert outcomes == {
         "test_suite.py::test_accelerate_saves_and_loads": "passed",
         "test_suite.py::test_lightning_saves": "passed",
+        "test_suite.py::test_lightning_with_a_strategy_of_its_own_io": "passed",
         "test_suite.py::test_fails": "failed",
         "test_suite.py::test_skips": "skipped",
     }
@@ -102,5 +114,7 @@ def test_lightning_mode_commits_lightning_saves_and_leaves_accelerate_plain(tmp_
     assert outcomes["test_suite.py::test_lightning_saves"] == "passed"
     assert _verified(out / "pl" / "last.ckpt"), "ModelCheckpoint's last.ckpt is a verified checkpoint directory"
     assert _verified(out / "pl" / "epoch=0-step=2.ckpt")
+    assert outcomes["test_suite.py::test_lightning_with_a_strategy_of_its_own_io"] == "passed"
+    assert (out / "pl-own" / "last.ckpt").is_file(), "a strategy's own CheckpointIO is kept, as a plugin of its own is"
     assert (out / "acc" / "model.safetensors").is_file(), "Accelerate is left plain in this mode"
     assert not (out / "acc" / "checkpoint-0").exists()

@@ -90,7 +90,8 @@ def test_removal_waits_for_the_save_in_flight_and_keeps_the_old_one_if_it_failed
     io.save_checkpoint({"global_step": 1, "w": torch.zeros(4)}, old)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(io.save_checkpoint, {"global_step": 2, "w": torch.ones(16 << 20)}, new)
-        time.sleep(0.02)  # the save is under way
+        while not list(tmp_path.glob(".staging-*")) and not pending.done():  # under way: counted in flight
+            time.sleep(0.001)
         io.remove_checkpoint(old)
         assert verify_checkpoint(new).ok, "the previous checkpoint was removed before the newer one was committed"
         pending.result()
@@ -149,6 +150,16 @@ def test_a_missing_ckpt_path_is_not_found_not_corrupt(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint at the path given to resume from") as caught:
         VerifiedCheckpointIO().load_checkpoint(tmp_path / "epoch=0-step=9.ckpt")
     assert caught.value.path == str(tmp_path / "epoch=0-step=9.ckpt") and "typo" in caught.value.remedy
+
+
+def test_a_plain_file_is_refused_as_unverifiable_naming_it_not_as_a_corrupt_directory(tmp_path):
+    from ckptguard.integrations.lightning import VerifiedCheckpointIO
+
+    plain = tmp_path / "foo.ckpt"
+    torch.save({"global_step": 1}, plain)  # what Lightning's own TorchCheckpointIO writes
+    with pytest.raises(CorruptCheckpointError, match="a plain file, not a checkpoint directory") as caught:
+        VerifiedCheckpointIO().load_checkpoint(plain)
+    assert caught.value.path == str(plain) and "library's own loader" in caught.value.remedy
 
 
 def test_the_plugin_survives_deepcopy_and_pickling_and_the_copy_saves_verified(tmp_path):
@@ -222,3 +233,21 @@ def test_same_kill_with_verified_io_resumes_on_the_newest_verified_checkpoint(in
         assert lightning_run(run, guarded=True, max_steps=4, ballast=BALLAST).started_at == 3
         assert _step(run / "last.ckpt") == 4
         assert not [p.name for p in run.iterdir() if p.name.startswith(".staging-")], "the killed save's leftover"
+
+
+def test_the_end_of_fit_leaves_no_thread_still_deleting_a_superseded_checkpoint(tmp_path):
+    """Each removal frees its space before it returns, as Lightning's own does: fit (and ddp_spawn's removal
+    after it) leaves no thread still deleting and no trash (Lightning's own tests check for such threads)."""
+    import threading
+
+    run_dir = tmp_path / "run"
+
+    def fill_step_2(step: int) -> None:  # the checkpoint the last save supersedes: slow to delete
+        for ckpt in run_dir.glob("*step=2.ckpt") if step == 2 else ():
+            for i in range(20_000):
+                (ckpt / f"extra-{i}").touch()
+
+    lightning_run(run_dir, guarded=True, max_steps=4, after_save=fill_step_2)
+    assert not list(run_dir.glob("*step=2.ckpt")), "step 2 is not among the top 2 by step"
+    assert [t.name for t in threading.enumerate() if t.name.startswith("ckptguard-remove")] == []
+    assert not list(run_dir.glob(".trash-*"))

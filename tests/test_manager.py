@@ -104,6 +104,17 @@ def test_retention_keeps_last_best_and_every_nth_and_says_why(tmp_path):
     assert any(e["event"] == "prune" and e["step"] == 10 for e in read_events(tmp_path / "run"))
 
 
+def test_close_returns_once_pruned_checkpoints_are_freed_leaving_no_trash(tmp_path):
+    """Pruning frees space in the background; close waits for it, so no thread deletes in a closed run."""
+    state = {"x": torch.ones(4)}
+    with CheckpointManager(tmp_path / "run", keep_last=1) as mgr:
+        first = mgr.save(1, state).path
+        for i in range(20_000):  # slow to delete: still deleting when the next save returns
+            (first / f"extra-{i}").touch()
+        mgr.save(2, state)
+    assert not list((tmp_path / "run").glob(".trash-*"))
+
+
 def test_checkpoint_resumed_from_is_never_pruned(tmp_path):
     state = {"x": torch.ones(4)}
     with CheckpointManager(tmp_path / "run") as mgr:

@@ -300,6 +300,7 @@ class CheckpointManager:
             finally:
                 self._events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
                 self._background.shutdown()
+                publish.wait_for_removals()
                 self._lock.release()
 
     def _check_usable(self, what: str) -> None:

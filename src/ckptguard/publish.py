@@ -176,17 +176,48 @@ def read_latest(run_dir: Path) -> str | None:
     return text if text and "/" not in text and not text.startswith(".") else None
 
 
-def remove(path: Path) -> None:
+def remove(path: Path, *, wait: bool = False) -> None:
     """Delete a checkpoint directory: rename to ``.trash-*`` (atomic), then free the space in the background.
 
     Freeing gigabytes takes most of a second on some filesystems; the rename alone is what makes the
     checkpoint gone, so the save that triggered retention does not wait for the rest. A trash
-    directory left by an exit is removed at the next start (:func:`clean_leftovers`).
+    directory left by an exit is removed at the next start (:func:`clean_leftovers`); the end of a run
+    waits for the removals still running (:func:`wait_for_removals`). `wait`: free the space before
+    returning, in the caller's thread (for a caller with no end of run to wait at).
     """
     trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}")
     os.rename(path, trash)
     fsync_dir(path.parent)
-    threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True).start()
+    if wait:
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    thread = threading.Thread(target=_free, args=(trash,), name=f"ckptguard-remove {path.name}", daemon=True)
+    with _removals_lock:
+        _removals.add(thread)
+    thread.start()
+
+
+_removals: set[threading.Thread] = set()  # the background removals :func:`remove` started that still run
+_removals_lock = threading.Lock()
+
+
+def _free(trash: Path) -> None:
+    try:
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        with _removals_lock:
+            _removals.discard(threading.current_thread())
+
+
+def wait_for_removals() -> None:
+    """Return once every removal started so far has freed its space.
+
+    For the end of a run: the caller that hands the directory back (releases its lock, tears down)
+    leaves no thread behind still deleting in it, and no trash for the next start to find."""
+    with _removals_lock:
+        running = list(_removals)
+    for thread in running:
+        thread.join()
 
 
 def clean_leftovers(run_dir: Path) -> list[str]:

@@ -122,7 +122,7 @@ class VerifiedCheckpointIO(CheckpointIO):
             raise staged.write_error(exc, staging / PAYLOAD, step) from exc
         staged.commit(staging, target, step)
         for old in glob.glob(glob.escape(str(target)) + SUPERSEDED_MARK + "*"):  # the same name saved before
-            publish.remove(Path(old))
+            publish.remove(Path(old), wait=True)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         from lightning.fabric.utilities.cloud_io import _load
@@ -155,8 +155,8 @@ class VerifiedCheckpointIO(CheckpointIO):
             if self._failed:
                 log.warning("keeping %s: the newer save failed", path)
                 return
-        if Path(path).is_dir():
-            publish.remove(Path(path))
+        if Path(path).is_dir():  # freed before returning, as Lightning's own removal: Lightning has no end-of-run
+            publish.remove(Path(path), wait=True)  # hook after its last one (ddp_spawn removes after teardown)
 
     def teardown(self) -> None:
         with self._idle:

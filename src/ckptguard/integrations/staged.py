@@ -114,6 +114,7 @@ def close_run(coord: Coordinator, run_dir: Path) -> None:
         held.users -= 1
         if held.users == 0:
             del _held_runs[run_dir.absolute()]
+            publish.wait_for_removals()
             held.lock.release()
 
 
@@ -329,12 +330,21 @@ def newest_verified(run_dir: str | Path) -> Path | None:
 def require_verified(path: str | Path) -> Path:
     """`path` if every byte of it matches its manifest; CorruptCheckpointError naming the problem otherwise.
 
-    A path that does not exist is CheckpointNotFoundError: a typo in a resume path is not damage."""
+    A path that does not exist is CheckpointNotFoundError: a typo in a resume path is not damage. A plain
+    file (a checkpoint the library saved without ckptguard) has no manifest to check it against."""
     if not os.path.lexists(path):
         raise CheckpointNotFoundError(
             "no checkpoint at the path given to resume from",
             path=path,
             remedy="Check the path for a typo; `ckptguard ls RUN_DIR` lists the checkpoints there.",
+        )
+    if not os.path.isdir(path):
+        raise CorruptCheckpointError(
+            "refusing to load an unverified checkpoint: a plain file, not a checkpoint directory ckptguard "
+            "committed (its files and their manifest), so nothing can show its bytes are whole",
+            path=path,
+            remedy="Give a checkpoint ckptguard saved; a file saved without it is loaded by the library's own "
+            "loader (without ckptguard's plugin), if you trust it.",
         )
     report = verify_checkpoint(Path(path), LEVEL)
     if not report.ok:
