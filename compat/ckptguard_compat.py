@@ -9,9 +9,9 @@ naming, ``project_dir/checkpoints``, where save_state applies ``total_limit`` it
 loads is a checkpoint when it holds a manifest, else the run directory whose newest verified
 checkpoint is loaded. ``--ckptguard=lightning`` gives every ``Trainer`` ``VerifiedCheckpointIO()`` among
 its plugins, inside an ``AsyncCheckpointIO`` that a test passes without a plugin of its own; a test
-that passes its own ``CheckpointIO`` keeps it (it chose its own storage). ``LightningGuard`` comes
-from the entry point installing ckptguard registers, in both modes. ``--outcomes=FILE`` writes
-``{nodeid: "passed" | "failed" | "skipped" | "error"}`` for ``compat/run.py`` to compare.
+that passes its own ``CheckpointIO`` (among the plugins or in its strategy) keeps it: it chose its own
+storage. ``LightningGuard`` comes from the entry point installing ckptguard registers, in both modes.
+``--outcomes=FILE`` writes ``{nodeid: "passed" | "failed" | "skipped" | "error"}`` for ``compat/run.py``.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def guard_lightning() -> None:
 
     @functools.wraps(plain_init)
     def __init__(self: Any, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
-        plain_init(self, *args, plugins=with_verified_io(plugins), **kwargs)
+        if getattr(kwargs.get("strategy"), "_checkpoint_io", None) is None:  # a strategy's own CheckpointIO stays
+            plugins = with_verified_io(plugins)
+        plain_init(self, *args, plugins=plugins, **kwargs)
 
     Trainer.__init__ = __init__
 
