@@ -79,8 +79,10 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff format src tests bench examples compat
 	$(VENV)/bin/ruff check --fix src tests bench examples compat
 
+# save/verify/resume against the baselines (bench/run.py), then the run report at 20,000 and 100,000 saves
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+	$(PY) bench/report_scale.py
 
 # object storage: ckptguard's upload and download+verify against boto3's transfers, on a local moto server
 bench-s3: $(VENV)/.installed
