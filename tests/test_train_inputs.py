@@ -247,8 +247,10 @@ def test_sizes_the_machine_cannot_hold_are_refused_before_allocating_naming_the_
     assert error.startswith(f"error: {field}: the run needs at least "), error
     assert " available (MemAvailable in /proc/meminfo); lower " + field in error
     needed, limit = (float(x.split()[0]) for x in (error.split("at least ")[1], error.split("more than the ")[1]))
-    units = {u: 1024**i for i, u in enumerate(["B", "KiB", "MiB", "GiB", "TiB"])}
-    needed *= units[error.split("at least ")[1].split()[1]]
+    units = {u: 1024**i for i, u in enumerate(["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"])}
+    unit = error.split("at least ")[1].split()[1]
+    assert needed < 1024 or unit == "EiB", f"{needed} {unit}: not a size a person reads"
+    needed *= units[unit]
     limit *= units[error.split("more than the ")[1].split()[1]]
     assert needed > limit
     assert not out.exists() or not any(out.glob("checkpoint-*"))
