@@ -179,6 +179,8 @@ def test_save_total_limit_with_the_best_keeps_what_hf_keeps_and_the_best_names_t
     ]
     assert recorded == best
     assert trainer.args.save_total_limit == limit, "the caller's arguments changed"
+    saved_args = torch.load(tmp_path / "run" / "checkpoint-5" / "training_args.bin", weights_only=False)
+    assert saved_args.save_total_limit == limit, "the checkpoint records other arguments than the caller's"
 
 
 def test_save_total_limit_1_with_the_best_keeps_the_newest_too_and_latest_stays_valid(tmp_path):

@@ -1,6 +1,8 @@
 """Hugging Face ``Trainer`` whose every checkpoint is staged, committed by one process, verified, then published.
 
-    from transformers import Trainer
+    import torch
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
     from ckptguard.integrations.hf import CheckpointGuardMixin, newest_verified_checkpoint
 
     class GuardedTrainer(CheckpointGuardMixin, Trainer): ...
@@ -27,7 +29,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
@@ -64,7 +68,7 @@ class CheckpointGuardMixin:
     ckptguard_timeout_s: float = 600.0
     _ckptguard_staging: Path | None = None
     _ckptguard_coord: Coordinator | None = None
-    _ckptguard_total_limit: int | None = None  # the caller's save_total_limit, while HF is shown none
+    _ckptguard_args: Any = None  # the caller's TrainingArguments, while HF is shown a copy without save_total_limit
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse ``class T(Trainer, CheckpointGuardMixin)``: Trainer's own save would win and every
@@ -98,15 +102,14 @@ class CheckpointGuardMixin:
             )
         out, coord = Path(self.args.output_dir), self._coordinator()  # type: ignore[attr-defined]
         staged.open_run(coord, out)
-        given = self.args  # type: ignore[has-type]
-        self._ckptguard_total_limit = given.save_total_limit
+        given = self._ckptguard_args = self.args  # type: ignore[has-type]
         self.args = copy.copy(given)  # the caller's arguments stay as they were
         self.args.save_total_limit = None
         try:
             resume_from_checkpoint = coord.on_primary(lambda: _resume_path(out, resume_from_checkpoint))
             return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
         finally:
-            self.args, self._ckptguard_total_limit = given, None
+            self.args, self._ckptguard_args = given, None
             staged.close_run(coord, out)
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -124,6 +127,7 @@ class CheckpointGuardMixin:
         self._ckptguard_staging = staging
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            self._record_given_args(written)
             self._record_best(run_dir, staging, written)  # every rank: each may load the best model at the end
         except Exception as exc:  # any failure on any rank must reach every rank as one typed error
             error = staged.write_error(exc, written, step)
@@ -134,9 +138,14 @@ class CheckpointGuardMixin:
             prepare=lambda: _drop_jit_sentinel(target),
         )  # fmt: skip
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-        limit = self._ckptguard_total_limit or self.args.save_total_limit  # type: ignore[attr-defined]
+        limit = (self._ckptguard_args or self.args).save_total_limit  # type: ignore[attr-defined]
         protected = frozenset({Path(best).name} if best else set())
         coord.on_primary(lambda: staged.rotate(run_dir, limit, protected, protected_count=True), step=step)
+
+    def _record_given_args(self, written: Path) -> None:
+        """``training_args.bin`` as the caller gave them: HF saved the copy it was shown (no save_total_limit)."""
+        if self._ckptguard_args is not None and (written / TRAINING_ARGS_NAME).is_file():
+            torch.save(self._ckptguard_args, written / TRAINING_ARGS_NAME)
 
     def _record_best(self, run_dir: Path, staging: Path, written: Path) -> None:
         """Point ``best_model_checkpoint`` at the final path (HF computed it inside staging); the process that
