@@ -147,6 +147,20 @@ def test_the_page_renders_in_chromium_without_console_errors_and_shows_its_chart
     (tmp_path / "report.png").write_bytes(seen.screenshot)
 
 
+def test_the_report_keeps_what_ckptguard_ls_keeps_the_resumed_from_checkpoint_included(tmp_path: Path) -> None:
+    from ckptguard import listing
+
+    run, state = tmp_path / "run", make_training_state()
+    with CheckpointManager(run, keep_last=3) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, state)
+    with CheckpointManager(run, keep_last=1) as mgr:  # a new policy, and a resume from an old checkpoint
+        mgr.restore(state, step=1)
+    data = collect(run)
+    assert data.keep == listing.keep_reasons(run, data.checkpoints)
+    assert data.keep["checkpoint-1"] == ["resumed from"] and data.keep["checkpoint-2"] == []
+
+
 def test_a_library_only_run_gets_its_checkpoint_sections(library_run: Path, tmp_path: Path) -> None:
     page = write_report(library_run, tmp_path / "lib.html").read_text()
     data = collect(library_run)

@@ -6,8 +6,11 @@ Which checkpoints exist comes from discovery, why each is kept from the run's ow
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ckptguard import retention
 from ckptguard.discovery import Checkpoint, CheckpointInfo, SetAside
@@ -23,18 +26,31 @@ ASIDE_WHY = {
 }
 
 
+@dataclass
+class LoggedPolicy:
+    """The retention policy and the resumed-from checkpoint a run last recorded, folded from its events.
+
+    One fold for every reader (``ckptguard ls``/``doctor``/``prune`` here, the report in its one pass over
+    the events), so they agree on what the run's own retention keeps: the last valid policy logged at
+    preflight, and the checkpoint named by the last resume."""
+
+    policy: retention.RetentionPolicy = field(default_factory=retention.RetentionPolicy)
+    protected: frozenset[str] = frozenset()
+
+    def feed(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "preflight" and isinstance(event.get("policy"), dict):
+            with contextlib.suppress(TypeError, ValueError):
+                self.policy = retention.RetentionPolicy(**event["policy"])
+        elif event.get("event") == "resume" and isinstance(event.get("path"), str):
+            self.protected = frozenset({Path(event["path"]).name})
+
+
 def run_policy(run_dir: Path) -> tuple[retention.RetentionPolicy, frozenset[str]]:
     """The retention policy and resumed-from checkpoint the run last recorded in events.jsonl."""
-    policy, protected = retention.RetentionPolicy(), frozenset()
+    logged = LoggedPolicy()
     for event in read_events(run_dir):
-        if event.get("event") == "preflight" and isinstance(event.get("policy"), dict):
-            try:
-                policy = retention.RetentionPolicy(**event["policy"])
-            except (TypeError, ValueError):
-                continue
-        elif event.get("event") == "resume" and isinstance(event.get("path"), str):
-            protected = frozenset({Path(event["path"]).name})
-    return policy, protected
+        logged.feed(event)
+    return logged.policy, logged.protected
 
 
 def keep_reasons(run_dir: Path, found: list[CheckpointInfo]) -> dict[str, list[str]]:

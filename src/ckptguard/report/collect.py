@@ -51,7 +51,7 @@ def collect(run_dir: Path) -> RunData:
     damage += history.damage
     checkpoints = discovery.discover(run_dir)
     damage += [f"{c.name} is invalid: {c.reason}" for c in checkpoints if not c.valid]
-    keep = retention.plan(checkpoints, history.retention, history.protected)  # as `ckptguard ls`, from one read
+    keep = retention.plan(checkpoints, history.retention.policy, history.retention.protected)  # as `ckptguard ls`
     config, source = _trainer_config(checkpoints, damage)
     data = RunData(
         run_dir=run_dir,

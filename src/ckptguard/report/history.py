@@ -9,7 +9,6 @@ one: a field of the wrong type drops that event and is counted as damage, never 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from collections import Counter
@@ -19,9 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ckptguard.listing import LoggedPolicy
 from ckptguard.manifest import step_from_name
 from ckptguard.preemption import PREEMPTED_EXIT_CODE
-from ckptguard.retention import RetentionPolicy
 
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", re.ASCII)
 
@@ -102,20 +101,15 @@ class History:
     eval_loss: list[Metric] = field(default_factory=list)
     disk: list[DiskUse] = field(default_factory=list)
     policy: str = "retention policy not logged"
-    retention: RetentionPolicy = field(default_factory=RetentionPolicy)  # the last valid one logged
+    retention: LoggedPolicy = field(default_factory=LoggedPolicy)  # what `ckptguard ls` reads from the same events
     damage: list[str] = field(default_factory=list)
-
-    @property
-    def protected(self) -> frozenset[str]:
-        """The checkpoint the run last resumed from: retention keeps it."""
-        resumed = [s.resumed_from for s in self.sessions if s.resumed_from]
-        return frozenset(resumed[-1:])
 
 
 def replay(events: Iterable[dict[str, Any]]) -> History:
     """Fold the events, in order, into a History; `events` is read once, so it may be a stream."""
     r = _Replay()
     for event in events:
+        r.h.retention.feed(event)
         handler = getattr(r, f"on_{event.get('event')}", None)
         if handler is not None and not handler(event):
             r.bad[str(event.get("event"))] += 1
@@ -157,8 +151,6 @@ class _Replay:
         policy = e.get("policy")
         if isinstance(policy, dict):
             self.h.policy = "policy: " + ", ".join(f"{k}={v}" for k, v in sorted(policy.items()) if v not in (None, 0))
-            with contextlib.suppress(TypeError, ValueError):  # as `ckptguard ls` reads it: the last valid one
-                self.h.retention = RetentionPolicy(**policy)
         return True
 
     def on_cleanup(self, e: dict[str, Any]) -> bool:
