@@ -52,19 +52,25 @@ def test_an_fsspec_url_as_dirpath_is_refused_instead_of_becoming_a_local_folder(
 
 
 def test_load_from_checkpoint_on_a_checkpoint_directory_verifies_then_loads_the_module(tmp_path):
+    """Lightning's own ``cls.load_from_checkpoint`` and ours; a plain file still loads the plain way."""
     run = tmp_path / "run"
     trainer = lightning_run(run, guarded=True, max_steps=2)
     module_cls = type(trainer.lightning_module)
-    with pytest.raises(IsADirectoryError):  # Lightning's own call opens the directory as a file
-        module_cls.load_from_checkpoint(run / "last.ckpt")
-    loaded = load_from_checkpoint(module_cls, run / "last.ckpt", map_location="cpu")
-    want, got = trainer.lightning_module.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    want = trainer.lightning_module.state_dict()
+    for loaded in (
+        module_cls.load_from_checkpoint(run / "last.ckpt", map_location="cpu"),  # opened the directory as a file
+        load_from_checkpoint(module_cls, run / "last.ckpt", map_location="cpu"),
+    ):
+        got = loaded.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(CheckpointNotFoundError):
         load_from_checkpoint(module_cls, run / "lats.ckpt")
+    torch.save(torch.load(run / "last.ckpt" / "checkpoint.pt", weights_only=False), tmp_path / "plain.ckpt")
+    assert module_cls.load_from_checkpoint(tmp_path / "plain.ckpt").state_dict().keys() == want.keys()
     flip_bit(run / "last.ckpt" / "checkpoint.pt", -2000)
-    with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.pt"):
-        load_from_checkpoint(module_cls, run / "last.ckpt")
+    for load in (module_cls.load_from_checkpoint, lambda path: load_from_checkpoint(module_cls, path)):
+        with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.pt"):
+            load(run / "last.ckpt")
 
 
 def test_ls_and_doctor_on_a_model_checkpoint_directory_show_its_checkpoints(tmp_path):

@@ -12,8 +12,9 @@ that name holding ``checkpoint.pt`` (Lightning's own ``torch.save`` of its check
 manifest; it appears under its name only complete, fsynced and verified, so ``ckpt_path="last"``
 never resolves to a torn file. A checkpoint saved again under the same name (``last.ckpt``) replaces
 the old one only once the new one is verified. Loading verifies first (CorruptCheckpointError
-otherwise). A removal Lightning asks for waits until no save is in flight, and is kept if the newest
-save failed. With ``AsyncCheckpointIO(VerifiedCheckpointIO())`` a save counts from the moment it is
+otherwise), through the plugin and through Lightning's own ``MyModule.load_from_checkpoint``. A removal
+Lightning asks for waits until no save is in flight, is kept if the newest save failed, and frees its
+space before it returns. With ``AsyncCheckpointIO(VerifiedCheckpointIO())`` a save counts from the moment it is
 submitted: the removal Lightning asks for right after submitting it is queued on the same worker,
 behind that save, so the previous checkpoint is never deleted before the newer one commits (or at all,
 if it failed).
@@ -40,8 +41,10 @@ this plugin. With it, it does what Lightning offers the plugin no hook for:
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -163,13 +166,41 @@ class VerifiedCheckpointIO(CheckpointIO):
             self._idle.wait_for(lambda: self._in_flight == 0)
 
 
+def _verify_in_lightnings_loader() -> None:
+    """Make Lightning's own ``load_from_checkpoint`` (LightningModule and LightningDataModule) load these checkpoints.
+
+    Both hand the path to ``lightning.pytorch.core.saving.pl_load``, which opens it as a file: a checkpoint
+    directory failed there with IsADirectoryError. Wrapped once, at import (Lightning imports this module
+    for every Trainer, through the entry point): a local directory is verified first and its payload
+    loaded (CorruptCheckpointError naming the reason otherwise); files, URLs and buffers go to Lightning's
+    loader as before. Lightning's name is checked by the tests, as HF's hooks are.
+    """
+    from lightning.pytorch.core import saving
+
+    plain = saving.pl_load
+    if getattr(plain, "ckptguard_verifies", False):
+        return
+
+    @functools.wraps(plain)
+    def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path_or_url, (str, os.PathLike)) and "://" not in str(path_or_url) and os.path.isdir(path_or_url):
+            path_or_url = staged.require_verified(path_or_url) / PAYLOAD
+        return plain(path_or_url, *args, **kwargs)
+
+    pl_load.ckptguard_verifies = True  # type: ignore[attr-defined]
+    saving.pl_load = pl_load
+
+
+_verify_in_lightnings_loader()
+
+
 def load_from_checkpoint(cls: type[Any], path: str | Path, **kwargs: Any) -> Any:
     """``cls.load_from_checkpoint(path, **kwargs)`` for a checkpoint this plugin saved, verified first.
 
-    Lightning's own ``load_from_checkpoint`` opens `path` as a file, and this plugin's checkpoints are
-    directories: ``load_from_checkpoint(MyModule, "runs/pl/last.ckpt")`` checks every byte against the
-    manifest (CorruptCheckpointError, or CheckpointNotFoundError for a wrong path) and then loads the
-    checkpoint file inside it. `cls` is a LightningModule or LightningDataModule class.
+    ``load_from_checkpoint(MyModule, "runs/pl/last.ckpt")`` checks every byte against the manifest
+    (CorruptCheckpointError, or CheckpointNotFoundError for a wrong path) and then loads the checkpoint
+    file inside it, whether or not Lightning's own loader was wrapped (:func:`_verify_in_lightnings_loader`).
+    `cls` is a LightningModule or LightningDataModule class.
     """
     return cls.load_from_checkpoint(staged.require_verified(path) / PAYLOAD, **kwargs)
 
