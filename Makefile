@@ -47,10 +47,11 @@ test-under-load:
 		echo "two CPU burners running (pids $$b1 $$b2)"; \
 		$(MAKE) test
 
-# The Higgs tests and the core and trainer tests again, on the older transformers/peft stack. The bench
-# smoke test is left to test-core: it exercises the store, not transformers.
+# The Higgs tests and every test that touches transformers/PEFT (the trainer, LoRA, the HF integration;
+# marked `stack` by tests/conftest.py) again, on the older transformers/peft stack. The store's own tests
+# use neither library and stay in test-core, as does the bench smoke test.
 test-higgs: $(HVENV)/.installed browser fuse
-	$(HPY) -m pytest -q -ra --ignore tests/test_bench_smoke.py
+	$(HPY) -m pytest -q -ra -m stack --ignore tests/test_bench_smoke.py
 
 # The run report's test renders the page in Debian's chromium: installed here when missing and we are
 # root with apt-get; otherwise that test skips and says why.
