@@ -241,13 +241,18 @@ def freeze(proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
-def launch_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:
-    """One process per rank, wired as torchrun wires them (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick, so parallel tests differ)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+        return s.getsockname()[1]
+
+
+def launch_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:
+    """One process per rank, wired as torchrun wires them (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK)."""
+    port = str(free_port())
     procs = []
     for rank, cmd in enumerate(commands):
         wiring = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(len(commands)),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from ckptguard import verify_checkpoint
+from faultkit import free_port
 
 TIMEOUT_S = 10.0  # the manager's bound on every collective
 HANG_S = 600  # a rank still running this long is stuck past every timeout; far past a slow machine's run
@@ -69,15 +69,9 @@ os._exit(0)  # leave without a teardown collective the dead peer could never joi
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_ranks(run_dir: Path, fault: str) -> list[dict[str, Any] | None]:
     """Start both ranks, wait with a hard bound; returns each rank's report (None: it died)."""
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ckptguard.storage import remote_publish
 from ckptguard.storage.lease import Lease
 from ckptguard.storage.objectstore import ObjectStore
 from conftest import make_training_state
+from faultkit import free_port
 from s3kit import RemoteRun, S3Server, freeze_renewals, new_run, use_server, wait_until_held_by, wait_until_stale
 
 WEIGHTS = "state/model.safetensors"
@@ -65,9 +65,7 @@ def test_missing_bucket_unreachable_endpoint_and_no_credentials_are_typed_before
     local = tmp_path / "local"
     with pytest.raises(BucketNotFoundError, match="does not exist"):
         CheckpointManager(local, remote="s3://no-such-bucket-here/run")
-    with socket.socket() as sock:  # a port on 127.0.0.1 where nothing listens
-        sock.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{free_port()}"  # a port on 127.0.0.1 where nothing listens
     options = {"endpoint_url": closed, "connect_timeout": 1, "max_attempts": 1}
     with pytest.raises(EndpointUnreachableError, match="cannot be reached"):
         CheckpointManager(local, remote=remote.url, storage_options=options)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from ckptguard import verify_checkpoint
 from ckptguard.cli import main
 from ckptguard.manifest import read_manifest
+from faultkit import free_port
 from test_train_ddp import STEPS, env, losses, tiny
 
 
@@ -126,11 +127,8 @@ dist.destroy_process_group()
 def test_the_fsdp_adapter_gather_moves_only_what_peft_saves(targets: str) -> None:
     """Not the frozen base model: only LoRA tensors, and an adapted lm_head's base weight when PEFT saves it."""
     import json
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     paths = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     child_env = {**env(), "PORT": str(port), "TARGETS": targets, "PYTHONPATH": paths}
     done = subprocess.run([sys.executable, "-c", _GATHER], capture_output=True, text=True, timeout=120, env=child_env)

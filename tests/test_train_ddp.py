@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 from ckptguard import verify_checkpoint
 from ckptguard.cli import main
-from faultkit import Filler, tmpfs
+from faultkit import Filler, launch_ranks, tmpfs
 from test_train_guards import poisoned_setup
 
 STEPS = 6
@@ -90,29 +89,12 @@ def test_gradient_accumulation_of_b_matches_one_batch_of_2b(tmp_path: Path, caps
         torch.testing.assert_close(accum[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _require_mount_namespaces() -> None:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a read-only bind mount for one rank needs root and unshare (util-linux)")
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot create a mount namespace: {probe.stderr.strip()}")
-
-
-def _launch(commands: list[list[str]]) -> list[subprocess.Popen]:
-    """One process per rank, wired as torchrun would (MASTER_ADDR/PORT, RANK, WORLD_SIZE)."""
-    port = str(_free_port())
-    procs = []
-    for rank, cmd in enumerate(commands):
-        rank_env = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(len(commands)),
-                    "RANK": str(rank), "LOCAL_RANK": str(rank)}  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env))
-    return procs
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[str, str]]:
@@ -139,7 +121,7 @@ def test_a_read_only_mount_on_one_rank_stops_every_rank_before_step_1(tmp_path: 
     # rank 1 sees the run directory through a read-only bind mount in its private mount namespace
     read_only = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
     rank1 = ["unshare", "--mount", "--propagation", "private", "sh", "-c", read_only, "sh", str(run_dir)]
-    procs = _launch([[sys.executable, *args], [*rank1, sys.executable, *args]])
+    procs = launch_ranks([[sys.executable, *args], [*rank1, sys.executable, *args]])
     outputs = _finish(procs)
     assert [p.returncode for p in procs] == [1, 1], outputs
     errors = _error_lines(outputs)
@@ -156,7 +138,7 @@ def test_disk_filling_up_between_saves_fails_the_next_save_on_every_rank(tmp_pat
         run_dir = disk / "run"
         args = ["-m", "ckptguard.train", *tiny(run_dir, 2, "train.max_steps=60", "checkpoint.save_every=3",
                                                 "checkpoint.timeout_s=60")]  # fmt: skip
-        procs = _launch([[sys.executable, *args], [sys.executable, *args]])
+        procs = launch_ranks([[sys.executable, *args], [sys.executable, *args]])
         for line in procs[0].stdout:  # let the run save once, then fill the disk under it
             if line.startswith("saved checkpoint-3"):
                 Filler(disk).leave_bytes(0)
@@ -177,7 +159,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_
     values = (*poisoned_setup(tmp_path, clean=6), "train.max_steps=4", "checkpoint.save_every=100",
               "checkpoint.timeout_s=60")  # fmt: skip
     args = [sys.executable, "-m", "ckptguard.train", *tiny(tmp_path / "run", 1, *values)]
-    procs = _launch([args, args])
+    procs = launch_ranks([args, args])
     outputs = _finish(procs)
     assert [p.returncode for p in procs] == [2, 2], outputs
     errors = _error_lines(outputs)
@@ -192,7 +174,7 @@ def test_direct_to_remote_saving_with_two_ranks_is_a_config_error_on_both(tmp_pa
     """Direct mode has no shared staging for several ranks' files: refused before any bucket is touched."""
     overrides = ("checkpoint.remote_mode=direct", "checkpoint.timeout_s=60")
     args = [sys.executable, "-m", "ckptguard.train", *tiny("s3://any-bucket/run", 1, *overrides)]
-    outputs = _finish(_launch([args, args]))
+    outputs = _finish(launch_ranks([args, args]))
     errors = _error_lines(outputs)
     assert errors[0] == errors[1], outputs
     assert errors[0] == (
