@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from ckptguard import CheckpointManager, verify_checkpoint
-from ckptguard.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
+from ckptguard.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 
 LOOP = textwrap.dedent(
     """
@@ -57,3 +57,23 @@ def test_a_repeated_abort_signal_raises_keyboard_interrupt_at_once(capfd):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # restored on exit
+
+
+def _swallowing(sig: signal.Signals) -> None:
+    """Code that catches everything around a signal, as an extension module's import can."""
+    try:
+        os.kill(os.getpid(), sig)  # the handler raises Preempted here, at the next bytecode
+        sum(range(1000))
+    except BaseException:
+        pass
+
+
+def test_a_stop_signal_swallowed_by_the_interrupted_code_still_stops_the_work():
+    # the work ends normally: the stop is raised on the way out
+    with PreemptionWatcher() as watcher, pytest.raises(Preempted), watcher.interrupting():
+        _swallowing(signal.SIGTERM)
+    # the work fails afterwards: the stop wins, and the failure is chained to it
+    with PreemptionWatcher() as watcher, pytest.raises(Preempted) as stopped, watcher.interrupting():
+        _swallowing(signal.SIGTERM)
+        raise ValueError("a render that ran out of time")
+    assert isinstance(stopped.value.__cause__, ValueError)

@@ -73,14 +73,27 @@ class PreemptionWatcher:
 
     @contextmanager
     def interrupting(self) -> Iterator[None]:
-        """Inside, a stop signal (or one received before) raises :class:`Preempted`: for work with nothing to save."""
+        """Inside, a stop signal (or one received before) raises :class:`Preempted`: for work with nothing to save.
+
+        The handler raises in whatever code runs when the signal lands, and some code swallows what it
+        did not expect (an extension module's import, a ``finally`` that raises anew): a signal received
+        inside is raised again on the way out, over whatever else ended the work, so it is never lost.
+        """
         if self.received is not None:
             raise Preempted(self.received)
         self._interrupting = True
         try:
             yield
+        except Preempted:
+            raise
+        except BaseException as exc:
+            if self.received is None:
+                raise
+            raise Preempted(self.received) from exc
         finally:
             self._interrupting = False
+        if self.received is not None:
+            raise Preempted(self.received)
 
     def should_stop(self) -> bool:
         """True on every rank once any rank received a preemption signal (a collective when distributed)."""
