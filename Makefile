@@ -35,8 +35,13 @@ demo: $(VENV)/.installed
 
 test: test-core test-higgs
 
+# Test files are spread over this many pytest processes (pytest-xdist), each file whole in one of them so
+# its module fixtures (trained tiny models, servers) are built once; 1 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test-core: $(VENV)/.installed lint browser fuse compat-accelerate
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL)
 
 # The same suites as `make test` beside two CPU burners, as on a machine shared with other jobs: the tests wait
 # on events and observed state, never on the clock, so they must pass here too. The burners are killed on
@@ -51,7 +56,7 @@ test-under-load:
 # marked `stack` by tests/conftest.py) again, on the older transformers/peft stack. The store's own tests
 # use neither library and stay in test-core, as does the bench smoke test.
 test-higgs: $(HVENV)/.installed browser fuse
-	$(HPY) -m pytest -q -ra -m stack --ignore tests/test_bench_smoke.py
+	$(HPY) -m pytest -q -ra $(PYTEST_PARALLEL) -m stack --ignore tests/test_bench_smoke.py
 
 # The run report's test renders the page in Debian's chromium: installed here when missing and we are
 # root with apt-get; otherwise that test skips and says why.
