@@ -11,16 +11,20 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from ckptguard import CheckpointManager
 from test_train_resume import tiny
-from trainkit import finish, read_until, start_train
+from trainkit import CLI_TRAIN, TRAIN, ImportHold, finish, read_until, start_train
 
 # 100 micro-batches a step: a step lasts long enough to press Ctrl-C twice within it.
 LONG_STEPS = ("checkpoint.save_every=100", "train.grad_accum=100", "train.eval_every=100")
 
 
-def start(out: Path, *extra: str) -> subprocess.Popen[str]:
-    return start_train(tiny(out, *extra), threads=1)
+def start(
+    out: Path, *extra: str, entry: tuple[str, ...] = TRAIN, hold: ImportHold | None = None
+) -> subprocess.Popen[str]:
+    return start_train(tiny(out, *extra), threads=1, entry=entry, hold=hold)
 
 
 def valid_steps(out: Path) -> list[int]:
@@ -72,3 +76,18 @@ def test_sigterm_during_start_up_stops_before_step_1_with_exit_75(tmp_path: Path
     )
     assert "stopped by SIGTERM during start-up, before step 1\nnothing was saved yet; run the same command" in text
     assert "step 1/" not in text and valid_steps(out) == []
+
+
+@pytest.mark.parametrize("entry", [TRAIN, CLI_TRAIN], ids=["python -m ckptguard.train", "python -m ckptguard train"])
+def test_sigterm_while_torch_imports_stops_with_exit_75_not_killed(tmp_path: Path, entry: tuple[str, ...]) -> None:
+    """The first seconds of a run are torch's import: a scheduler's SIGTERM then must not kill it (-15)."""
+    out, hold = tmp_path / "run", ImportHold("torch", tmp_path)
+    child = start(out, entry=entry, hold=hold)
+    text = read_until(child, hold.line)  # held at `import torch`, as it is for seconds on a loaded machine
+    child.send_signal(signal.SIGTERM)
+    hold.release()
+    text += finish(child, timeout=120)
+    assert child.returncode == 75, text
+    nothing_yet = "nothing was saved yet; run the same command again to start"
+    assert text.endswith(f"stopped by SIGTERM during start-up, before step 1\n{nothing_yet}\n")
+    assert "Traceback" not in text and valid_steps(out) == []
