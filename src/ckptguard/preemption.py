@@ -43,7 +43,10 @@ class PreemptionWatcher:
 
     A signal in `abort_on_repeat` (SIGINT, for a person at a terminal) is watched too, acknowledged on stderr the
     first time; once any signal was received, it raises KeyboardInterrupt at once: the way out
-    when the save at the next step boundary is not worth waiting for.
+    when the save at the next step boundary is not worth waiting for. It raises once: a signal while the
+    abort is under way is ignored, so the abort's own cleanup and message cannot be cut short (Ctrl-\\,
+    SIGQUIT, still kills at once). After :meth:`ending`, the acknowledgement says the run is ending
+    instead of promising a save; after :meth:`ignore_until_exit`, every watched signal is ignored.
     """
 
     def __init__(
@@ -55,19 +58,24 @@ class PreemptionWatcher:
         self.received: signal.Signals | None = None
         self._abort_on_repeat = abort_on_repeat
         self._interrupting = False
+        self._ending = False  # no step boundary comes any more: nothing is saved on a first signal
+        self._ignoring = False  # an abort, or the process's exit, is under way
         self._previous: dict[signal.Signals, Any] = {}
         for sig in dict.fromkeys((*signals, *abort_on_repeat)):  # each once: close() restores the first
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig, repeated = signal.Signals(signum), self.received is not None
+        if self._ignoring:
+            return
         if sig in self._abort_on_repeat and repeated:
+            self._ignoring = True
             raise KeyboardInterrupt(f"{sig.name} while already stopping")
         self.received = sig  # before the notice: a handler can run again inside this one
         if sig in self._abort_on_repeat:
+            then = "the run is ending already" if self._ending else "saving at the next step boundary, then exiting"
             # os.write, not print: the handler may run in the middle of a print to the same stream.
-            notice = f"\n{sig.name}: saving at the next step boundary, then exiting ({sig.name} again: abort now)\n"
-            os.write(2, notice.encode())
+            os.write(2, f"\n{sig.name}: {then} ({sig.name} again: abort now)\n".encode())
         if self._interrupting:
             raise Preempted(sig)
 
@@ -99,6 +107,15 @@ class PreemptionWatcher:
                 self.received.name if self.received else "(on another rank)",
             )
         return flag
+
+    def ending(self) -> None:
+        """The training loop is over (its last save is behind it): a first Ctrl-C is not promised a save."""
+        self._ending = True
+
+    def ignore_until_exit(self) -> None:
+        """The outcome is decided and said: a signal now would only turn it into a traceback (exit -2) or a
+        bare -15, so the handlers stay installed and do nothing until the process exits."""
+        self._ignoring = True
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
