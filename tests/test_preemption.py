@@ -56,4 +56,23 @@ def test_a_repeated_abort_signal_raises_keyboard_interrupt_at_once(capfd):
         )
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+        try:  # raised once: the abort's cleanup and its message are not cut short by a third
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a third SIGINT raised KeyboardInterrupt again, in the middle of the abort")
     assert signal.getsignal(signal.SIGINT) is before  # restored on exit
+
+
+def test_after_the_loop_ends_a_first_ctrl_c_is_not_promised_a_save_and_late_signals_are_ignored(capfd):
+    with PreemptionWatcher(abort_on_repeat=(signal.SIGINT,)) as watcher:
+        watcher.ending()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "SIGINT: the run is ending already (SIGINT again: abort now)" in capfd.readouterr().err
+        watcher.ignore_until_exit()  # the outcome is said: neither a KeyboardInterrupt nor -15 may follow
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a SIGINT after the outcome was said raised KeyboardInterrupt")
+        assert watcher.received is signal.SIGINT and capfd.readouterr().err == ""

@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
         description="LoRA fine-tune a causal LM; every checkpoint is verified, and the run resumes from the "
         "newest valid one. Exit codes: 0 done, 1 checkpoint error (preflight included), 2 bad config or data "
         "(a diverged run included), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after saving (run the same command "
-        "again to resume), 130 aborted by a second Ctrl-C without saving.",
+        "again to resume), 130 aborted by a second Ctrl-C (its last line says whether any steps were lost).",
     )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
