@@ -407,6 +407,7 @@ class LoRARecipe:
         return code
 
     def setup_and_train(self) -> int:
+        """The run's exit code: a stop while the data was prepared ends it before any step, with 75."""
         try:
             self.setup()
         except Preempted as exc:  # while the data was prepared: before the manager, so read the run dir
