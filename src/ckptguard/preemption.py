@@ -13,6 +13,7 @@ torch is imported only when a collective is needed, so an entry point can watch 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -46,7 +47,7 @@ class PreemptionWatcher:
     when the save at the next step boundary is not worth waiting for. It raises once: a signal while the
     abort is under way is ignored, so the abort's own cleanup and message cannot be cut short (Ctrl-\\,
     SIGQUIT, still kills at once). After :meth:`ending`, the acknowledgement says the run is ending
-    instead of promising a save; after :meth:`ignore_until_exit`, every watched signal is ignored.
+    instead of promising a save.
     """
 
     def __init__(
@@ -112,11 +113,6 @@ class PreemptionWatcher:
         """The training loop is over (its last save is behind it): a first Ctrl-C is not promised a save."""
         self._ending = True
 
-    def ignore_until_exit(self) -> None:
-        """The outcome is decided and said: a signal now would only turn it into a traceback (exit -2) or a
-        bare -15, so the handlers stay installed and do nothing until the process exits."""
-        self._ignoring = True
-
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -127,3 +123,28 @@ class PreemptionWatcher:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals_at_exit() -> None:
+    """From the interpreter's exit on (atexit), ignore SIGINT, SIGTERM and SIGUSR1. Registered once.
+
+    A command's outcome is decided and said by then, but torch's teardown can take a second after the
+    last line, in which a SIGTERM would turn exit 0 or 75 into -15 and a Ctrl-C into a traceback.
+    The kernel ignores them (SIG_IGN), so this holds while no Python runs; SIGKILL and Ctrl-\\ (SIGQUIT)
+    still end an exit that hangs. In-process callers keep their handlers until their own exit.
+    """
+    global _ignore_at_exit_registered
+    if not _ignore_at_exit_registered:
+        atexit.register(_ignore_stop_signals)
+        _ignore_at_exit_registered = True
+
+
+_ignore_at_exit_registered = False
+
+
+def _ignore_stop_signals() -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

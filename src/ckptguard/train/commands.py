@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptguard.errors import CheckpointError
-from ckptguard.preemption import PreemptionWatcher
+from ckptguard.preemption import PreemptionWatcher, ignore_stop_signals_at_exit
 from ckptguard.train import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_OK
 from ckptguard.train.config import ConfigError, load_config
 
@@ -94,8 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # SIGTERM or Ctrl-C during start-up (torch, config, data, model, resume) stops the run cleanly before
     # its first step instead of killing it without a word. SIGTERM/SIGUSR1 from a scheduler and a first
     # Ctrl-C save at the next step boundary, then exit 75; a second Ctrl-C aborts (130, see recipe.run).
-    # The handlers are never given back: once the outcome is said, a late signal is ignored until exit.
+    # From the interpreter's exit on, the outcome is said: a late signal is ignored, never a -15.
     stop = PreemptionWatcher(abort_on_repeat=(signal.SIGINT,))
+    ignore_stop_signals_at_exit()
     try:
         from ckptguard.train.data import DataError
         from ckptguard.train.recipe import run
@@ -113,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(aborted_in_start_up(), file=sys.stderr, flush=True)
         return EXIT_ABORTED
     finally:
-        stop.ignore_until_exit()
+        stop.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
