@@ -60,7 +60,7 @@ class PreemptionWatcher:
         self._abort_on_repeat = abort_on_repeat
         self._interrupting = False
         self._ending = False  # no step boundary comes any more: nothing is saved on a first signal
-        self._ignoring = False  # an abort, or the process's exit, is under way
+        self._ignoring = False  # KeyboardInterrupt was raised: the abort is under way
         self._previous: dict[signal.Signals, Any] = {}
         for sig in dict.fromkeys((*signals, *abort_on_repeat)):  # each once: close() restores the first
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -126,6 +126,7 @@ class PreemptionWatcher:
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_ignore_at_exit_registered = False
 
 
 def ignore_stop_signals_at_exit() -> None:
@@ -140,9 +141,6 @@ def ignore_stop_signals_at_exit() -> None:
     if not _ignore_at_exit_registered:
         atexit.register(_ignore_stop_signals)
         _ignore_at_exit_registered = True
-
-
-_ignore_at_exit_registered = False
 
 
 def _ignore_stop_signals() -> None:
