@@ -137,3 +137,14 @@ def test_ls_shows_set_aside_directories_and_prune_superseded_removes_them(run, c
     assert "removed checkpoint-40.superseded-20261129T120000 (superseded)" in capsys.readouterr().out
     names = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
     assert names == ["checkpoint-20", "checkpoint-30.corrupt-20261129T120000-ab12"]
+
+
+def test_the_cli_and_the_package_load_without_torch_until_a_public_name_is_used():
+    """torch takes seconds to import: `ckptguard train` must watch its signals before that (PEP 562 names)."""
+    code = (
+        "import sys, ckptguard, ckptguard.cli, ckptguard.train.commands\n"
+        "print('torch' in sys.modules)\n"
+        "print(all(getattr(ckptguard, name) is not None for name in ckptguard.__all__), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "False\nTrue True\n"

@@ -56,6 +56,11 @@ def test_a_repeated_abort_signal_raises_keyboard_interrupt_at_once(capfd):
         )
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+        try:  # raised once: the abort's cleanup and its message are not cut short by a third
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a third SIGINT raised KeyboardInterrupt again, in the middle of the abort")
     assert signal.getsignal(signal.SIGINT) is before  # restored on exit
 
 
@@ -77,3 +82,31 @@ def test_a_stop_signal_swallowed_by_the_interrupted_code_still_stops_the_work():
         _swallowing(signal.SIGTERM)
         raise ValueError("a render that ran out of time")
     assert isinstance(stopped.value.__cause__, ValueError)
+
+
+def test_after_the_loop_ends_a_first_ctrl_c_is_not_promised_a_save(capfd):
+    with PreemptionWatcher(abort_on_repeat=(signal.SIGINT,)) as watcher:
+        watcher.ending()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "SIGINT: the run is ending already (SIGINT again: abort now)" in capfd.readouterr().err
+
+
+EXITING = textwrap.dedent(
+    """
+    import atexit, sys
+    from ckptguard.preemption import ignore_stop_signals_at_exit
+    atexit.register(lambda: (print("exiting", flush=True), sys.stdin.read()))  # runs after the next one
+    ignore_stop_signals_at_exit()
+    ignore_stop_signals_at_exit()
+    """
+)
+
+
+def test_a_signal_during_the_interpreters_exit_keeps_the_exit_code():
+    """torch's teardown takes a second after the trainer's last line: a SIGTERM there must not make it -15."""
+    proc = subprocess.Popen([sys.executable, "-c", EXITING], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "exiting\n"
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    assert proc.communicate(input="", timeout=60) == ("", None)
+    assert proc.returncode == 0

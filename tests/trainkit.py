@@ -6,15 +6,42 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
+TRAIN = ("ckptguard.train",)  # `python -m ckptguard.train`, as torchrun starts it
+CLI_TRAIN = ("ckptguard", "train")  # `python -m ckptguard train`: the `ckptguard train` command's path
 
-def start_train(args: list[str], threads: int | None = None) -> subprocess.Popen[str]:
-    """`python -m ckptguard.train ARGS` with unbuffered output; `threads` defaults to this process's count,
+
+class ImportHold:
+    """Holds a child at its first import of `module` (tests/importhold) until :meth:`release`.
+
+    The child prints `line` when it gets there: a test signals it at that moment, not after a guessed delay.
+    """
+
+    def __init__(self, module: str, where: Path) -> None:
+        self.line = f"holding the import of {module}"
+        self._release = where / f"release-{module}"
+        path = [str(Path(__file__).parent / "importhold"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        self.env = {
+            "CKPTGUARD_TEST_HOLD": module,
+            "CKPTGUARD_TEST_RELEASE": str(self._release),
+            "PYTHONPATH": os.pathsep.join(path),
+        }
+
+    def release(self) -> None:
+        self._release.touch()
+
+
+def start_train(
+    args: list[str], threads: int | None = None, *, entry: tuple[str, ...] = TRAIN, hold: ImportHold | None = None
+) -> subprocess.Popen[str]:
+    """`python -m ENTRY ARGS` with unbuffered output; `threads` defaults to this process's count,
     so a child's arithmetic matches the reference runs trained here."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads or torch.get_num_threads())}
-    cmd = [sys.executable, "-m", "ckptguard.train", *args]
+    env.update(hold.env if hold else {})
+    cmd = [sys.executable, "-m", *entry, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 

@@ -3,29 +3,38 @@
 >>> from ckptguard import CheckpointManager                        # doctest: +SKIP
 >>> mgr = CheckpointManager("runs/exp1", keep_last=3)               # doctest: +SKIP
 >>> mgr.save(100, {"model": model, "optimizer": opt})                # doctest: +SKIP
+
+The public names load on first use (PEP 562): importing the package, or ``ckptguard.cli``, does
+not import torch, so ``ckptguard train`` watches SIGTERM and Ctrl-C before torch takes seconds to load.
 """
 
-from ckptguard.adapter_dir import load_lora_adapters, save_lora_adapters
-from ckptguard.discovery import CheckpointInfo
-from ckptguard.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    CoordinationError,
-    CorruptCheckpointError,
-    InsufficientSpaceError,
-    LockedError,
-    NotWritableError,
-    PreflightError,
-    UnsupportedStateError,
-    VerificationError,
-    WriteError,
-)
-from ckptguard.manager import CheckpointManager, SaveResult
-from ckptguard.preemption import PreemptionWatcher
-from ckptguard.restore import Restored
-from ckptguard.rng import RNGState
-from ckptguard.snapshot import estimate_bytes, per_rank
-from ckptguard.verify import VerifyReport, verify_checkpoint
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ckptguard.adapter_dir import load_lora_adapters, save_lora_adapters
+    from ckptguard.discovery import CheckpointInfo
+    from ckptguard.errors import (
+        CheckpointError,
+        CheckpointNotFoundError,
+        CoordinationError,
+        CorruptCheckpointError,
+        InsufficientSpaceError,
+        LockedError,
+        NotWritableError,
+        PreflightError,
+        UnsupportedStateError,
+        VerificationError,
+        WriteError,
+    )
+    from ckptguard.manager import CheckpointManager, SaveResult
+    from ckptguard.preemption import PreemptionWatcher
+    from ckptguard.restore import Restored
+    from ckptguard.rng import RNGState
+    from ckptguard.snapshot import estimate_bytes, per_rank
+    from ckptguard.verify import VerifyReport, verify_checkpoint
 
 __version__ = "0.1.0"
 
@@ -54,3 +63,33 @@ __all__ = [
     "save_lora_adapters",
     "verify_checkpoint",
 ]
+
+# the module that defines each public name (the imports above, for type checkers, say the same)
+_HOMES = {
+    "adapter_dir": "load_lora_adapters save_lora_adapters",
+    "discovery": "CheckpointInfo",
+    "errors": "CheckpointError CheckpointNotFoundError CoordinationError CorruptCheckpointError "
+    "InsufficientSpaceError LockedError NotWritableError PreflightError UnsupportedStateError VerificationError "
+    "WriteError",
+    "manager": "CheckpointManager SaveResult",
+    "preemption": "PreemptionWatcher",
+    "restore": "Restored",
+    "rng": "RNGState",
+    "snapshot": "estimate_bytes per_rank",
+    "verify": "VerifyReport verify_checkpoint",
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names.split()}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use and keep the name here, so the next lookup is direct."""
+    home = _HOME_OF.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ckptguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ckptguard.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,14 +13,19 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptguard import cli_remote, discovery, listing, preflight, publish, retention
+from ckptguard import retention
 from ckptguard.errors import CheckpointError
-from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, step_from_name
+from ckptguard.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, VERIFY_LEVELS, step_from_name
 from ckptguard.storage.objectstore import is_remote
 from ckptguard.units import format_bytes
-from ckptguard.verify import LEVELS, verify_checkpoint
+
+if TYPE_CHECKING:
+    from ckptguard import preflight
+
+# The store's modules import torch (seconds): each command imports what it uses, so `ckptguard train`
+# watches its signals before torch loads, and `--help` answers at once.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -32,6 +37,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ckptguard import discovery, listing, publish
+
     if is_remote(args.run_dir):
         return _ls_remote(args)
     run_dir = Path(args.run_dir)
@@ -77,6 +84,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _ls_remote(args: argparse.Namespace) -> int:
     """`ls` of a remote run: committed checkpoints are valid; an upload without its marker is not."""
+    from ckptguard import cli_remote, listing
+
     found, doc = cli_remote.ls_json(args.run_dir)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -90,12 +99,17 @@ def _ls_remote(args: argparse.Namespace) -> int:
 
 def _targets(path: Path) -> list[Path]:
     """A checkpoint directory itself, or every checkpoint-* directory of a run directory."""
+    from ckptguard import discovery
+
     if (path / MANIFEST_NAME).exists() or step_from_name(path.name) is not None:
         return [path]
     return [c.path for c in discovery.discover(path)] or [path]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ckptguard import cli_remote
+    from ckptguard.verify import verify_checkpoint
+
     path = Path(args.path)
     if is_remote(args.path):
         reports: list[Any] = cli_remote.verify_reports(args.path, args.level)
@@ -137,6 +151,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Can a run save here? Leaves the directory as it found it: the write probe removes what it made,
     the lock is tested without creating a lock file, and nothing is probed inside a checkpoint."""
+    from ckptguard import cli_remote, preflight
+
     run_dir = Path(args.run_dir).absolute()
     checks: list[dict[str, Any]] = []
 
@@ -166,6 +182,8 @@ def _doctor_out(args: argparse.Namespace, run_dir: str, checks: list[dict[str, A
 
 
 def _doctor_dir(run_dir: Path, where: Path, check: Any) -> None:
+    from ckptguard import preflight
+
     if run_dir.exists() and not run_dir.is_dir():
         check("directory", False, f"{run_dir} is a file, not a directory")
     elif not where.is_dir():
@@ -186,6 +204,8 @@ def _doctor_dir(run_dir: Path, where: Path, check: Any) -> None:
 
 
 def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
+    from ckptguard import discovery, listing, preflight
+
     found = discovery.discover(run_dir) if run_dir.is_dir() else []
     sizes = [c.bytes for c in found if c.valid]
     detail = (
@@ -204,6 +224,8 @@ def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -
 
 
 def _doctor_run(run_dir: Path, check: Any) -> None:
+    from ckptguard import discovery, listing, preflight, publish
+
     lock = preflight.RunLock(run_dir)
     if lock.held_elsewhere():
         check("lock", True, f"held by a running writer ({lock.holder()}); saves from a second writer would fail")
@@ -228,6 +250,7 @@ def _doctor_run(run_dir: Path, check: Any) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from ckptguard import cli_remote, discovery, listing
     from ckptguard.manager import CheckpointManager
 
     run_dir = Path(args.run_dir)
@@ -293,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("verify", help="exit 0 only if every byte is what was written")
     p.add_argument("path", help="a checkpoint or run directory (all its checkpoints), or the s3:// URL of either")
-    p.add_argument("--level", choices=LEVELS, default="full")
+    p.add_argument("--level", choices=VERIFY_LEVELS, default="full")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("doctor", help="can a run save here? permissions, space, filesystem, lock")

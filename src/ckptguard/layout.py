@@ -36,6 +36,8 @@ LEASE_NAME = ".ckptguard.lease"
 SHARDED_DIR = "sharded"  # in a checkpoint: DCP's shard files (__{rank}_{n}.distcp) of FSDP2 state
 DCP_METADATA = ".metadata"  # DCP's index of the shards, in SHARDED_DIR, written by rank 0
 
+VERIFY_LEVELS = ("quick", "full", "deep")  # verify.py's levels, named here so the CLI parser needs no torch
+
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 SUPERSEDED_MARK = ".superseded-"

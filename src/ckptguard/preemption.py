@@ -13,6 +13,7 @@ torch is imported only when a collective is needed, so an entry point can watch 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -43,7 +44,10 @@ class PreemptionWatcher:
 
     A signal in `abort_on_repeat` (SIGINT, for a person at a terminal) is watched too, acknowledged on stderr the
     first time; once any signal was received, it raises KeyboardInterrupt at once: the way out
-    when the save at the next step boundary is not worth waiting for.
+    when the save at the next step boundary is not worth waiting for. It raises once: a signal while the
+    abort is under way is ignored, so the abort's own cleanup and message cannot be cut short (Ctrl-\\,
+    SIGQUIT, still kills at once). After :meth:`ending`, the acknowledgement says the run is ending
+    instead of promising a save.
     """
 
     def __init__(
@@ -55,19 +59,24 @@ class PreemptionWatcher:
         self.received: signal.Signals | None = None
         self._abort_on_repeat = abort_on_repeat
         self._interrupting = False
+        self._ending = False  # no step boundary comes any more: nothing is saved on a first signal
+        self._ignoring = False  # KeyboardInterrupt was raised: the abort is under way
         self._previous: dict[signal.Signals, Any] = {}
         for sig in dict.fromkeys((*signals, *abort_on_repeat)):  # each once: close() restores the first
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig, repeated = signal.Signals(signum), self.received is not None
+        if self._ignoring:
+            return
         if sig in self._abort_on_repeat and repeated:
+            self._ignoring = True
             raise KeyboardInterrupt(f"{sig.name} while already stopping")
         self.received = sig  # before the notice: a handler can run again inside this one
         if sig in self._abort_on_repeat:
+            then = "the run is ending already" if self._ending else "saving at the next step boundary, then exiting"
             # os.write, not print: the handler may run in the middle of a print to the same stream.
-            notice = f"\n{sig.name}: saving at the next step boundary, then exiting ({sig.name} again: abort now)\n"
-            os.write(2, notice.encode())
+            os.write(2, f"\n{sig.name}: {then} ({sig.name} again: abort now)\n".encode())
         if self._interrupting:
             raise Preempted(sig)
 
@@ -84,7 +93,7 @@ class PreemptionWatcher:
         self._interrupting = True
         try:
             yield
-        except Preempted:
+        except (Preempted, KeyboardInterrupt):  # a stop already, or the abort a repeated signal asks for
             raise
         except BaseException as exc:
             if self.received is None:
@@ -113,6 +122,10 @@ class PreemptionWatcher:
             )
         return flag
 
+    def ending(self) -> None:
+        """The training loop is over (its last save is behind it): a first Ctrl-C is not promised a save."""
+        self._ending = True
+
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -123,3 +136,26 @@ class PreemptionWatcher:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_ignore_at_exit_registered = False
+
+
+def ignore_stop_signals_at_exit() -> None:
+    """From the interpreter's exit on (atexit), ignore SIGINT, SIGTERM and SIGUSR1. Registered once.
+
+    A command's outcome is decided and said by then, but torch's teardown can take a second after the
+    last line, in which a SIGTERM would turn exit 0 or 75 into -15 and a Ctrl-C into a traceback.
+    The kernel ignores them (SIG_IGN), so this holds while no Python runs; SIGKILL and Ctrl-\\ (SIGQUIT)
+    still end an exit that hangs. In-process callers keep their handlers until their own exit.
+    """
+    global _ignore_at_exit_registered
+    if not _ignore_at_exit_registered:
+        atexit.register(_ignore_stop_signals)
+        _ignore_at_exit_registered = True
+
+
+def _ignore_stop_signals() -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -28,12 +28,12 @@ import xxhash
 from ckptguard import dcp_metadata
 from ckptguard.errors import CorruptCheckpointError, VerificationError, from_os_error
 from ckptguard.hashing import hash_file
-from ckptguard.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE
+from ckptguard.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE, VERIFY_LEVELS
 from ckptguard.lora import adapter_key_problems
 from ckptguard.manifest import FileEntry, Manifest, ManifestError, parse_json, read_manifest
 from ckptguard.tensorfile import parse_tensors
 
-LEVELS = ("quick", "full", "deep")
+LEVELS = VERIFY_LEVELS
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptguard.errors import CheckpointError
-from ckptguard.preemption import PreemptionWatcher
+from ckptguard.preemption import PreemptionWatcher, ignore_stop_signals_at_exit
 from ckptguard.train import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_OK
 from ckptguard.train.config import ConfigError, load_config
 
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
         description="LoRA fine-tune a causal LM; every checkpoint is verified, and the run resumes from the "
         "newest valid one. Exit codes: 0 done, 1 checkpoint error (preflight included), 2 bad config or data "
         "(a diverged run included), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after saving (run the same command "
-        "again to resume), 130 aborted by a second Ctrl-C without saving.",
+        "again to resume), 130 aborted by a second Ctrl-C (its last line says whether any steps were lost).",
     )
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -90,10 +90,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_known_warnings()
     if args.new_timeline and args.resume != "none":
         return _fail(ValueError("--new-timeline only applies with --resume none"), EXIT_BAD_INPUT)
-    # Signals are watched from here on, so a SIGTERM or Ctrl-C during start-up (config, data, model,
-    # resume) stops the run cleanly before its first step instead of killing it without a word.
-    # SIGTERM/SIGUSR1 from a scheduler and a first Ctrl-C save at the next step boundary, then exit 75.
-    with PreemptionWatcher(abort_on_repeat=(signal.SIGINT,)) as stop:
+    # Signals are watched from here on, before torch loads (nothing imported so far imports it), so a
+    # SIGTERM or Ctrl-C during start-up (torch, config, data, model, resume) stops the run cleanly before
+    # its first step instead of killing it without a word. SIGTERM/SIGUSR1 from a scheduler and a first
+    # Ctrl-C save at the next step boundary, then exit 75; a second Ctrl-C aborts (130, see recipe.run).
+    # From the interpreter's exit on, the outcome is said: a late signal is ignored, never a -15.
+    stop = PreemptionWatcher(abort_on_repeat=(signal.SIGINT,))
+    ignore_stop_signals_at_exit()
+    try:
         from ckptguard.train.data import DataError
         from ckptguard.train.recipe import run
 
@@ -104,13 +108,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _fail(exc, EXIT_CHECKPOINT)
         except (ConfigError, DataError) as exc:  # a resume mismatch or a diverged run is a ConfigError too
             return _fail(exc, EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            print(
-                "error: aborted by a second SIGINT (Ctrl-C) without saving; the steps since the last checkpoint "
-                "are lost. Run the same command again to resume from it",
-                file=sys.stderr,
-            )
-            return EXIT_ABORTED
+    except KeyboardInterrupt:  # before the run began (torch loading, the config): run() handles its own
+        from ckptguard.train.summary import aborted_in_start_up
+
+        print(aborted_in_start_up(), file=sys.stderr, flush=True)
+        return EXIT_ABORTED
+    finally:
+        stop.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

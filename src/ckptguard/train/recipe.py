@@ -24,19 +24,27 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ckptguard import CheckpointManager, RNGState, discovery, per_rank
+from ckptguard import CheckpointInfo, CheckpointManager, RNGState, discovery, per_rank
 from ckptguard.errors import CheckpointError
 from ckptguard.events import EventLog
 from ckptguard.preemption import Preempted, PreemptionWatcher
 from ckptguard.report import write_report
-from ckptguard.train import EXIT_OK, EXIT_PREEMPTED, guards, runtime, sizing
+from ckptguard.train import EXIT_ABORTED, EXIT_OK, EXIT_PREEMPTED, guards, runtime, sizing
 from ckptguard.train.backends import Backend, Batch
 from ckptguard.train.chat import resolve_chat_format
 from ckptguard.train.config import ConfigError, RunConfig, lr_factor
 from ckptguard.train.data import Blocks, SampleOrder
 from ckptguard.train.registry import build_backend
 from ckptguard.train.resume import apply_optim_settings, changed_settings, check_resumable
-from ckptguard.train.summary import Progress, already_finished, resume_hint, stopped_in_start_up, summary
+from ckptguard.train.summary import (
+    Progress,
+    aborted,
+    aborted_in_start_up,
+    already_finished,
+    resume_hint,
+    stopped_in_start_up,
+    summary,
+)
 
 
 class LoRARecipe:
@@ -381,6 +389,7 @@ class LoRARecipe:
     def _finish(self, wall_start: float, outcome: str, code: int = EXIT_OK) -> int:
         """Wait for a background save (its time counts as saving), then print the summary."""
         assert self.manager is not None and self.rt is not None
+        self.stop.ending()
         start = time.perf_counter()
         self.manager.wait()
         self.progress.save_seconds += time.perf_counter() - start
@@ -397,8 +406,18 @@ class LoRARecipe:
                 print(resume_hint(self.manager.latest()), flush=True)
         return code
 
+    def setup_and_train(self) -> int:
+        """The run's exit code: a stop while the data was prepared ends it before any step, with 75."""
+        try:
+            self.setup()
+        except Preempted as exc:  # while the data was prepared: before the manager, so read the run dir
+            message = stopped_in_start_up(exc.signal.name, 0, _newest_on_disk(self.cfg))
+            return self._end_before_training(message, EXIT_PREEMPTED)
+        return self.train()
+
     def _end_before_training(self, message: str, code: int) -> int:
         """Nothing to train (a stop during start-up, or a finished run): say why, once."""
+        self.stop.ending()
         if self.rt and self.rt.is_primary:
             print(message, flush=True)
         return code
@@ -416,15 +435,26 @@ class LoRARecipe:
 
 
 def run(cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timeline: bool = False) -> int:
-    """Set up, train, clean up; errors propagate to the caller (commands.py maps them to exit codes)."""
+    """Set up, train, clean up; errors propagate to the caller (commands.py maps them to exit codes).
+
+    A second Ctrl-C (KeyboardInterrupt, raised once by `stop`) ends the run at any moment, even during the
+    final save or the cleanup: after the cleanup, the newest checkpoint on disk says whether steps are lost.
+    """
     recipe = LoRARecipe(cfg, stop, resume, new_timeline)
     try:
         try:
-            recipe.setup()
-        except Preempted as exc:  # while the data was prepared: before the manager, so read the run dir
-            found = discovery.newest_first(discovery.discover(Path(cfg.checkpoint.output_dir)))
-            message = stopped_in_start_up(exc.signal.name, 0, found[0] if found else None)
-            return recipe._end_before_training(message, EXIT_PREEMPTED)
-        return recipe.train()
-    finally:
-        recipe.cleanup()
+            return recipe.setup_and_train()
+        finally:
+            recipe.cleanup()
+    except KeyboardInterrupt:
+        p = recipe.progress
+        began = p.step > p.start_step
+        message = aborted(p.step, cfg.train.max_steps, _newest_on_disk(cfg)) if began else aborted_in_start_up()
+        print(message, file=sys.stderr, flush=True)
+        return EXIT_ABORTED
+
+
+def _newest_on_disk(cfg: RunConfig) -> CheckpointInfo | None:
+    """The checkpoint a resume would take, read from the run directory (there may be no manager)."""
+    found = discovery.newest_first(discovery.discover(Path(cfg.checkpoint.output_dir)))
+    return found[0] if found else None

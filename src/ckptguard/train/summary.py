@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ckptguard import CheckpointInfo, CheckpointManager, SaveResult
 from ckptguard.train.config import RunConfig
+
+if TYPE_CHECKING:  # no torch at import: the CLI says why it stopped even when torch never loaded
+    from ckptguard import CheckpointInfo, CheckpointManager, SaveResult
 
 
 @dataclass
@@ -78,3 +81,27 @@ def resume_hint(latest: CheckpointInfo | None) -> str:
     if latest is None:
         return "nothing was saved yet; run the same command again to start"
     return f"run the same command again to resume from {latest.path} (step {latest.step})"
+
+
+ABORTED = "aborted by a second SIGINT (Ctrl-C)"
+
+
+def aborted_in_start_up() -> str:
+    """A second Ctrl-C before this process began a step: nothing it did can be lost."""
+    return f"{ABORTED} during start-up, before any step; nothing was lost: run the same command again to go on"
+
+
+def aborted(step: int, max_steps: int, newest: CheckpointInfo | None) -> str:
+    """A second Ctrl-C once training began: lost or not is read from the disk, not guessed from the moment.
+
+    `step` is the step this process had reached (a step begun counts: its work is lost); `newest` is the
+    newest valid checkpoint on disk once the abort's cleanup is done, the one a resume would take.
+    """
+    if newest is None:
+        return f"error: {ABORTED} without saving; the steps trained are lost: {resume_hint(None)}"
+    if step > newest.step:
+        return f"error: {ABORTED} without saving; the steps after step {newest.step} are lost: {resume_hint(newest)}"
+    if newest.step >= max_steps:
+        final = f"{newest.path} (step {newest.step})"
+        return f"{ABORTED}; nothing was lost: the run is complete, its final checkpoint is {final}"
+    return f"{ABORTED}; nothing was lost: {resume_hint(newest)}"

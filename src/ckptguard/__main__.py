@@ -1,0 +1,8 @@
+"""``python -m ckptguard ...``: the ``ckptguard`` command (ls, verify, doctor, prune, report, train, ...)."""
+
+import sys
+
+from ckptguard.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
