@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,8 @@ class CloseWatch:
         self._dirs: dict[int, Path] = {}
         self._generation: dict[Path, int] = {}  # bumped by every event that may change a file
         self._pending: dict[Path, tuple[int, Future[EarlyHash]]] = {}
+        self._closes: dict[Path, int] = {}  # closes-after-write heard per file
+        self._heard = threading.Condition()  # notified after each event is acted on
         self._pool = ThreadPoolExecutor(max_workers=HASHERS, thread_name_prefix="ckptguard-early-hash")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,6 +103,11 @@ class CloseWatch:
             self._event(event.wd, event.mask, event.name)
 
     def _event(self, wd: int, mask: int, name: str) -> None:
+        with self._heard:
+            self._act(wd, mask, name)
+            self._heard.notify_all()
+
+    def _act(self, wd: int, mask: int, name: str) -> None:
         if mask & F.Q_OVERFLOW:  # events were lost: no early hash can be trusted
             self._generation = {path: gen + 1 for path, gen in self._generation.items()}
             self._pending.clear()
@@ -116,6 +123,22 @@ class CloseWatch:
         self._generation[path] = generation
         if mask & F.CLOSE_WRITE:
             self._pending[path] = (generation, self._pool.submit(_hash_closed, path))
+            self._closes[path] = self._closes.get(path, 0) + 1
+
+    def wait_heard(self, path: Path, closes: int = 0, timeout: float = 60.0) -> bool:
+        """Block until the watch watches the directory `path` (`closes` 0) or heard `closes` closes of the
+        file `path` and took the early hash of the last; False if that did not happen within `timeout`.
+
+        For tests and benches that must order their own steps after what the watch observed."""
+        with self._heard:
+            if closes == 0:
+                return self._heard.wait_for(lambda: path in self._dirs.values(), timeout)
+            if not self._heard.wait_for(lambda: self._closes.get(path, 0) >= closes, timeout):
+                return False
+            future = self._pending[path][1] if path in self._pending else None
+        if future is not None:
+            wait([future], timeout)
+        return True
 
     def finish(self) -> dict[Path, tuple[int, str]]:
         """Stop watching; (size, xxh3-128) of each file whose early hash is certain to describe it now.
