@@ -3,9 +3,8 @@
 An integration's commit used to start only when the library's save returned: fsync every file, then
 hash every byte. Most libraries write several files one after another (weights, then optimizer
 state), so the first ones sit finished in the page cache while the later ones are serialized. A
-:class:`CloseWatch` hears each close-after-write (Linux inotify), starts that file's writeback and
-hashes it on a worker thread right away; the commit then fsyncs (little left to write) and hashes
-only what was closed last.
+:class:`CloseWatch` hears each close-after-write (Linux inotify), fsyncs that file and hashes it on a
+worker thread right away; the commit then fsyncs and hashes only what was closed last.
 
 An early hash is used only if it is certain to describe the file as the commit finds it: no write,
 rename or deletion of that file was reported after the close it was taken for (inotify reports
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptguard.hashing import hash_file
-from ckptguard.writer import start_writeback
 
 try:  # Linux only; elsewhere every file is hashed at commit, as the watch only ever saves time
     from inotify_simple import INotify
@@ -141,7 +139,8 @@ class CloseWatch:
         return True
 
     def finish(self) -> dict[Path, tuple[int, str]]:
-        """Stop watching; (size, xxh3-128) of each file whose early hash is certain to describe it now.
+        """Stop watching; (size, xxh3-128) of each file fsynced and hashed early whose hash is certain to
+        describe it now (an unchanged file is still covered by its fsync). A failed early fsync is raised.
 
         Call once the library's save returned (all its events are queued by then).
         """
@@ -155,6 +154,9 @@ class CloseWatch:
             try:
                 early = future.result()
                 unchanged = generation == self._generation.get(path) and identity(path) == early.identity
+            except EarlyFsyncError:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                raise
             except OSError:
                 continue
             if unchanged:
@@ -176,12 +178,19 @@ class CloseWatch:
             self._inotify = None
 
 
+class EarlyFsyncError(OSError):
+    """The early fsync of a closed file failed: the commit must fail with it, not fsync again and pass
+    (Linux reports a writeback error to one fsync only, so a second one may succeed over lost data)."""
+
+
 def _hash_closed(path: Path) -> EarlyHash:
-    """Start writing `path` back to disk and hash it, noting what it looked like before reading."""
+    """fsync `path` and hash it, noting what it looked like before: the commit does neither again."""
     before = identity(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        start_writeback(fd, 0, 0)  # 0, 0: the whole file
+        os.fsync(fd)
+    except OSError as exc:
+        raise EarlyFsyncError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
     size, digest = hash_file(path)
