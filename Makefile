@@ -86,9 +86,10 @@ bench: $(VENV)/.installed
 	$(PY) bench/report_scale.py
 
 # integration overhead: HF Trainer, Accelerate, Lightning saves with ckptguard against the library alone and
-# against the library + fsync (bench/integrations.py), in the same run
+# against the library + fsync (bench/integrations.py), in the same run; then where the commit's time goes
 bench-integrations: $(VENV)/.installed
 	$(PY) bench/integrations.py
+	$(PY) bench/profile_integrations.py
 
 # object storage: ckptguard's upload and download+verify against boto3's transfers, on a local moto server
 bench-s3: $(VENV)/.installed
