@@ -12,7 +12,7 @@ HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
 
-.PHONY: demo demo-higgs test test-core test-higgs test-under-load lint format bench bench-higgs bench-s3 bench-sharded fuzz powercut clean browser fuse integration-trials
+.PHONY: demo demo-higgs test test-core test-higgs test-under-load lint format bench bench-integrations bench-higgs bench-s3 bench-sharded fuzz powercut clean browser fuse integration-trials
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
 	$(PY) bench/report_scale.py
+
+# integration overhead: HF Trainer, Accelerate, Lightning saves with ckptguard against the library alone and
+# against the library + fsync (bench/integrations.py), in the same run; then where the commit's time goes
+bench-integrations: $(VENV)/.installed
+	$(PY) bench/integrations.py
+	$(PY) bench/profile_integrations.py
 
 # object storage: ckptguard's upload and download+verify against boto3's transfers, on a local moto server
 bench-s3: $(VENV)/.installed

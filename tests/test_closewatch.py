@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -18,12 +17,15 @@ from ckptguard.integrations import staged
 SIZE = 4 << 20
 
 
+def _watch(staging):
+    return staged._watches[staging]
+
+
 def _save(run_dir, write):
-    """One staged save of step 1 whose library is `write(staging)`; the committed checkpoint."""
+    """One staged save of step 1 whose library is `write(staging, watch)`; the committed checkpoint."""
     coord = Coordinator(60)
     staging = staged.begin(coord, run_dir, 1)
-    write(staging)
-    time.sleep(0.3)  # long enough for the early hashes of what `write` closed to be taken
+    write(staging, _watch(staging))
     return staged.finish(coord, staging, run_dir / "checkpoint-1", 1, None)
 
 
@@ -34,7 +36,7 @@ def test_a_file_patched_after_its_close_through_a_handle_still_open_is_hashed_as
     staging = staged.begin(coord, tmp_path, 1)
     path = staging / "weights.bin"
     path.write_bytes(os.urandom(SIZE))
-    time.sleep(0.3)  # long enough for its early hash to be taken
+    assert _watch(staging).wait_heard(path, closes=1)  # its early hash is taken: the patch below makes it stale
     before = path.stat()
     with open(path, "r+b") as fh:
         fh.seek(SIZE // 2)
@@ -47,10 +49,10 @@ def test_a_file_patched_after_its_close_through_a_handle_still_open_is_hashed_as
 
 
 def test_files_written_under_a_temporary_name_and_renamed_are_hashed_under_their_own(tmp_path):
-    def write(staging):
-        for name in ("model.bin", "optimizer.bin"):
+    def write(staging, watch):
+        for closes, name in enumerate(("model.bin", "optimizer.bin"), 1):
             (staging / "part.tmp").write_bytes(os.urandom(SIZE))
-            time.sleep(0.1)
+            assert watch.wait_heard(staging / "part.tmp", closes)  # hashed under the temporary name first
             os.rename(staging / "part.tmp", staging / name)
         (staging / "sub").mkdir()
         (staging / "sub" / "state.json").write_text("{}")
@@ -78,9 +80,37 @@ def test_a_file_closed_and_left_alone_is_hashed_by_the_watch_with_the_commits_di
 
     watch = CloseWatch(tmp_path)
     (tmp_path / "sub").mkdir()
-    time.sleep(0.2)  # the watch adds the new directory when it hears of it: before its file is written
+    assert watch.wait_heard(tmp_path / "sub")  # the watch adds the new directory when it hears of it
     written = [tmp_path / "model.bin", tmp_path / "sub" / "optimizer.bin"]
     for path in written:
         path.write_bytes(os.urandom(SIZE))
     early = watch.finish()
     assert early == {path: hash_file(path) for path in written}
+
+
+def test_a_power_cut_right_after_the_commit_keeps_every_file_the_watch_synced_early(tmp_path, monkeypatch):
+    """The commit neither fsyncs nor hashes again a file the watch fsynced and hashed: on a filesystem that
+    forgets every unsynced byte at a power cut, those files must still be whole after the reboot."""
+    from ckptguard import writer
+    from powerkit import power_cut_disk
+
+    synced_by_commit, fsync_file = [], writer.fsync_file
+    monkeypatch.setattr(writer, "fsync_file", lambda path: (synced_by_commit.append(path), fsync_file(path)))
+    with power_cut_disk(tmp_path) as fs:
+        run_dir = fs.mountpoint / "run"
+
+        def write(staging, watch):
+            (staging / "sub").mkdir()
+            assert watch.wait_heard(staging / "sub")
+            for path in (staging / "model.bin", staging / "sub" / "optimizer.bin"):
+                path.write_bytes(os.urandom(SIZE))
+                assert watch.wait_heard(path, closes=1)  # inotify works on this mount: the early path is taken
+
+        target = _save(run_dir, write)
+        staged.close_run(Coordinator(60), run_dir)
+        assert synced_by_commit == [], "the commit synced again what the watch had synced"
+        fs.cut()
+        fs.mount()
+        report = verify_checkpoint(target, "full")
+        assert report.ok, report.reason
+        assert set(report.manifest.files) == {"model.bin", "sub/optimizer.bin"}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptguard import CheckpointManager
+from ckptguard import CheckpointManager, verify_checkpoint
 from ckptguard.errors import InsufficientSpaceError, LockedError, NotWritableError
 from faultkit import construct_in_child, manager_in_child, remount_read_only, tmpfs
 
@@ -199,3 +199,20 @@ def test_entries_that_only_look_like_leftovers_do_not_stop_the_start(tmp_path: P
         mgr.save(1, {"w": torch.ones(2)})
     assert (run / ".LATEST.tmp-mine").is_dir() and (run / ".staging-notes").is_file()
     assert (run / ".trash-link").is_symlink() and tmp_path.is_dir()
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=["run-dir", "run-dir-and-parent"])
+def test_a_run_dir_created_by_preflight_survives_a_power_cut_after_the_first_save(tmp_path: Path, depth: int) -> None:
+    """mkdir is a change to the parent directory: without an fsync of the parent, a power cut after the first
+    acknowledged save loses the whole run directory (the save fsyncs only the run directory itself)."""
+    from powerkit import power_cut_disk
+
+    with power_cut_disk(tmp_path) as fs:
+        run_dir = fs.mountpoint.joinpath(*["exp"] * depth)
+        mgr = CheckpointManager(run_dir, create_parents=True)
+        mgr.save(1, {"model": {"w": torch.arange(8.0)}})
+        mgr.close()
+        fs.cut()
+        fs.mount()
+        report = verify_checkpoint(run_dir / "checkpoint-1", "full")
+        assert report.ok, report.reason

@@ -110,8 +110,11 @@ def prepare_run_dir(run_dir: Path, *, create_parents: bool = False) -> Path:
             errno=errno.ENOENT,
             remedy="Create it (mkdir -p), fix a typo in the path, or pass create_parents=True.",
         )
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
-        run_dir.mkdir(parents=create_parents, exist_ok=True)
+        for directory in reversed(missing):  # outermost first; each mkdir is durable once its parent is fsynced
+            directory.mkdir(exist_ok=True)
+            fsync_dir(directory.parent)
     except OSError as exc:
         raise from_os_error(NotWritableError, "cannot create the run directory", exc, path=run_dir) from exc
     return run_dir

@@ -136,12 +136,13 @@ def write_files(staging: Path, plans: list[FilePlan]) -> dict[str, FileEntry]:
         return {relpath: future.result() for relpath, future in futures.items()}
 
 
-def adopt_files(staging: Path, hashed: Mapping[Path, tuple[int, str]] | None = None) -> dict[str, FileEntry]:
+def adopt_files(staging: Path, done: Mapping[Path, tuple[int, str]] | None = None) -> dict[str, FileEntry]:
     """Manifest entries for files another library wrote into `staging` (``save_pretrained``), made durable.
 
     Each file is fsynced and hashed as it is now on disk, so from here on it is published, verified
-    and loaded exactly like a file this module wrote; `hashed` gives (size, xxh3-128) of files already
-    hashed as they are now (:mod:`ckptguard.integrations.closewatch`), which are not read again. Links
+    and loaded exactly like a file this module wrote; `done` gives (size, xxh3-128) of files already
+    fsynced and hashed as they are now (:mod:`ckptguard.integrations.closewatch`), which are neither
+    synced nor read again. Links
     and special files are refused: a checkpoint holds regular files only.
     """
     files: list[Path] = []
@@ -152,13 +153,15 @@ def adopt_files(staging: Path, hashed: Mapping[Path, tuple[int, str]] | None = N
         if not path.is_dir():
             files.append(path)
     with ThreadPoolExecutor(max_workers=MAX_PARALLEL_FILES) as pool:  # fsync and hash several files at once
-        adopted = list(pool.map(lambda path: _adopt_file(path, (hashed or {}).get(path)), files))
+        adopted = list(pool.map(lambda path: _adopt_file(path, (done or {}).get(path)), files))
     return {path.relative_to(staging).as_posix(): entry for path, entry in zip(files, adopted, strict=True)}
 
 
-def _adopt_file(path: Path, hashed: tuple[int, str] | None) -> FileEntry:
-    fsync_file(path)
-    size, digest = hashed or hash_file(path)
+def _adopt_file(path: Path, done: tuple[int, str] | None) -> FileEntry:
+    if done is None:
+        fsync_file(path)
+        done = hash_file(path)
+    size, digest = done
     return FileEntry(size=size, xxh3_128=digest, tensors=_tensor_count(path))
 
 

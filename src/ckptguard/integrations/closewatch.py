@@ -3,9 +3,8 @@
 An integration's commit used to start only when the library's save returned: fsync every file, then
 hash every byte. Most libraries write several files one after another (weights, then optimizer
 state), so the first ones sit finished in the page cache while the later ones are serialized. A
-:class:`CloseWatch` hears each close-after-write (Linux inotify), starts that file's writeback and
-hashes it on a worker thread right away; the commit then fsyncs (little left to write) and hashes
-only what was closed last.
+:class:`CloseWatch` hears each close-after-write (Linux inotify), fsyncs that file and hashes it on a
+worker thread right away; the commit then fsyncs and hashes only what was closed last.
 
 An early hash is used only if it is certain to describe the file as the commit finds it: no write,
 rename or deletion of that file was reported after the close it was taken for (inotify reports
@@ -21,12 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptguard.hashing import hash_file
-from ckptguard.writer import start_writeback
 
 try:  # Linux only; elsewhere every file is hashed at commit, as the watch only ever saves time
     from inotify_simple import INotify
@@ -63,6 +61,8 @@ class CloseWatch:
         self._dirs: dict[int, Path] = {}
         self._generation: dict[Path, int] = {}  # bumped by every event that may change a file
         self._pending: dict[Path, tuple[int, Future[EarlyHash]]] = {}
+        self._closes: dict[Path, int] = {}  # closes-after-write heard per file
+        self._heard = threading.Condition()  # notified after each event is acted on
         self._pool = ThreadPoolExecutor(max_workers=HASHERS, thread_name_prefix="ckptguard-early-hash")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,6 +101,11 @@ class CloseWatch:
             self._event(event.wd, event.mask, event.name)
 
     def _event(self, wd: int, mask: int, name: str) -> None:
+        with self._heard:
+            self._act(wd, mask, name)
+            self._heard.notify_all()
+
+    def _act(self, wd: int, mask: int, name: str) -> None:
         if mask & F.Q_OVERFLOW:  # events were lost: no early hash can be trusted
             self._generation = {path: gen + 1 for path, gen in self._generation.items()}
             self._pending.clear()
@@ -116,9 +121,26 @@ class CloseWatch:
         self._generation[path] = generation
         if mask & F.CLOSE_WRITE:
             self._pending[path] = (generation, self._pool.submit(_hash_closed, path))
+            self._closes[path] = self._closes.get(path, 0) + 1
+
+    def wait_heard(self, path: Path, closes: int = 0, timeout: float = 60.0) -> bool:
+        """Block until the watch watches the directory `path` (`closes` 0) or heard `closes` closes of the
+        file `path` and took the early hash of the last; False if that did not happen within `timeout`.
+
+        For tests and benches that must order their own steps after what the watch observed."""
+        with self._heard:
+            if closes == 0:
+                return self._heard.wait_for(lambda: path in self._dirs.values(), timeout)
+            if not self._heard.wait_for(lambda: self._closes.get(path, 0) >= closes, timeout):
+                return False
+            future = self._pending[path][1] if path in self._pending else None
+        if future is not None:
+            wait([future], timeout)
+        return True
 
     def finish(self) -> dict[Path, tuple[int, str]]:
-        """Stop watching; (size, xxh3-128) of each file whose early hash is certain to describe it now.
+        """Stop watching; (size, xxh3-128) of each file fsynced and hashed early whose hash is certain to
+        describe it now (an unchanged file is still covered by its fsync). A failed early fsync is raised.
 
         Call once the library's save returned (all its events are queued by then).
         """
@@ -132,6 +154,9 @@ class CloseWatch:
             try:
                 early = future.result()
                 unchanged = generation == self._generation.get(path) and identity(path) == early.identity
+            except EarlyFsyncError:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                raise
             except OSError:
                 continue
             if unchanged:
@@ -153,12 +178,19 @@ class CloseWatch:
             self._inotify = None
 
 
+class EarlyFsyncError(OSError):
+    """The early fsync of a closed file failed: the commit must fail with it, not fsync again and pass
+    (Linux reports a writeback error to one fsync only, so a second one may succeed over lost data)."""
+
+
 def _hash_closed(path: Path) -> EarlyHash:
-    """Start writing `path` back to disk and hash it, noting what it looked like before reading."""
+    """fsync `path` and hash it, noting what it looked like before: the commit does neither again."""
     before = identity(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        start_writeback(fd, 0, 0)  # 0, 0: the whole file
+        os.fsync(fd)
+    except OSError as exc:
+        raise EarlyFsyncError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
     size, digest = hash_file(path)

@@ -5,11 +5,10 @@
        under the lock); every other rank probes too. A second job on the same directory gets LockedError.
     1. :func:`begin`: rank 0 creates one staging directory in the run directory; every rank gets its path
     2. every rank lets its library write into it (the library's own save, pointed there), while rank 0
-       hashes each file as soon as it is closed (:mod:`ckptguard.integrations.closewatch`)
+       fsyncs and hashes each file as soon as it is closed (:mod:`ckptguard.integrations.closewatch`)
     3. :func:`finish`: the ranks agree (a failure on any rank becomes the same typed error on every rank,
-       and the staging directory is removed); rank 0 fsyncs what was written and hashes what was not
-       hashed yet, and :func:`ckptguard.publish.publish` writes the manifest, renames into place,
-       verifies and moves LATEST
+       and the staging directory is removed); rank 0 fsyncs and hashes what the watch did not, and
+       :func:`ckptguard.publish.publish` writes the manifest, renames into place, verifies and moves LATEST
     4. only then does rotation delete older checkpoints, through :func:`ckptguard.publish.remove`
 
 Resume goes through :func:`newest_verified`: the newest checkpoint (by save sequence) whose every
