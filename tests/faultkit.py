@@ -310,12 +310,18 @@ def _saving_child(run_dir: str, max_steps: int, keep_last: int, async_save: bool
         restored = mgr.restore({"model": model, "step": 0})
         first = restored.step + 1 if restored is not None else 1
         os.write(1, f"start {first - 1}\n".encode())
+        Path(started_marker(run_dir)).write_text("start", encoding="utf-8")  # starts a trial's kill clock
         for step in range(first, first + max_steps):
             model.advance(step)
             mgr.save(step, {"model": model, "step": step})
             done = step - 1 if async_save else step
             if done >= first:
                 os.write(1, f"saved {done}\n".encode())
+
+
+def started_marker(run_dir: str | Path) -> str:
+    """The file beside `run_dir` the saving child writes once it resumed: a trial's clock may start there."""
+    return f"{run_dir}.started"
 
 
 def _fork_and_kill(child: Callable[[], None], delay_s: float, start_after: list[str] | None = None) -> int:
@@ -357,8 +363,9 @@ def _mentions(path: str, word: str) -> bool:
 def _zygote(preload: list[str]) -> None:
     """Serve lines, each forking a child that is SIGKILLed after DELAY_S; report its wait status.
 
-    ``run RUN_DIR DELAY_S MAX_STEPS KEEP_LAST ASYNC [MODULE:FUNCTION]``: the saving child of
-    :class:`CrashHarness` (:func:`_saving_child`, or FUNCTION called the same way).
+    ``run RUN_DIR DELAY_S CLOCK MAX_STEPS KEEP_LAST ASYNC [MODULE:FUNCTION]``: the saving child of
+    :class:`CrashHarness` (:func:`_saving_child`, or FUNCTION called the same way); CLOCK ``start``
+    counts the delay from the child's :func:`started_marker` instead of from the fork.
     ``call MODULE:FUNCTION DELAY_S JSON_KWARGS``: any function of a module on sys.path (tests/).
     """
     import ckptguard  # noqa: F401  (import once here; every forked child inherits it)
@@ -378,11 +385,13 @@ def _zygote(preload: list[str]) -> None:
             start_after = kwargs.pop("kill_clock_starts_at", None)
             status = _fork_and_kill(functools.partial(function, **kwargs), float(delay), start_after)
         else:
-            run_dir, delay, max_steps, keep_last, async_save, *named = rest.split()
+            run_dir, delay, clock, max_steps, keep_last, async_save, *named = rest.split()
             module, _, name = named[0].partition(":") if named else ("", "", "")
             function = getattr(importlib.import_module(module), name) if named else _saving_child
             saver = functools.partial(function, run_dir, int(max_steps), int(keep_last), async_save == "1")
-            status = _fork_and_kill(saver, float(delay))
+            Path(started_marker(run_dir)).unlink(missing_ok=True)
+            start_after = [started_marker(run_dir), "start"] if clock == "start" else None
+            status = _fork_and_kill(saver, float(delay), start_after)
         # Every line the child wrote is already in the pipe: it is dead. A child killed between a line's
         # text and its newline (tqdm.write makes two writes) left the line open: "done" starts its own.
         print(f"\ndone {status}", flush=True)
@@ -462,11 +471,17 @@ class CrashHarness:
         max_steps: int = 100,
         keep_last: int = 3,
         saver: str = "",
+        after_start: bool = False,
     ) -> Trial:
-        """Fork a saver on `run_dir`, SIGKILL it after `delay_s` (unless it ends first), and return what it reported."""
+        """Fork a saver on `run_dir`, SIGKILL it after `delay_s` (unless it ends first), and return what it reported.
+
+        `after_start` (the default saver only) counts `delay_s` from when the child has resumed, so
+        that on a busy machine, where start-up takes longer, the kill still lands among the saves.
+        """
         assert self._proc.stdin is not None
         saver = f"{self._savers}:{saver}" if saver and ":" not in saver else saver
-        line = f"run {run_dir} {delay_s:.4f} {max_steps} {keep_last} {int(async_save)} {saver}"
+        clock = "start" if after_start else "fork"
+        line = f"run {run_dir} {delay_s:.4f} {clock} {max_steps} {keep_last} {int(async_save)} {saver}"
         self._proc.stdin.write(line.rstrip() + "\n")
         self._proc.stdin.flush()
         result = Trial()
