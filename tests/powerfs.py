@@ -67,6 +67,7 @@ class Node:
     entries: dict[str, Node] = field(default_factory=dict)  # directories: live entries
     durable_entries: dict[str, Node] = field(default_factory=dict)  # directories: as of the last fsync
     times: tuple[int, int] = field(default_factory=lambda: (time.time_ns(), time.time_ns()))  # atime, mtime
+    lost: bytes | None = None  # files: content whose writeback failed (its pages count as clean since)
 
     @property
     def is_dir(self) -> bool:
@@ -78,14 +79,20 @@ class Node:
         return self.entries != self.durable_entries if self.is_dir else self.data != self.durable_data
 
     def sync(self) -> None:
-        """fsync: the live content (file) or entry list (directory) becomes the durable one."""
+        """fsync: the live content (file) or entry list (directory) becomes the durable one.
+
+        Not content whose writeback failed, as in Linux: the failed fsync reported the error, the pages
+        were marked clean, and a later fsync succeeds without writing them (until they are written again).
+        """
         if self.is_dir:
             self.durable_entries = dict(self.entries)
-        else:
+        elif self.data != self.lost:
             self.durable_data = bytes(self.data)
 
     def write_back(self, rng: random.Random) -> None:
         """What the kernel may have written on its own: all of it, or (a file) only its first pages."""
+        if not self.is_dir and self.data == self.lost:
+            return  # its writeback failed already
         if self.is_dir or rng.random() < 0.5:
             self.sync()
         else:  # torn: the first pages are new, the rest as it was
@@ -122,6 +129,7 @@ class PowerCutFS:
         self._inos = itertools.count(1)
         self._handles: dict[int, Node] = {}
         self._fhs = itertools.count(1)
+        self.failing_fsyncs: set[str] = set()  # file names whose next fsync fails with EIO (a writeback error)
         self.root = self._load(backing)
 
     # -- image in and out ---------------------------------------------------------------------
@@ -285,7 +293,13 @@ class PowerCutFS:
 
     @_operation
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        self._node(path, fh).sync()
+        node = self._node(path, fh)
+        name = os.path.basename(path or "")
+        if name in self.failing_fsyncs and node.dirty:
+            self.failing_fsyncs.discard(name)
+            node.lost = bytes(node.data)
+            raise _fail(errno.EIO)
+        node.sync()
         return 0
 
     @_operation
@@ -372,7 +386,8 @@ def _write_tree(node: Node, path: Path, *, durable: bool, ancestors: tuple[Node,
 
 
 def serve(backing: Path, mountpoint: Path) -> None:
-    """Mount over `mountpoint` until unmounted; the line ``cut WRITEBACK SEED`` on stdin cuts the power."""
+    """Mount over `mountpoint` until unmounted; the line ``cut WRITEBACK SEED`` on stdin cuts the power,
+    ``fail-fsync NAME`` makes the next fsync of a file named NAME with unsynced data fail (EIO)."""
     import mfusepy
 
     fs = PowerCutFS(backing)
@@ -383,6 +398,10 @@ def serve(backing: Path, mountpoint: Path) -> None:
             if command == "cut":
                 fs.cut(float(args[0]), int(args[1]))
                 print("cut", flush=True)
+            elif command == "fail-fsync":
+                with fs.mutex:
+                    fs.failing_fsyncs.add(args[0])
+                print("armed", flush=True)
         # stdin closed: whoever mounted us is gone; do not leave the mount behind
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 

@@ -71,6 +71,15 @@ class PowerFS:
         if reply != "cut":
             raise RuntimeError(f"powerfs at {self.mountpoint} did not cut the power (reply {reply!r})")
 
+    def fail_next_fsync(self, name: str) -> None:
+        """Make the next fsync of a file named `name` that holds unsynced data fail with EIO, as a disk's
+        writeback error does: its data never reaches the disk, and a later fsync succeeds without it."""
+        assert self._proc is not None and self._proc.stdin is not None, "not mounted"
+        self._proc.stdin.write(f"fail-fsync {name}\n")
+        self._proc.stdin.flush()
+        if (reply := self._reply()) != "armed":
+            raise RuntimeError(f"powerfs at {self.mountpoint} did not arm the fsync failure (reply {reply!r})")
+
     def unmount(self) -> None:
         """Unmount; a process that does not exit in time is killed and the mount detached lazily."""
         proc, self._proc = self._proc, None

@@ -21,12 +21,24 @@ def _watch(staging):
     return staged._watches[staging]
 
 
-def _save(run_dir, write):
-    """One staged save of step 1 whose library is `write(staging, watch)`; the committed checkpoint."""
+def _save(run_dir, write, step=1):
+    """One staged save of `step` whose library is `write(staging, watch)`; the committed checkpoint."""
     coord = Coordinator(60)
-    staging = staged.begin(coord, run_dir, 1)
+    staging = staged.begin(coord, run_dir, step)
     write(staging, _watch(staging))
-    return staged.finish(coord, staging, run_dir / "checkpoint-1", 1, None)
+    return staged.finish(coord, staging, run_dir / f"checkpoint-{step}", step, None)
+
+
+def _writes(*names):
+    """A library that writes `names` (4 MiB each) and closes them, one after another."""
+
+    def write(staging, watch):
+        for name in names:
+            path = staging / name
+            path.write_bytes(os.urandom(SIZE))
+            assert watch.wait_heard(path, closes=1)  # inotify works on this mount: the early path is taken
+
+    return write
 
 
 def test_a_file_patched_after_its_close_through_a_handle_still_open_is_hashed_as_it_ends(tmp_path):
@@ -114,3 +126,25 @@ def test_a_power_cut_right_after_the_commit_keeps_every_file_the_watch_synced_ea
         report = verify_checkpoint(target, "full")
         assert report.ok, report.reason
         assert set(report.manifest.files) == {"model.bin", "sub/optimizer.bin"}
+
+
+def test_a_writeback_error_at_the_early_fsync_fails_the_save_though_a_second_fsync_would_pass(tmp_path):
+    """Linux reports a failed writeback to one fsync only and counts the pages clean after it: a commit that
+    fsynced again after the watch's early fsync failed would pass, and commit a file that is not on disk."""
+    from powerkit import power_cut_disk
+
+    with power_cut_disk(tmp_path) as fs:
+        run_dir = fs.mountpoint / "run"
+        _save(run_dir, _writes("model.bin"))
+        fs.fail_next_fsync("optimizer.bin")
+        with pytest.raises(WriteError) as caught:
+            _save(run_dir, _writes("model.bin", "optimizer.bin"), step=2)
+        assert "optimizer.bin" in str(caught.value) and "EIO" in str(caught.value), caught.value
+        assert not (run_dir / "checkpoint-2").exists()
+        assert staged.newest_verified(run_dir) == run_dir / "checkpoint-1"
+        staged.close_run(Coordinator(60), run_dir)
+        fs.cut()
+        fs.mount()
+        assert staged.newest_verified(run_dir) == run_dir / "checkpoint-1"
+        report = verify_checkpoint(run_dir / "checkpoint-1", "full")
+        assert report.ok, report.reason

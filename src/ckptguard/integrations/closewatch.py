@@ -3,8 +3,8 @@
 An integration's commit used to start only when the library's save returned: fsync every file, then
 hash every byte. Most libraries write several files one after another (weights, then optimizer
 state), so the first ones sit finished in the page cache while the later ones are serialized. A
-:class:`CloseWatch` hears each close-after-write (Linux inotify), fsyncs that file and hashes it on a
-worker thread right away; the commit then fsyncs and hashes only what was closed last.
+:class:`CloseWatch` hears each close-after-write (Linux inotify) and right away fsyncs that file and
+hashes it, side by side on two worker threads; the commit then waits for the last file closed.
 
 An early hash is used only if it is certain to describe the file as the commit finds it: no write,
 rename or deletion of that file was reported after the close it was taken for (inotify reports
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - not Linux
 
 log = logging.getLogger("ckptguard")
 
-HASHERS = 2
+WORKERS = 2  # a closed file's fsync (waits on the disk) and its hash (reads the page cache) run side by side
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,12 @@ class CloseWatch:
         self._inotify = self._open()
         self._dirs: dict[int, Path] = {}
         self._generation: dict[Path, int] = {}  # bumped by every event that may change a file
-        self._pending: dict[Path, tuple[int, Future[EarlyHash]]] = {}
+        self._pending: dict[Path, tuple[int, Future[None], Future[EarlyHash]]] = {}  # generation, fsync, hash
         self._closes: dict[Path, int] = {}  # closes-after-write heard per file
         self._heard = threading.Condition()  # notified after each event is acted on
-        self._pool = ThreadPoolExecutor(max_workers=HASHERS, thread_name_prefix="ckptguard-early-hash")
-        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ckptguard-early-hash")
+        # finish() wakes the reader through this pipe: a poll timeout would hold every commit up to it
+        self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
         if self._inotify is not None and self._watch(root):
             self._thread = threading.Thread(target=self._run, name="ckptguard-closewatch", daemon=True)
@@ -91,13 +93,17 @@ class CloseWatch:
         return True
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain(timeout_ms=20)
-
-    def _drain(self, timeout_ms: int = 0) -> None:
-        """Act on every queued event (waiting up to `timeout_ms` for the first)."""
         assert self._inotify is not None
-        for event in self._inotify.read(timeout=timeout_ms):
+        poller = select.poll()
+        poller.register(self._inotify.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not any(fd == self._wake_r for fd, _ in poller.poll()):
+            self._drain()
+
+    def _drain(self) -> None:
+        """Act on every queued event."""
+        assert self._inotify is not None
+        for event in self._inotify.read(timeout=0):
             self._event(event.wd, event.mask, event.name)
 
     def _event(self, wd: int, mask: int, name: str) -> None:
@@ -120,7 +126,8 @@ class CloseWatch:
         generation = self._generation.get(path, 0) + 1
         self._generation[path] = generation
         if mask & F.CLOSE_WRITE:
-            self._pending[path] = (generation, self._pool.submit(_hash_closed, path))
+            synced = self._pool.submit(_fsync_closed, path)
+            self._pending[path] = (generation, synced, self._pool.submit(_hash_closed, path))
             self._closes[path] = self._closes.get(path, 0) + 1
 
     def wait_heard(self, path: Path, closes: int = 0, timeout: float = 60.0) -> bool:
@@ -133,9 +140,8 @@ class CloseWatch:
                 return self._heard.wait_for(lambda: path in self._dirs.values(), timeout)
             if not self._heard.wait_for(lambda: self._closes.get(path, 0) >= closes, timeout):
                 return False
-            future = self._pending[path][1] if path in self._pending else None
-        if future is not None:
-            wait([future], timeout)
+            futures = self._pending[path][1:] if path in self._pending else ()
+        wait(futures, timeout)
         return True
 
     def finish(self) -> dict[Path, tuple[int, str]]:
@@ -144,15 +150,15 @@ class CloseWatch:
 
         Call once the library's save returned (all its events are queued by then).
         """
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_reader()
+        if self._inotify is not None:
             self._drain()
-        self._close_fd()
+        self._close_fds()
         done: dict[Path, tuple[int, str]] = {}
-        for path, (generation, future) in self._pending.items():
+        for path, (generation, synced, hashed) in self._pending.items():
             try:
-                early = future.result()
+                synced.result()
+                early = hashed.result()
                 unchanged = generation == self._generation.get(path) and identity(path) == early.identity
             except EarlyFsyncError:
                 self._pool.shutdown(wait=True, cancel_futures=True)
@@ -166,16 +172,24 @@ class CloseWatch:
 
     def abandon(self) -> None:
         """Stop watching and drop everything (the save failed)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._close_fd()
+        self._stop_reader()
+        self._close_fds()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _close_fd(self) -> None:
+    def _stop_reader(self) -> None:
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+
+    def _close_fds(self) -> None:
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
+        if self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
 
 class EarlyFsyncError(OSError):
@@ -183,15 +197,22 @@ class EarlyFsyncError(OSError):
     (Linux reports a writeback error to one fsync only, so a second one may succeed over lost data)."""
 
 
-def _hash_closed(path: Path) -> EarlyHash:
-    """fsync `path` and hash it, noting what it looked like before: the commit does neither again."""
-    before = identity(path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _fsync_closed(path: Path) -> None:
+    """fsync `path` (while another worker hashes it): the commit does not sync it again."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # gone or replaced: the commit finds that out and syncs what it adopts
+        return
     try:
         os.fsync(fd)
     except OSError as exc:
         raise EarlyFsyncError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
+
+
+def _hash_closed(path: Path) -> EarlyHash:
+    """Hash `path`, noting what it looked like before: the commit does not read it again."""
+    before = identity(path)
     size, digest = hash_file(path)
     return EarlyHash(before, size, digest)

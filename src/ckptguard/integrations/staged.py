@@ -279,7 +279,7 @@ def _commit(
         )
         publish.publish(written, target, manifest, level=COMMIT_LEVEL, latest=True, events=events)
     except OSError as exc:
-        what = "could not make the written files durable"
+        what = f"could not make {exc.filename} durable" if exc.filename else "could not make the written files durable"
         raise from_os_error(WriteError, what, exc, path=staging, step=step) from exc
     except ValueError as exc:  # a link or special file among the written ones
         raise WriteError(str(exc), path=staging, step=step) from exc
