@@ -68,7 +68,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    net, opt = acc.prepare(model(), torch.optim.AdamW(model().parameters(), lr=1e-3))
+    net = model()
+    net, opt = acc.prepare(net, torch.optim.AdamW(net.parameters(), lr=1e-3))  # one model: AdamW moments saved too
     batch = integrationkit.TokenData()[0]
     acc.backward(net(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss)
     opt.step()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptguard.hashing import hash_file
+from ckptguard.writer import start_writeback
 
 try:  # Linux only; elsewhere every file is hashed at commit, as the watch only ever saves time
     from inotify_simple import INotify
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover - not Linux
 
 log = logging.getLogger("ckptguard")
 
+WRITEBACK_STEP = 8 << 20  # start the disk on a file being written every this many bytes
 WORKERS = 2  # a closed file's fsync (waits on the disk) and its hash (reads the page cache) run side by side
 
 
@@ -63,6 +65,7 @@ class CloseWatch:
         self._generation: dict[Path, int] = {}  # bumped by every event that may change a file
         self._pending: dict[Path, tuple[int, Future[None], Future[EarlyHash]]] = {}  # generation, fsync, hash
         self._closes: dict[Path, int] = {}  # closes-after-write heard per file
+        self._written_back: dict[Path, int] = {}  # bytes of a file being written whose writeback was started
         self._heard = threading.Condition()  # notified after each event is acted on
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="ckptguard-early-hash")
         # finish() wakes the reader through this pipe: a poll timeout would hold every commit up to it
@@ -125,10 +128,32 @@ class CloseWatch:
             return
         generation = self._generation.get(path, 0) + 1
         self._generation[path] = generation
+        if mask & F.MODIFY:
+            self._start_writeback(path)
         if mask & F.CLOSE_WRITE:
             synced = self._pool.submit(_fsync_closed, path)
             self._pending[path] = (generation, synced, self._pool.submit(_hash_closed, path))
             self._closes[path] = self._closes.get(path, 0) + 1
+
+    def _start_writeback(self, path: Path) -> None:
+        """Start the disk on what the library wrote so far, every WRITEBACK_STEP bytes, so that the fsync at
+        its close (what the commit waits for, for the last file) finds little left to write."""
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return
+        started = self._written_back.get(path, 0)
+        if size - started < WRITEBACK_STEP:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            start_writeback(fd, started, size - started)
+        finally:
+            os.close(fd)
+        self._written_back[path] = size
 
     def wait_heard(self, path: Path, closes: int = 0, timeout: float = 60.0) -> bool:
         """Block until the watch watches the directory `path` (`closes` 0) or heard `closes` closes of the
