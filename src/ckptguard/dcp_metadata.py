@@ -63,8 +63,15 @@ def _path_text(*parts: str) -> str:
     return str(PurePosixPath(*parts))
 
 
+@cache
 def _classes() -> tuple[type, ...]:
     return tuple(v for v in _globals().values() if isinstance(v, type) and v is not torch.Size)
+
+
+@cache
+def _callables() -> frozenset[int]:
+    """The ids of everything in the table (they live as long as the table: it is cached for good)."""
+    return frozenset(id(v) for v in _globals().values())
 
 
 class _Unpickler(pickle._Unpickler):  # the Python unpickler: its dispatch table can be narrowed
@@ -80,7 +87,7 @@ class _Unpickler(pickle._Unpickler):  # the Python unpickler: its dispatch table
         raise ManifestError(f"{METADATA_PATH} refers to a persistent object, which DCP's metadata never does")
 
     def _callable(self, func: Any) -> None:
-        if not any(func is v for v in _globals().values()):
+        if id(func) not in _callables():
             raise ManifestError(f"{METADATA_PATH} calls {type(func).__name__}, which is not part of DCP's metadata")
 
     def load_reduce(self) -> None:

@@ -194,10 +194,15 @@ class CheckpointManager:
                 error = from_os_error(WriteError, "could not write checkpoint file", exc, step=step)
             except ValueError as exc:
                 error = WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
+            read_back: dict[str, tuple[int, str]] = {}
             if snap.sharded:  # FSDP2 entries: every rank (even one whose files failed) writes its shards via DCP
-                files = {**files, **sharded.save(staging, snap.sharded, coord=self._coord, step=step)}
-            # 3. every rank re-reads what it wrote, in parallel with the others, before they agree
-            error = error or check_written(staging, files, level=self.verify_level, step=step)
+                shards, read_back = sharded.save(
+                    staging, snap.sharded, coord=self._coord, step=step, read_back=self.verify_level != "quick"
+                )
+                files = {**files, **shards}
+            # 3. every rank re-reads what it wrote (its shards: read back while fsynced), in parallel with the
+            # others, before they agree
+            error = error or check_written(staging, files, level=self.verify_level, step=step, observed=read_back)
             every_rank_files = self._coord.agree(error, files, step=step)
             # 4. rank 0 writes the manifest, renames into place, verifies what is left, points LATEST, prunes
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}

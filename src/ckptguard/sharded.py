@@ -4,7 +4,9 @@ DCP is the engine; the commit protocol stays ours. Every rank writes its shard f
 ``sharded/`` of the one staging directory rank 0 created, through a storage writer whose files are
 created exclusively (DCP never overwrites anything, committed or not), hashed with xxh3-128 as the
 bytes go out (DCP writes each file front to back; a seek would make the hash a lie, so the stream
-refuses it) and fsynced. The digests go to the committing rank with the other files' entries, and
+refuses it) and fsynced; once closed, each file is read back and hashed again while the disk syncs
+it (the rank's re-read before the ranks agree, :func:`ckptguard.verify.check_written`, so it costs
+no time of its own beside the fsync). The digests go to the committing rank with the other files' entries, and
 the manifest lists each shard file with the rank that wrote it. Loading goes through DCP too, so a
 checkpoint saved by N ranks loads on M: each rank asks for the slices its own sharding needs.
 
@@ -21,6 +23,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from ckptguard.hashing import hash_file
 from ckptguard.layout import SHARDED_DIR
 from ckptguard.lora import adapter_source_keys, is_peft_model
 from ckptguard.manifest import FileEntry, Manifest, ManifestError
+from ckptguard.storage.durable import fsync_file
 from ckptguard.verify import hash_mismatch, read_verified, size_mismatch
 
 
@@ -174,13 +178,15 @@ class _HashingStream(io.RawIOBase):
         return self._hasher.hexdigest()
 
 
-def _writer(staging: Path, rank: int, on_written: Callable[[], None]) -> Any:
-    """A FileSystemWriter into ``staging/sharded`` whose files are new, hashed as written and fsynced."""
+def _writer(staging: Path, rank: int, on_written: Callable[[], None], reader: ThreadPoolExecutor | None) -> Any:
+    """A FileSystemWriter into ``staging/sharded`` whose files are new, hashed as written and fsynced; with a
+    `reader`, each file is read back and hashed on it while it is fsynced (``fs.rereads``)."""
     from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 
     class HashingFileSystem(FileSystem):
         def __init__(self) -> None:
             self.entries: dict[str, FileEntry] = {}
+            self.rereads: dict[str, Future[tuple[int, str]]] = {}
             self._lock = threading.Lock()
 
         @contextmanager
@@ -190,20 +196,31 @@ def _writer(staging: Path, rank: int, on_written: Callable[[], None]) -> Any:
             with open(path, "xb") as raw:  # never replaces a file: staging is new, and stays append-only
                 stream = _HashingStream(raw)
                 yield stream
-                raw.flush()
-                os.fsync(raw.fileno())
-            self._record(path, FileEntry(size=stream.size, xxh3_128=stream.hexdigest(), rank=rank))
+            # closed: read it back while the disk syncs it (an unseen writeback error reaches this fsync too)
+            reread = reader.submit(hash_file, Path(path)) if reader is not None else None
+            fsync_file(path)
+            self._record(path, FileEntry(size=stream.size, xxh3_128=stream.hexdigest(), rank=rank), reread)
 
         def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
             os.link(path, new_path)  # DCP's .metadata.tmp -> .metadata; EEXIST rather than replace a file
+            with self._lock:
+                entry = self.entries.pop(_relative(path))
+                reread = self.rereads.pop(_relative(path), None)
+            if reread is not None:
+                wait([reread])  # it reads the old name
             os.unlink(path)  # publish fsyncs every staging directory before the commit
-            with self._lock:
-                entry = self.entries.pop(Path(path).relative_to(staging).as_posix())
-            self._record(new_path, entry)
+            self._record(new_path, entry, reread)
 
-        def _record(self, path: str | os.PathLike[str], entry: FileEntry) -> None:
+        def _record(
+            self, path: str | os.PathLike[str], entry: FileEntry, reread: Future[tuple[int, str]] | None
+        ) -> None:
             with self._lock:
-                self.entries[Path(path).relative_to(staging).as_posix()] = entry
+                self.entries[_relative(path)] = entry
+                if reread is not None:
+                    self.rereads[_relative(path)] = reread
+
+    def _relative(path: str | os.PathLike[str]) -> str:
+        return Path(path).relative_to(staging).as_posix()
 
     class HashingWriter(FileSystemWriter):
         def __init__(self) -> None:
@@ -220,8 +237,12 @@ def _writer(staging: Path, rank: int, on_written: Callable[[], None]) -> Any:
     return HashingWriter()
 
 
-def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int) -> dict[str, FileEntry]:
-    """Write this rank's shards (and, on the coordinator, DCP's metadata); returns their manifest entries.
+Written = tuple[dict[str, FileEntry], dict[str, tuple[int, str]]]
+
+
+def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int, read_back: bool = True) -> Written:
+    """Write this rank's shards (and, on the coordinator, DCP's metadata); returns their manifest entries and,
+    with `read_back`, the (size, xxh3-128) each file was read back with once closed (for ``check_written``).
 
     A collective over the coordination group: call it on every rank. Any rank's failure raises a
     CheckpointError on all of them; a rank that dies is named by the others (CoordinationError).
@@ -229,13 +250,20 @@ def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int) -> dict[st
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    def write(written: Callable[[], None]) -> dict[str, FileEntry]:
-        writer = _writer(staging, coord.rank, written)
+    def write(written: Callable[[], None]) -> Written:
+        reader = ThreadPoolExecutor(1, thread_name_prefix="ckptguard-read-back") if read_back else None
+        writer = _writer(staging, coord.rank, written, reader)
         try:
             dcp.save(sd, storage_writer=writer, process_group=coord.group)
+            observed = {relpath: future.result() for relpath, future in writer.fs.rereads.items()}
         except CheckpointException as exc:  # a BaseException: `except Exception` would let it through
             raise _typed(exc, WriteError, "could not write the sharded state", staging, step) from None
-        return dict(writer.fs.entries)
+        except OSError:  # a file that cannot be read back: check_written reads it again and says why
+            observed = {}
+        finally:
+            if reader is not None:
+                reader.shutdown(wait=True)
+        return dict(writer.fs.entries), observed
 
     return coord.guarded(write, step=step, missing="never finished writing its shard files")
 

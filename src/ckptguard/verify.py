@@ -167,17 +167,33 @@ def read_verified(path: Path, entry: FileEntry) -> bytes:
     return data
 
 
-def check_written(root: Path, files: Mapping[str, FileEntry], *, level: str, step: int) -> VerificationError | None:
+def check_written(
+    root: Path,
+    files: Mapping[str, FileEntry],
+    *,
+    level: str,
+    step: int,
+    observed: Mapping[str, tuple[int, str]] | None = None,
+) -> VerificationError | None:
     """Re-read the files a rank just wrote under `root` and compare each with the entry it recorded while writing.
 
     Every rank runs this on its own files before the ranks agree on the save (nothing at the quick
     level), so a checkpoint's bytes are re-read by as many readers as wrote them, not by the
-    committing rank alone. Returns the error to agree on, naming the first file that differs.
+    committing rank alone. `observed`: (size, xxh3-128) of files the writer already read back after
+    closing them (while they were being fsynced), compared without reading them again. Returns the
+    error to agree on, naming the first file that differs.
     """
     if level == "quick":
         return None
+    seen = observed or {}
+
+    def check(relpath: str, entry: FileEntry) -> tuple[int, list[Problem]]:
+        if relpath in seen:
+            return seen[relpath][0], _digest_problems(relpath, entry, *seen[relpath])
+        return _hash_problems(root, relpath, entry)
+
     try:
-        problems = [p for _, found in _largest_first(files, lambda *kv: _hash_problems(root, *kv)) for p in found]
+        problems = [p for _, found in _largest_first(files, check) for p in found]
     except OSError as exc:
         return from_os_error(VerificationError, "could not re-read a file just written", exc, step=step)
     if not problems:
@@ -192,11 +208,15 @@ def check_written(root: Path, files: Mapping[str, FileEntry], *, level: str, ste
 def _hash_problems(root: Path, relpath: str, entry: FileEntry) -> tuple[int, list[Problem]]:
     """(bytes read, problems) for a file checked by size and hash alone; OSError propagates."""
     size, digest = hash_file(root / relpath)
+    return size, _digest_problems(relpath, entry, size, digest)
+
+
+def _digest_problems(relpath: str, entry: FileEntry, size: int, digest: str) -> list[Problem]:
     if size != entry.size:
-        return size, [Problem(relpath, size_mismatch(size, entry))]
+        return [Problem(relpath, size_mismatch(size, entry))]
     if digest != entry.xxh3_128:
-        return size, [Problem(relpath, hash_mismatch(digest, entry))]
-    return size, []
+        return [Problem(relpath, hash_mismatch(digest, entry))]
+    return []
 
 
 def _parsed(relpath: str, deep: bool) -> bool:
