@@ -1,6 +1,7 @@
-"""Where an integration's save spends the time after the library's own save returned (Accelerate ``save_state``).
+"""Where an integration's save spends the time after the library's own save returned (Accelerate's
+``save_state``, HF Trainer's ``_save_checkpoint``).
 
-    .venv/bin/python bench/profile_integrations.py [--reps 5]
+    .venv/bin/python bench/profile_integrations.py [--reps 5] [--library accelerate|hf]
 
 Each part of the commit is timed by wrapping the function that does it: waiting for the close watch
 (its last early fsync + hash), fsync + hash of the files it did not take (``adopt_files``: the last
@@ -49,7 +50,7 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def instrument(acc: Any) -> None:
+def instrument() -> None:
     closewatch.CloseWatch.finish = timed("wait for the close watch", closewatch.CloseWatch.finish)
     writer.adopt_files = timed("fsync + hash of files the watch did not take", writer.adopt_files)
     publish._write_manifest = timed("manifest + staging dir fsyncs", publish._write_manifest)
@@ -58,13 +59,10 @@ def instrument(acc: Any) -> None:
     publish.atomic_write_bytes = timed("LATEST", publish.atomic_write_bytes)
     staged.rotate = timed("rotation", staged.rotate)
     staged.next_sequence = timed("next sequence (discovery)", staged.next_sequence)
-    acc.save_state = timed("library's own save", acc.save_state)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ns = ap.parse_args()
+def accelerate_saves(root: Path, reps: int) -> list[dict[str, float]]:
+    """Each of `reps` saves' parts, Accelerate's ``save_state`` of the bench's model and AdamW state."""
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
@@ -73,16 +71,53 @@ def main() -> None:
     batch = integrationkit.TokenData()[0]
     acc.backward(net(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss)
     opt.step()
-    instrument(acc)
+    acc.save_state = timed("library's own save", acc.save_state)
     runs: list[dict[str, float]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(ns.reps):
+    for rep in range(reps):
+        os.sync()
+        PARTS.clear()
+        start = time.perf_counter()
+        ck_accelerate.save_state(acc, root / "run", rep + 1)
+        PARTS["whole save"] = time.perf_counter() - start
+        runs.append(dict(PARTS))
+    return runs
+
+
+def hf_saves(root: Path, reps: int) -> list[dict[str, float]]:
+    """Each of `reps` saves' parts, HF Trainer's ``_save_checkpoint`` with the mixin (one per training step)."""
+    from transformers import Trainer
+
+    from ckptguard.integrations.hf import CheckpointGuardMixin
+
+    runs: list[dict[str, float]] = []
+    library = timed("library's own save", Trainer._save_checkpoint)
+
+    class Profiled(integrationkit.guarded_trainer_class()):  # type: ignore[misc]
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
             os.sync()
             PARTS.clear()
             start = time.perf_counter()
-            ck_accelerate.save_state(acc, Path(tmp) / "run", rep + 1)
+            super()._save_checkpoint(model, trial)
             PARTS["whole save"] = time.perf_counter() - start
             runs.append(dict(PARTS))
+
+    Trainer._save_checkpoint = library  # what the mixin's super() call reaches
+    mixin = CheckpointGuardMixin
+    mixin._record_given_args = timed("training_args.bin as given", mixin._record_given_args)
+    args = integrationkit.hf_args(root, max_steps=reps, save_steps=1, save_total_limit=2, logging_steps=1000)
+    Profiled(model=model(), args=args, train_dataset=integrationkit.TokenData()).train()
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--library", choices=("accelerate", "hf"), default="accelerate")
+    ns = ap.parse_args()
+    instrument()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = (hf_saves if ns.library == "hf" else accelerate_saves)(Path(tmp), ns.reps)
+    print(f"{ns.library}:")
     print(f"| part (median of {ns.reps}) | ms |\n| --- | --- |")
     for name in runs[0]:
         print(f"| {name} | {statistics.median(r.get(name, 0.0) for r in runs) * 1000:.1f} |")
