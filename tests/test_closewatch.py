@@ -30,11 +30,15 @@ def _save(run_dir, write, step=1):
 
 
 def _writes(*names):
-    """A library that writes `names` (4 MiB each) and closes them, one after another."""
+    """A library that writes `names` (4 MiB each, in new subdirectories where they say so) and closes them,
+    one after another."""
 
     def write(staging, watch):
         for name in names:
             path = staging / name
+            if not path.parent.is_dir():
+                path.parent.mkdir()
+                assert watch.wait_heard(path.parent)  # watched before its file is written
             path.write_bytes(os.urandom(SIZE))
             assert watch.wait_heard(path, closes=1)  # inotify works on this mount: the early path is taken
 
@@ -110,15 +114,7 @@ def test_a_power_cut_right_after_the_commit_keeps_every_file_the_watch_synced_ea
     monkeypatch.setattr(writer, "fsync_file", lambda path: (synced_by_commit.append(path), fsync_file(path)))
     with power_cut_disk(tmp_path) as fs:
         run_dir = fs.mountpoint / "run"
-
-        def write(staging, watch):
-            (staging / "sub").mkdir()
-            assert watch.wait_heard(staging / "sub")
-            for path in (staging / "model.bin", staging / "sub" / "optimizer.bin"):
-                path.write_bytes(os.urandom(SIZE))
-                assert watch.wait_heard(path, closes=1)  # inotify works on this mount: the early path is taken
-
-        target = _save(run_dir, write)
+        target = _save(run_dir, _writes("model.bin", "sub/optimizer.bin"))
         staged.close_run(Coordinator(60), run_dir)
         assert synced_by_commit == [], "the commit synced again what the watch had synced"
         fs.cut()

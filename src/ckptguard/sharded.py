@@ -18,6 +18,7 @@ into a ckptguard error here, on every rank. Nothing is unpickled beyond DCP's me
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -255,17 +256,24 @@ def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int, read_back:
         writer = _writer(staging, coord.rank, written, reader)
         try:
             dcp.save(sd, storage_writer=writer, process_group=coord.group)
-            observed = {relpath: future.result() for relpath, future in writer.fs.rereads.items()}
         except CheckpointException as exc:  # a BaseException: `except Exception` would let it through
             raise _typed(exc, WriteError, "could not write the sharded state", staging, step) from None
-        except OSError:  # a file that cannot be read back: check_written reads it again and says why
-            observed = {}
         finally:
             if reader is not None:
-                reader.shutdown(wait=True)
-        return dict(writer.fs.entries), observed
+                reader.shutdown(wait=True)  # every read-back has ended
+        return dict(writer.fs.entries), _read_backs(writer.fs.rereads)
 
     return coord.guarded(write, step=step, missing="never finished writing its shard files")
+
+
+def _read_backs(rereads: Mapping[str, Future[tuple[int, str]]]) -> dict[str, tuple[int, str]]:
+    """(size, xxh3-128) of each file read back; one that could not be read is left out, so that
+    ``check_written`` reads it again and says why."""
+    observed = {}
+    for relpath, future in rereads.items():
+        with contextlib.suppress(OSError):
+            observed[relpath] = future.result()
+    return observed
 
 
 def _typed(exc: BaseException, cls: type[CheckpointError], what: str, path: Path, step: int | None) -> CheckpointError:
