@@ -36,7 +36,7 @@ def _rank(out_dir: str, reps: int, mib: int, verify: str) -> dict[str, list[floa
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from ckptguard import CheckpointManager
+    from ckptguard import CheckpointManager, publish
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -61,36 +61,46 @@ def _rank(out_dir: str, reps: int, mib: int, verify: str) -> dict[str, list[floa
     for rep in range(reps):
         writer = _plain(root, rep, "s")
         times["dcp"].append(_timed(lambda: dcp.save(plain(), storage_writer=writer)))  # noqa: B023 - called at once
+        _drop(root, rep - 1, "s")
         step = 2 * rep + 1
         times["guard"].append(_timed(lambda: mgr.save(step, state)))  # noqa: B023 - called at once
+        publish.wait_for_removals()  # the checkpoint retention removed is freed untimed, as the baseline's
         writer = _plain(root, rep, "a")
         start = time.perf_counter()
         future = dcp.async_save(plain(), storage_writer=writer)
         times["dcp_async_stall"].append(time.perf_counter() - start)
         future.result()
+        _drop(root, rep - 1, "a")
         start = time.perf_counter()
         mgr.save(2 * rep + 2, state, blocking=False)
         times["guard_async_stall"].append(time.perf_counter() - start)
         mgr.wait()
+        publish.wait_for_removals()
     mgr.close()
     return times
 
 
 def _plain(root: Path, rep: int, kind: str) -> Any:
-    """A writer into a new directory; the previous repeat's is deleted first (untimed), as keep_last=1 deletes.
+    """A writer into a new directory (the baseline's checkpoint of this repeat)."""
+    from torch.distributed.checkpoint import FileSystemWriter
 
-    Both sides then write into a filesystem that has just freed one checkpoint: on the development
-    machine's disk the write after a deletion is up to three times faster than one that grows the
-    disk, and a baseline that never deleted was timed right after each of the manager's prunes.
+    return FileSystemWriter(root / f"dcp-{kind}-{rep}", overwrite=False)
+
+
+def _drop(root: Path, rep: int, kind: str) -> None:
+    """Delete the baseline's previous checkpoint once the new one is written, untimed, as keep_last=1 does.
+
+    Each side deletes after it writes (the manager prunes after its commit; its background deletion
+    is waited for untimed), so each side's write follows the other's deletion: on the development
+    machine's disk (ext4, online discard) a write right after a deletion is faster than one that grows
+    the disk, and a baseline that deleted just before its own write had that advantage to itself.
     """
     import torch.distributed as dist
-    from torch.distributed.checkpoint import FileSystemWriter
 
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(root / f"dcp-{kind}-{rep - 1}", ignore_errors=True)
+        shutil.rmtree(root / f"dcp-{kind}-{rep}", ignore_errors=True)
     dist.barrier()
-    return FileSystemWriter(root / f"dcp-{kind}-{rep}", overwrite=False)
 
 
 def _timed(fn: Any) -> float:
