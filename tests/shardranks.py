@@ -6,7 +6,8 @@ the full (gathered) parameters and optimizer moments, or the typed error it rais
 
 * ``train``    6 steps, saves after steps 1 and 2 (the 2nd with ``ARG`` = a fault: ``kill1`` SIGKILLs
                rank 1 while it writes its shard, ``flip1`` flips a bit of rank 1's shard file on disk
-               once rank 1 has written, fsynced and closed it, ``fill`` fills the disk at ``ARG2`` first; or
+               once rank 1 has written, fsynced and closed it, ``fill`` fills the disk at ``ARG2`` first,
+               ``refuse`` makes restore's decoder refuse the ``.metadata`` DCP writes; or
                ``async``: in the background while step 3 changes the shards), and reports the
                fingerprint of the state after every step;
 * ``resume``   a model built from another seed restores the newest checkpoint, reports its step and
@@ -105,6 +106,8 @@ def _main(mode: str, run_dir: str, arg: str, arg2: str) -> dict[str, Any]:
             _kill_while_writing()
         if step == 2 and arg == "flip1" and rank == 1:
             _flip_after_writing()
+        if step == 2 and arg == "refuse":
+            _refuse_storage_meta()
         if step == 2 and arg == "fill":
             dist.barrier()
             if rank == 0:
@@ -161,6 +164,16 @@ def _kill_while_writing() -> None:
         return real_open(file, mode, *args, **kwargs)
 
     builtins.open = open_then_die
+
+
+def _refuse_storage_meta() -> None:
+    """From here on this process's decoder does not know DCP's StorageMeta record, which DCP writes into
+    every ``.metadata``: as a torch release whose metadata holds a record ckptguard does not know."""
+    from torch.distributed.checkpoint import metadata
+
+    from ckptguard import dcp_metadata
+
+    del dcp_metadata._globals()[(metadata.__name__, "StorageMeta")]
 
 
 def _flip_after_writing() -> None:

@@ -32,6 +32,21 @@ def test_remove_never_leaves_a_partial_checkpoint_name(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_discarded_staging_directory_is_never_made_again_by_a_rank_still_writing(tmp_path):
+    """Ranks write their own files beside the sharded write; when the save fails elsewhere, rank 0 discards
+    staging while another rank may still be writing. That rank's next file fails (ENOENT) instead of making
+    the staging directory again, so nothing of the failed save is left in the run directory."""
+    from ckptguard.snapshot import FilePlan
+
+    staging = publish.create_staging(tmp_path, "checkpoint-2")
+    plan = FilePlan("state/rank1/rng.json", data=b"{}\n")
+    writer.write_file(staging, plan)
+    publish.discard_staging(staging)
+    with pytest.raises(FileNotFoundError):
+        writer.write_file(staging, plan)
+    assert os.listdir(tmp_path) == []
+
+
 def _damage_after_rename(monkeypatch, target: Path, relpath: str) -> None:
     """Test-only hook: right after `target` is renamed into place, flip a byte of one of its files on disk.
 

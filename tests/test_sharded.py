@@ -92,6 +92,20 @@ def test_shard_changed_on_disk_after_its_write_fails_the_save_on_every_rank_nami
     _assert_only_checkpoint_1(tmp_path / "run")
 
 
+def test_metadata_restore_would_refuse_fails_the_save_on_every_rank_before_the_commit(tmp_path: Path) -> None:
+    """Rank 0 decodes DCP's ``.metadata`` as restore will, from the bytes it read back while they were fsynced,
+    before the ranks agree: a record the decoder does not know fails the save everywhere, names the file,
+    and nothing is committed or even moved aside; checkpoint-1 stays LATEST and restores."""
+    reports = run_ranks("train", tmp_path / "run", arg="refuse")
+    assert [(r["type"], r["rank"]) for r in reports] == [("VerificationError", 0)] * 2, reports
+    assert reports[0]["text"] == reports[1]["text"]
+    assert "sharded/.metadata" in reports[0]["text"] and "StorageMeta" in reports[0]["text"], reports[0]
+    assert "nothing was committed" in reports[0]["text"] and "step=2" in reports[0]["text"]
+    _assert_only_checkpoint_1(tmp_path / "run")
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".corrupt")]
+    assert resumed(tmp_path / "run")["step"] == 1
+
+
 def test_rank_killed_while_writing_its_shard_is_named_on_the_other(tmp_path: Path) -> None:
     survivor, killed = run_ranks("train", tmp_path / "run", arg="kill1")
     assert killed.get("exit") == -9, killed

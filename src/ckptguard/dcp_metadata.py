@@ -126,6 +126,17 @@ class _Unpickler(pickle._Unpickler):  # the Python unpickler: its dispatch table
 
 def parse(data: bytes, manifest: Manifest) -> Any:
     """DCP's Metadata from the bytes of ``.metadata``, checked against `manifest`; ManifestError if refused."""
+    metadata = decode(data)
+    check_storage(metadata, manifest)
+    return metadata
+
+
+def decode(data: bytes) -> Any:
+    """DCP's Metadata from the bytes of ``.metadata``, its records checked; ManifestError if refused.
+
+    Its shard references are left to :func:`check_storage`, which needs the checkpoint's manifest:
+    the committing rank decodes the file it just wrote while the ranks still agree on the files.
+    """
     if len(data) > MAX_METADATA_BYTES:
         raise ManifestError(f"{METADATA_PATH} is over the {MAX_METADATA_BYTES >> 20} MiB limit ({len(data)} bytes)")
     try:
@@ -136,16 +147,22 @@ def parse(data: bytes, manifest: Manifest) -> Any:
         raise ManifestError(f"{METADATA_PATH} is not DCP metadata ({type(exc).__name__}: {str(exc)[:200]})") from None
     except RecursionError:
         raise ManifestError(f"{METADATA_PATH} nests too deep to be DCP metadata") from None
-    _check(metadata, manifest)
+    _check_records(metadata)
     return metadata
+
+
+def check_storage(md: Any, manifest: Manifest) -> None:
+    """Every shard reference of decoded metadata lies inside a shard file `manifest` lists; ManifestError if not."""
+    for index, info in md.storage_data.items():
+        _check_storage(index.fqn, info, manifest)
 
 
 def _fail(what: str) -> None:
     raise ManifestError(f"{METADATA_PATH}: {what}")
 
 
-def _check(md: Any, manifest: Manifest) -> None:
-    """Only DCP's record types, in their places; every shard reference inside a listed file of this checkpoint."""
+def _check_records(md: Any) -> None:
+    """Only DCP's record types, in their places (where the shard references point is :func:`check_storage`'s)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -172,7 +189,6 @@ def _check(md: Any, manifest: Manifest) -> None:
             _fail(f"storage_data has a key {str(index)[:100]} that names no entry")
         if type(info) is not _StorageInfo:
             _fail(f"storage of {index.fqn[:100]!r} is a {type(info).__name__}, not DCP's _StorageInfo")
-        _check_storage(index.fqn, info, manifest)
     if md.storage_meta is not None and (
         type(md.storage_meta) is not StorageMeta or not isinstance(md.storage_meta.modules, list)
     ):

@@ -102,12 +102,14 @@ class Coordinator:
         point is the one named, in the words of `missing` ("rank 1 never ...").
         """
         self._calls += 1
-        key = f"ckptguard/{getattr(self._group, 'group_name', '')}/{self._calls}/"
+        call, prefix = self._calls, f"ckptguard/{getattr(self._group, 'group_name', '')}/"
         try:
-            result = op(lambda: self._store_call(lambda store: store.set(f"{key}{self.rank}", "1")))
+            # one key per rank, holding the last stretch it finished: a set is sent without waiting for
+            # a reply, and the keys do not grow with the run
+            result = op(lambda: self._store_call(lambda store: store.set(f"{prefix}{self.rank}", str(call))))
         except (RuntimeError, ConnectionError) as exc:  # gloo reports timeouts and dead peers as these
             absent = self._store_call(
-                lambda store: [r for r in range(self.world_size) if not store.check([f"{key}{r}"])]
+                lambda store: [r for r in range(self.world_size) if _reached(store, f"{prefix}{r}") < call]
             )
             who = f"rank {', '.join(map(str, absent))} {missing}" if absent else "another rank died or hung"
             raise CoordinationError(
@@ -116,7 +118,6 @@ class Coordinator:
                 step=step,
                 rank=absent[0] if absent and len(absent) == 1 else None,
             ) from exc
-        self._store_call(lambda store: store.delete_key(f"{key}{self.rank}"))  # a long run leaves no keys behind
         return result
 
     def _store_call(self, fn: Callable[[Any], T]) -> T | None:
@@ -127,6 +128,11 @@ class Coordinator:
             return fn(self._store)
         except (RuntimeError, ConnectionError, ValueError):
             return None
+
+
+def _reached(store: Any, key: str) -> int:
+    """The last stretch a rank marked done (0: none); never blocks on a key the rank never set."""
+    return int(store.get(key)) if store.check([key]) else 0
 
 
 def job_store() -> Any:

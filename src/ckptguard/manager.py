@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,24 @@ from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, WriteError, from_os_error
 from ckptguard.events import EventLog, record_failure
 from ckptguard.layout import checkpoint_name
-from ckptguard.manifest import MAX_INT, Manifest, library_versions
+from ckptguard.manifest import MAX_INT, FileEntry, Manifest, library_versions
 from ckptguard.pruning import Pruner
 from ckptguard.restore import Restored, restore_into
 from ckptguard.storage import tiered
 from ckptguard.storage.objectstore import is_remote
 from ckptguard.verify import check_level, check_written
+
+
+def _write_own(
+    staging: Path, plans: list[snapshot.FilePlan], step: int
+) -> tuple[dict[str, FileEntry], CheckpointError | None]:
+    """This rank's planned files written into staging, or the error that stopped them (the ranks agree on it)."""
+    try:
+        return writer.write_files(staging, plans), None
+    except OSError as exc:
+        return {}, from_os_error(WriteError, "could not write checkpoint file", exc, step=step)
+    except ValueError as exc:
+        return {}, WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
 
 
 @dataclass(frozen=True)
@@ -186,32 +199,38 @@ class CheckpointManager:
             error, name = self._begin(step, snap, local_error)
             staging = self.run_dir / name if name else None  # so a failure below removes it
             staging = self.run_dir / self._coord.agree(error, name, step=step)[0]
-            # 2. every rank writes its own files into staging, hashing and fsyncing as it goes
-            files, error = {}, None
-            try:
-                files = writer.write_files(staging, snap.files)
-            except OSError as exc:
-                error = from_os_error(WriteError, "could not write checkpoint file", exc, step=step)
-            except ValueError as exc:
-                error = WriteError(f"could not write checkpoint: {exc}", path=staging, step=step)
-            read_back: dict[str, tuple[int, str]] = {}
-            if snap.sharded:  # FSDP2 entries: every rank (even one whose files failed) writes its shards via DCP
-                shards, read_back = sharded.save(
-                    staging, snap.sharded, coord=self._coord, step=step, read_back=self.verify_level != "quick"
-                )
-                files = {**files, **shards}
+            # 2. every rank writes its own files into staging, hashing and fsyncing as it goes; with FSDP2
+            # entries, beside its shards (every rank, even one whose files failed, writes those via DCP)
+            shards = sharded.Written({})
+            if snap.sharded:
+                with ThreadPoolExecutor(1, thread_name_prefix="ckptguard-own-files") as pool:
+                    own = pool.submit(_write_own, staging, snap.files, step)
+                    shards = sharded.save(
+                        staging, snap.sharded, coord=self._coord, step=step, read_back=self.verify_level != "quick"
+                    )
+                    files, error = own.result()
+                files = {**files, **shards.entries}
+            else:
+                files, error = _write_own(staging, snap.files, step)
             # 3. every rank re-reads what it wrote (its shards: read back while fsynced), in parallel with the
             # others, before they agree
-            error = error or check_written(staging, files, level=self.verify_level, step=step, observed=read_back)
+            error = error or check_written(
+                staging, files, level=self.verify_level, step=step, observed=shards.observed, refused=shards.refused
+            )
             every_rank_files = self._coord.agree(error, files, step=step)
-            # 4. rank 0 writes the manifest, renames into place, verifies what is left, points LATEST, prunes
+            # 4. rank 0 writes the manifest, renames into place, verifies what is left, points LATEST
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
-            path = self._coord.on_primary(lambda: self._commit(step, staging, merged, metrics, snap), step=step)
+            committed: list[CheckpointInfo] = []
+            path = self._coord.on_primary(
+                lambda: self._commit(step, staging, merged, metrics, snap, shards.decoded, committed), step=step
+            )
         except CheckpointError as exc:
             if self._coord.is_primary and staging is not None and staging.exists():
                 publish.discard_staging(staging)
             self._record_failure("save_failed", exc, step=step)
             raise
+        for info in committed:  # 5. rank 0 prunes, once every rank knows the save stands (its removal is work
+            self._pruner.after_save(info)  # the other ranks must not wait behind)
         earlier_upload = self._tier.submit(path)
         result = self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
         if earlier_upload is not None:  # raised once this save stands locally, its own upload under way
@@ -258,15 +277,17 @@ class CheckpointManager:
         files: dict[str, Any],
         metrics: dict[str, float],
         snap: snapshot.Snapshot,
+        decoded: Mapping[str, Any],
+        committed: list[CheckpointInfo],
     ) -> Path:
         manifest = self._manifest(step, files, metrics)
         deep = self.verify_level == "deep"
         path = publish.publish(
             staging, self.run_dir / checkpoint_name(step), manifest, level=self.verify_level,
             expected=snap.tensor_files() if deep else None, model=snap.peft_model if deep else None,
-            latest=True, events=self._events, reread=frozenset(files),
+            latest=True, events=self._events, reread=frozenset(files), decoded=decoded,
         ).path  # fmt: skip
-        self._pruner.after_save(
+        committed.append(
             CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))
         )
         return path

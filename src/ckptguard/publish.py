@@ -21,10 +21,12 @@ a half-deleted directory under a checkpoint name. The manager, ``save_lora_adapt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -83,12 +85,14 @@ def publish(
     latest: bool = False,
     events: EventLog | None = None,
     reread: frozenset[str] = frozenset(),
+    decoded: Mapping[str, Any] | None = None,
 ) -> Published:
     """Steps 1-6 above for a staging directory whose files are written and fsynced.
 
     Raises WriteError (OS errors, with the staging directory removed when nothing was renamed yet)
     or VerificationError. `expected` and `model` feed the deep level (see :mod:`ckptguard.verify`);
-    `reread` names files their writers already re-read and hashed in staging, which step 4 only stats.
+    `reread` names files their writers already re-read and hashed in staging, which step 4 only stats;
+    `decoded`, files of those a writer decoded as well (``sharded``), which step 4 does not decode again.
     """
     step = manifest.step
     try:
@@ -102,7 +106,7 @@ def publish(
         raise from_os_error(WriteError, "could not commit the checkpoint", exc, path=target, step=step) from exc
     if superseded is not None and events is not None:
         events.emit("superseded", step=step, path=target, moved_to=superseded)
-    report = verify_checkpoint(target, level, expected=expected, model=model, reread=reread)
+    report = verify_checkpoint(target, level, expected=expected, model=model, reread=reread, decoded=decoded)
     if events is not None:
         events.emit(
             "verify", step=step, path=target, level=level, ok=report.ok, bytes=report.bytes_read,
@@ -202,6 +206,10 @@ _removals_lock = threading.Lock()
 
 
 def _free(trash: Path) -> None:
+    if sys.platform == "linux":  # a nice value is per thread on Linux: the kernel's work of freeing the
+        # space (tens of ms per GB) then gives way to the training's threads and to the other ranks
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     try:
         shutil.rmtree(trash, ignore_errors=True)
     finally:

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,10 @@ import xxhash
 from ckptguard import dcp_metadata
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.hashing import hash_file
-from ckptguard.layout import SHARDED_DIR
+from ckptguard.layout import DCP_METADATA, SHARDED_DIR
 from ckptguard.lora import adapter_source_keys, is_peft_model
 from ckptguard.manifest import FileEntry, Manifest, ManifestError
-from ckptguard.storage.durable import fsync_file
+from ckptguard.storage.durable import WRITEBACK_EVERY, fsync_file, start_writeback
 from ckptguard.verify import hash_mismatch, read_verified, size_mismatch
 
 
@@ -149,7 +150,7 @@ class _HashingStream(io.RawIOBase):
         super().__init__()
         self._raw = raw
         self._hasher = xxhash.xxh3_128()
-        self.size = 0
+        self.size = self._started = 0
 
     def writable(self) -> bool:
         return True
@@ -159,6 +160,10 @@ class _HashingStream(io.RawIOBase):
         self._raw.write(view)  # a BufferedWriter writes everything or raises
         self._hasher.update(view)
         self.size += len(view)
+        if self.size - self._started >= WRITEBACK_EVERY:  # the disk works while the rest is written, so
+            self._raw.flush()  # the fsync at the close finds little left (DCP's own writer leaves it all)
+            start_writeback(self._raw.fileno(), self._started, self.size - self._started)
+            self._started = self.size
         return len(view)
 
     def tell(self) -> int:
@@ -181,13 +186,15 @@ class _HashingStream(io.RawIOBase):
 
 def _writer(staging: Path, rank: int, on_written: Callable[[], None], reader: ThreadPoolExecutor | None) -> Any:
     """A FileSystemWriter into ``staging/sharded`` whose files are new, hashed as written and fsynced; with a
-    `reader`, each file is read back and hashed on it while it is fsynced (``fs.rereads``)."""
+    `reader`, each file is read back and hashed on it while it is fsynced (``fs.rereads``), DCP's metadata
+    decoded on it too (``fs.decoded``)."""
     from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 
     class HashingFileSystem(FileSystem):
         def __init__(self) -> None:
             self.entries: dict[str, FileEntry] = {}
             self.rereads: dict[str, Future[tuple[int, str]]] = {}
+            self.decoded: dict[str, Future[Any]] = {}
             self._lock = threading.Lock()
 
         @contextmanager
@@ -198,9 +205,21 @@ def _writer(staging: Path, rank: int, on_written: Callable[[], None], reader: Th
                 stream = _HashingStream(raw)
                 yield stream
             # closed: read it back while the disk syncs it (an unseen writeback error reaches this fsync too)
-            reread = reader.submit(hash_file, Path(path)) if reader is not None else None
+            reread = self._read_back(Path(path)) if reader is not None else None
             fsync_file(path)
             self._record(path, FileEntry(size=stream.size, xxh3_128=stream.hexdigest(), rank=rank), reread)
+
+        def _read_back(self, path: Path) -> Future[tuple[int, str]]:
+            assert reader is not None
+            if path.name != f"{DCP_METADATA}.tmp":  # a shard file
+                return reader.submit(hash_file, path)
+            # DCP's metadata (small; renamed next): read now, decoded on the reader while it is fsynced
+            with open(path, "rb") as fh:
+                data = fh.read(dcp_metadata.MAX_METADATA_BYTES + 1)
+            self.decoded[_relative(path.with_name(DCP_METADATA))] = reader.submit(dcp_metadata.decode, data)
+            read: Future[tuple[int, str]] = Future()
+            read.set_result((len(data), xxhash.xxh3_128_hexdigest(data)))
+            return read
 
         def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
             os.link(path, new_path)  # DCP's .metadata.tmp -> .metadata; EEXIST rather than replace a file
@@ -238,12 +257,21 @@ def _writer(staging: Path, rank: int, on_written: Callable[[], None], reader: Th
     return HashingWriter()
 
 
-Written = tuple[dict[str, FileEntry], dict[str, tuple[int, str]]]
+@dataclass(frozen=True)
+class Written:
+    """What a rank's :func:`save` wrote: manifest entries and the (size, xxh3-128) each file was read back
+    with once closed (for ``check_written``); on the coordinator, DCP's metadata decoded from the bytes it
+    read back (the commit's verification does not decode it again), or why restore would refuse it."""
+
+    entries: dict[str, FileEntry]
+    observed: dict[str, tuple[int, str]] = field(default_factory=dict)
+    decoded: dict[str, Any] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int, read_back: bool = True) -> Written:
-    """Write this rank's shards (and, on the coordinator, DCP's metadata); returns their manifest entries and,
-    with `read_back`, the (size, xxh3-128) each file was read back with once closed (for ``check_written``).
+    """Write this rank's shards (and, on the coordinator, DCP's metadata), read back while fsynced when
+    `read_back` (each file's size and hash, the metadata decoded too); see :class:`Written`.
 
     A collective over the coordination group: call it on every rank. Any rank's failure raises a
     CheckpointError on all of them; a rank that dies is named by the others (CoordinationError).
@@ -260,20 +288,25 @@ def save(staging: Path, sd: dict[str, Any], *, coord: Any, step: int, read_back:
             raise _typed(exc, WriteError, "could not write the sharded state", staging, step) from None
         finally:
             if reader is not None:
-                reader.shutdown(wait=True)  # every read-back has ended
-        return dict(writer.fs.entries), _read_backs(writer.fs.rereads)
+                reader.shutdown(wait=True)  # every read-back has ended (the metadata's decoding too)
+        return _written(writer.fs)
 
     return coord.guarded(write, step=step, missing="never finished writing its shard files")
 
 
-def _read_backs(rereads: Mapping[str, Future[tuple[int, str]]]) -> dict[str, tuple[int, str]]:
-    """(size, xxh3-128) of each file read back; one that could not be read is left out, so that
-    ``check_written`` reads it again and says why."""
-    observed = {}
-    for relpath, future in rereads.items():
+def _written(fs: Any) -> Written:
+    """The read-backs of a finished write; a file that could not be read back is left out of ``observed``,
+    so that ``check_written`` reads it again and says why."""
+    done = Written(dict(fs.entries))
+    for relpath, future in fs.rereads.items():
         with contextlib.suppress(OSError):
-            observed[relpath] = future.result()
-    return observed
+            done.observed[relpath] = future.result()
+    for relpath, future in fs.decoded.items():
+        try:
+            done.decoded[relpath] = future.result()
+        except ManifestError as exc:
+            done.refused[relpath] = exc.reason.removeprefix(f"{relpath}: ")
+    return done
 
 
 def _typed(exc: BaseException, cls: type[CheckpointError], what: str, path: Path, step: int | None) -> CheckpointError:

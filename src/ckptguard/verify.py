@@ -90,11 +90,14 @@ def verify_checkpoint(
     expected: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     model: Any = None,
     reread: frozenset[str] = frozenset(),
+    decoded: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Check a checkpoint directory at `level`; never raises for a damaged checkpoint, reports it.
 
     `reread`: files whose bytes their writers have just re-read and hashed (:func:`check_written`,
     each rank its own, in parallel); they get the quick check here unless `level` parses them.
+    `decoded`: DCP metadata a writer decoded from the bytes it read back (same hash): its shard
+    references are checked against the manifest here, instead of decoding it again.
     """
     check_level(level)
     start = time.perf_counter()
@@ -102,7 +105,7 @@ def verify_checkpoint(
     try:
         _check_structure(report)
         if report.ok and level in ("full", "deep"):
-            _check_contents(report, deep=level == "deep", expected=expected or {}, reread=reread)
+            _check_contents(report, level == "deep", expected or {}, reread, decoded or {})
         if report.ok and level == "deep" and model is not None:
             _check_adapter(report, model)
     except OSError as exc:  # a directory that cannot be listed, a file that vanished while we looked
@@ -174,14 +177,16 @@ def check_written(
     level: str,
     step: int,
     observed: Mapping[str, tuple[int, str]] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> VerificationError | None:
     """Re-read the files a rank just wrote under `root` and compare each with the entry it recorded while writing.
 
     Every rank runs this on its own files before the ranks agree on the save (nothing at the quick
     level), so a checkpoint's bytes are re-read by as many readers as wrote them, not by the
     committing rank alone. `observed`: (size, xxh3-128) of files the writer already read back after
-    closing them (while they were being fsynced), compared without reading them again. Returns the
-    error to agree on, naming the first file that differs.
+    closing them (while they were being fsynced), compared without reading them again; `refused`: why
+    restore would refuse files the writer decoded (DCP's metadata). Returns the error to agree on,
+    naming the first file that differs.
     """
     if level == "quick":
         return None
@@ -194,6 +199,7 @@ def check_written(
 
     try:
         problems = [p for _, found in _largest_first(files, check) for p in found]
+        problems += [Problem(relpath, why) for relpath, why in sorted((refused or {}).items())]
     except OSError as exc:
         return from_os_error(VerificationError, "could not re-read a file just written", exc, step=step)
     if not problems:
@@ -224,7 +230,9 @@ def _parsed(relpath: str, deep: bool) -> bool:
     return relpath in (STATE_FILE, dcp_metadata.METADATA_PATH) or (deep and relpath.endswith((".json", ".safetensors")))
 
 
-def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool, expected: Any) -> tuple[int, list]:
+def _check_one(
+    report: VerifyReport, relpath: str, entry: FileEntry, deep: bool, expected: Any, decoded: Any
+) -> tuple[int, list]:
     """(bytes read, problems) for one file; small JSON and every file at the deep level are parsed too."""
     path = report.path / relpath
     try:
@@ -235,13 +243,16 @@ def _check_one(report: VerifyReport, relpath: str, entry: FileEntry, deep: bool,
         return 0, [Problem(relpath, exc.reason)]
     except OSError as exc:
         return 0, [Problem(relpath, f"cannot be read ({exc.strerror})")]
-    return len(data), _parse_problems(report, relpath, data, entry, expected)
+    return len(data), _parse_problems(report, relpath, data, entry, expected, decoded)
 
 
-def _parse_problems(report: VerifyReport, relpath: str, data: bytes, entry: FileEntry, expected: Any) -> list[Problem]:
+def _parse_problems(
+    report: VerifyReport, relpath: str, data: bytes, entry: FileEntry, expected: Any, decoded: Any
+) -> list[Problem]:
     if relpath == dcp_metadata.METADATA_PATH and report.manifest is not None:
         try:
-            dcp_metadata.parse(data, report.manifest)
+            metadata = decoded if decoded is not None else dcp_metadata.decode(data)
+            dcp_metadata.check_storage(metadata, report.manifest)
         except ManifestError as exc:
             return [Problem(relpath, exc.reason.removeprefix(f"{relpath}: "))]
         return []
@@ -297,11 +308,21 @@ def compare_tensors(
     return []
 
 
-def _check_contents(report: VerifyReport, deep: bool, expected: Mapping[str, Any], reread: frozenset[str]) -> None:
+def _check_contents(
+    report: VerifyReport,
+    deep: bool,
+    expected: Mapping[str, Any],
+    reread: frozenset[str],
+    decoded: Mapping[str, Any],
+) -> None:
     manifest = report.manifest
     assert manifest is not None
     unread = {path: entry for path, entry in manifest.files.items() if path not in reread or _parsed(path, deep)}
-    for nbytes, problems in _largest_first(unread, lambda p, e: _check_one(report, p, e, deep, expected.get(p))):
+
+    def check(relpath: str, entry: FileEntry) -> tuple[int, list[Problem]]:
+        return _check_one(report, relpath, entry, deep, expected.get(relpath), decoded.get(relpath))
+
+    for nbytes, problems in _largest_first(unread, check):
         report.bytes_read += nbytes
         report.problems.extend(problems)
 

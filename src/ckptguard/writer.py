@@ -9,23 +9,20 @@ memory keeps the blocking path free of a full extra copy of the state.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from ckptguard.hashing import BackgroundHasher, hash_file
 from ckptguard.manifest import FileEntry
 from ckptguard.snapshot import FilePlan
-from ckptguard.storage.durable import fsync_file, write_all
+from ckptguard.storage.durable import WRITEBACK_EVERY, fsync_file, start_writeback, write_all
 from ckptguard.tensorfile import safetensors_header
 
 CHUNK = 8 << 20  # large enough for full disk bandwidth, small enough to hash while still in cache
-WRITEBACK_EVERY = 64 << 20  # start the disk on what is written so far every this many bytes
 MAX_PARALLEL_FILES = 4
 
 
@@ -37,30 +34,6 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy())
-
-
-def _writeback_function() -> Any:
-    """libc's sync_file_range, where there is one (Linux); None elsewhere."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_sync_file_range = _writeback_function()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing a range now (`nbytes` 0: to the end), so the disk works while we copy
-    the rest.
-
-    Advisory only: the fsync at the end is what makes the file durable (and reports any error).
-    """
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_stream(path: Path, chunks: Iterable[memoryview | bytes]) -> tuple[int, str]:
@@ -95,6 +68,10 @@ def write_file(staging: Path, plan: FilePlan) -> FileEntry:
     """Write one planned file under `staging`; OSError propagates with its errno for the caller."""
     path = staging / plan.relpath
     try:
+        for parent in reversed(PurePosixPath(plan.relpath).parents[:-1]):
+            # one level at a time, never the staging directory itself: a rank still writing when the save
+            # failed elsewhere and rank 0 discarded staging gets ENOENT instead of making it again
+            (staging / parent).mkdir(exist_ok=True)
         return _write_plan(path, plan)
     except OSError as exc:
         if exc.filename is None:  # os.write/fsync errors carry no path; the user needs it
@@ -103,7 +80,6 @@ def write_file(staging: Path, plan: FilePlan) -> FileEntry:
 
 
 def _write_plan(path: Path, plan: FilePlan) -> FileEntry:
-    path.parent.mkdir(parents=True, exist_ok=True)
     chunks, tensors = file_chunks(plan)
     size, digest = _write_stream(path, chunks)
     return FileEntry(size=size, xxh3_128=digest, tensors=tensors)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptguard.hashing import hash_file
-from ckptguard.writer import start_writeback
+from ckptguard.storage.durable import WRITEBACK_EVERY, start_writeback
 
 try:  # Linux only; elsewhere every file is hashed at commit, as the watch only ever saves time
     from inotify_simple import INotify
@@ -36,7 +36,6 @@ except ImportError:  # pragma: no cover - not Linux
 
 log = logging.getLogger("ckptguard")
 
-WRITEBACK_STEP = 8 << 20  # start the disk on a file being written every this many bytes
 WORKERS = 2  # a closed file's fsync (waits on the disk) and its hash (reads the page cache) run side by side
 
 
@@ -136,14 +135,14 @@ class CloseWatch:
             self._closes[path] = self._closes.get(path, 0) + 1
 
     def _start_writeback(self, path: Path) -> None:
-        """Start the disk on what the library wrote so far, every WRITEBACK_STEP bytes, so that the fsync at
+        """Start the disk on what the library wrote so far, every WRITEBACK_EVERY bytes, so that the fsync at
         its close (what the commit waits for, for the last file) finds little left to write."""
         try:
             size = os.stat(path).st_size
         except OSError:
             return
         started = self._written_back.get(path, 0)
-        if size - started < WRITEBACK_STEP:
+        if size - started < WRITEBACK_EVERY:
             return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

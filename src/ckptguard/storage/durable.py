@@ -1,4 +1,5 @@
-"""fsync helpers: a byte is only saved once the file *and* the directory entry naming it are synced.
+"""fsync helpers: a byte is only saved once the file *and* the directory entry naming it are synced; and
+the early writeback every writer of ckptguard starts, so that the fsync at a file's close is short.
 
 Some network filesystems refuse ``fsync`` on a directory (EINVAL/ENOTSUP). That is recorded once per
 process as a warning and then tolerated, because refusing every save there would make the library
@@ -7,12 +8,44 @@ unusable on exactly the clusters that need it most.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("ckptguard")
+
+# Start the disk on what is written so far every this many bytes (ckptguard's writer, its DCP stream, the
+# close watch on a library's files), so the fsync at the close finds little left: for one save of 400 MB,
+# 156 ms at 8 MiB against 191 ms at 64 MiB; two ranks' DCP saves, 0.95-1.03x plain DCP against 0.88-0.93x.
+WRITEBACK_EVERY = 8 << 20
+
+
+def _writeback_function() -> Any:
+    """libc's sync_file_range, where there is one (Linux); None elsewhere."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _writeback_function()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range now (`nbytes` 0: to the end), so the disk works while we copy
+    the rest.
+
+    Advisory only: the fsync at the end is what makes the file durable (and reports any error).
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
 
 _DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 _warned_dirs: set[str] = set()
