@@ -1,8 +1,6 @@
 """Hugging Face ``Trainer`` whose every checkpoint is staged, committed by one process, verified, then published.
 
-    import torch
-from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+    from transformers import Trainer
     from ckptguard.integrations.hf import CheckpointGuardMixin, newest_verified_checkpoint
 
     class GuardedTrainer(CheckpointGuardMixin, Trainer): ...
@@ -29,9 +27,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
 
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
@@ -127,7 +123,6 @@ class CheckpointGuardMixin:
         self._ckptguard_staging = staging
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
-            self._record_given_args(written)
             self._record_best(run_dir, staging, written)  # every rank: each may load the best model at the end
         except Exception as exc:  # any failure on any rank must reach every rank as one typed error
             error = staged.write_error(exc, written, step)
@@ -142,10 +137,16 @@ class CheckpointGuardMixin:
         protected = frozenset({Path(best).name} if best else set())
         coord.on_primary(lambda: staged.rotate(run_dir, limit, protected, protected_count=True), step=step)
 
-    def _record_given_args(self, written: Path) -> None:
-        """``training_args.bin`` as the caller gave them: HF saved the copy it was shown (no save_total_limit)."""
-        if self._ckptguard_args is not None and (written / TRAINING_ARGS_NAME).is_file():
-            torch.save(self._ckptguard_args, written / TRAINING_ARGS_NAME)
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        """HF's save of the model and ``training_args.bin``, shown the caller's arguments: the file records
+        what the caller gave (not the copy without save_total_limit HF is shown while training), written once."""
+        if self._ckptguard_args is None:
+            return super()._save(output_dir, state_dict)  # type: ignore[misc]
+        shown, self.args = self.args, self._ckptguard_args
+        try:
+            return super()._save(output_dir, state_dict)  # type: ignore[misc]
+        finally:
+            self.args = shown
 
     def _record_best(self, run_dir: Path, staging: Path, written: Path) -> None:
         """Point ``best_model_checkpoint`` at the final path (HF computed it inside staging); the process that
