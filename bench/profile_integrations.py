@@ -87,8 +87,6 @@ def hf_saves(root: Path, reps: int) -> list[dict[str, float]]:
     """Each of `reps` saves' parts, HF Trainer's ``_save_checkpoint`` with the mixin (one per training step)."""
     from transformers import Trainer
 
-    from ckptguard.integrations.hf import CheckpointGuardMixin
-
     runs: list[dict[str, float]] = []
     library = timed("library's own save", Trainer._save_checkpoint)
 
@@ -102,8 +100,6 @@ def hf_saves(root: Path, reps: int) -> list[dict[str, float]]:
             runs.append(dict(PARTS))
 
     Trainer._save_checkpoint = library  # what the mixin's super() call reaches
-    mixin = CheckpointGuardMixin
-    mixin._record_given_args = timed("training_args.bin as given", mixin._record_given_args)
     args = integrationkit.hf_args(root, max_steps=reps, save_steps=1, save_total_limit=2, logging_steps=1000)
     Profiled(model=model(), args=args, train_dataset=integrationkit.TokenData()).train()
     return runs
