@@ -94,6 +94,7 @@ def instrument() -> None:
     import ckptguard.pruning as pruning
     import ckptguard.publish as publish
     import ckptguard.snapshot as snapshot
+    import ckptguard.storage.durable as durable
     import ckptguard.writer as writer
 
     t = TIMERS
@@ -108,7 +109,7 @@ def instrument() -> None:
     t.wrap(snapshot.HostBuffers, "copy", "0 async: copy into staging buffers", phase=True)
     t.wrap(discovery, "discover", "   discovery.discover (in 2, 7)")
     t.wrap(writer, "write_all", "   os.write to page cache (in 3)")
-    t.wrap(writer, "start_writeback", "   sync_file_range early writeback (in 3)")
+    t.wrap(durable, "start_writeback", "   sync_file_range early writeback (in 3)")
     hashing.xxhash = _HashModule()
     real_fsync = os.fsync
 

@@ -158,7 +158,7 @@ def check_storage(md: Any, manifest: Manifest) -> None:
 
 
 def _fail(what: str) -> None:
-    raise ManifestError(f"{METADATA_PATH}: {what}")
+    raise ManifestError(f"{METADATA_PATH}: {what}", what)
 
 
 def _check_records(md: Any) -> None:

@@ -220,17 +220,17 @@ class CheckpointManager:
             every_rank_files = self._coord.agree(error, files, step=step)
             # 4. rank 0 writes the manifest, renames into place, verifies what is left, points LATEST
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
-            committed: list[CheckpointInfo] = []
-            path = self._coord.on_primary(
-                lambda: self._commit(step, staging, merged, metrics, snap, shards.decoded, committed), step=step
+            committed = self._coord.on_primary(
+                lambda: self._commit(step, staging, merged, metrics, snap, shards.decoded), step=step
             )
         except CheckpointError as exc:
             if self._coord.is_primary and staging is not None and staging.exists():
                 publish.discard_staging(staging)
             self._record_failure("save_failed", exc, step=step)
             raise
-        for info in committed:  # 5. rank 0 prunes, once every rank knows the save stands (its removal is work
-            self._pruner.after_save(info)  # the other ranks must not wait behind)
+        path = committed.path
+        if self._coord.is_primary:  # 5. prunes once every rank knows the save stands (its removal is work the
+            self._pruner.after_save(committed)  # other ranks must not wait behind)
         earlier_upload = self._tier.submit(path)
         result = self._saved(step, path, sum(e.size for e in merged.values()), start, stall)
         if earlier_upload is not None:  # raised once this save stands locally, its own upload under way
@@ -278,8 +278,7 @@ class CheckpointManager:
         metrics: dict[str, float],
         snap: snapshot.Snapshot,
         decoded: Mapping[str, Any],
-        committed: list[CheckpointInfo],
-    ) -> Path:
+    ) -> CheckpointInfo:
         manifest = self._manifest(step, files, metrics)
         deep = self.verify_level == "deep"
         path = publish.publish(
@@ -287,10 +286,7 @@ class CheckpointManager:
             expected=snap.tensor_files() if deep else None, model=snap.peft_model if deep else None,
             latest=True, events=self._events, reread=frozenset(files), decoded=decoded,
         ).path  # fmt: skip
-        committed.append(
-            CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))
-        )
-        return path
+        return CheckpointInfo(name=path.name, path=path, step=step, valid=True, **CheckpointInfo.facts(manifest))
 
     def _manifest(self, step: int, files: dict[str, Any], metrics: dict[str, float]) -> Manifest:
         """The manifest of the next save: its sequence comes after every save before it, here or remote."""

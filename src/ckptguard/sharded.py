@@ -39,7 +39,7 @@ from ckptguard.hashing import hash_file
 from ckptguard.layout import DCP_METADATA, SHARDED_DIR
 from ckptguard.lora import adapter_source_keys, is_peft_model
 from ckptguard.manifest import FileEntry, Manifest, ManifestError
-from ckptguard.storage.durable import WRITEBACK_EVERY, fsync_file, start_writeback
+from ckptguard.storage.durable import WRITEBACK_EVERY, advance_writeback, fsync_file
 from ckptguard.verify import hash_mismatch, read_verified, size_mismatch
 
 
@@ -162,8 +162,7 @@ class _HashingStream(io.RawIOBase):
         self.size += len(view)
         if self.size - self._started >= WRITEBACK_EVERY:  # the disk works while the rest is written, so
             self._raw.flush()  # the fsync at the close finds little left (DCP's own writer leaves it all)
-            start_writeback(self._raw.fileno(), self._started, self.size - self._started)
-            self._started = self.size
+            self._started = advance_writeback(self._raw.fileno(), self._started, self.size)
         return len(view)
 
     def tell(self) -> int:
@@ -305,7 +304,7 @@ def _written(fs: Any) -> Written:
         try:
             done.decoded[relpath] = future.result()
         except ManifestError as exc:
-            done.refused[relpath] = exc.reason.removeprefix(f"{relpath}: ")
+            done.refused[relpath] = exc.detail
     return done
 
 
@@ -344,7 +343,7 @@ def check_files(path: Path, manifest: Manifest) -> Any:
                 continue
             size, digest = hash_file(path / relpath)
         except ManifestError as exc:
-            reason = exc.reason.removeprefix(f"{relpath}: ")
+            reason = exc.detail
             raise CorruptCheckpointError(f"{relpath}: {reason}", path=path / relpath) from None
         except OSError as exc:
             raise CorruptCheckpointError(f"{relpath} cannot be read ({exc.strerror})", path=path / relpath) from exc

@@ -254,7 +254,7 @@ def _parse_problems(
             metadata = decoded if decoded is not None else dcp_metadata.decode(data)
             dcp_metadata.check_storage(metadata, report.manifest)
         except ManifestError as exc:
-            return [Problem(relpath, exc.reason.removeprefix(f"{relpath}: "))]
+            return [Problem(relpath, exc.detail)]
         return []
     if relpath.endswith(".json"):
         try:

@@ -19,7 +19,7 @@ import torch
 from ckptguard.hashing import BackgroundHasher, hash_file
 from ckptguard.manifest import FileEntry
 from ckptguard.snapshot import FilePlan
-from ckptguard.storage.durable import WRITEBACK_EVERY, fsync_file, start_writeback, write_all
+from ckptguard.storage.durable import advance_writeback, fsync_file, write_all
 from ckptguard.tensorfile import safetensors_header
 
 CHUNK = 8 << 20  # large enough for full disk bandwidth, small enough to hash while still in cache
@@ -42,7 +42,7 @@ def _write_stream(path: Path, chunks: Iterable[memoryview | bytes]) -> tuple[int
     Returns (size, xxh3-128).
     """
     hasher = BackgroundHasher()
-    size = flushed = 0
+    size = started = 0
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -53,9 +53,7 @@ def _write_stream(path: Path, chunks: Iterable[memoryview | bytes]) -> tuple[int
                     write_all(fd, piece)
                     hasher.add(piece)
                     size += len(piece)
-                    if size - flushed >= WRITEBACK_EVERY:
-                        start_writeback(fd, flushed, size - flushed)
-                        flushed = size
+                    started = advance_writeback(fd, started, size)
             os.fsync(fd)
         finally:
             os.close(fd)

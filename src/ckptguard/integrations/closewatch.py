@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptguard.hashing import hash_file
-from ckptguard.storage.durable import WRITEBACK_EVERY, start_writeback
+from ckptguard.storage.durable import WRITEBACK_EVERY, advance_writeback
 
 try:  # Linux only; elsewhere every file is hashed at commit, as the watch only ever saves time
     from inotify_simple import INotify
@@ -142,17 +142,16 @@ class CloseWatch:
         except OSError:
             return
         started = self._written_back.get(path, 0)
-        if size - started < WRITEBACK_EVERY:
+        if size - started < WRITEBACK_EVERY:  # not due yet: the file is not even opened
             return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return
         try:
-            start_writeback(fd, started, size - started)
+            self._written_back[path] = advance_writeback(fd, started, size)
         finally:
             os.close(fd)
-        self._written_back[path] = size
 
     def wait_heard(self, path: Path, closes: int = 0, timeout: float = 60.0) -> bool:
         """Block until the watch watches the directory `path` (`closes` 0) or heard `closes` closes of the

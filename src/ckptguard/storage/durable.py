@@ -47,6 +47,15 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+def advance_writeback(fd: int, started: int, size: int) -> int:
+    """Start the disk on bytes `started`..`size` of a file being written once WRITEBACK_EVERY of them have
+    gathered; returns where the next range starts."""
+    if size - started < WRITEBACK_EVERY:
+        return started
+    start_writeback(fd, started, size - started)
+    return size
+
+
 _DIR_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 _warned_dirs: set[str] = set()
 
