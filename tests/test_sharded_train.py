@@ -8,6 +8,7 @@ work as for DDP runs), and resume bit-identically from a sharded checkpoint.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,39 @@ def test_the_fsdp_adapter_gather_moves_only_what_peft_saves(targets: str) -> Non
     assert found["same"], "the adapter from gathered shards differs from PEFT's own"
     frozen = [k for k in found["gathered"] if "lora_" not in k]
     assert frozen == (["base_model.model.lm_head.base_layer.weight"] if "lm_head" in targets else [])
+
+
+_UNTRACEABLE = """
+import json, logging, os, torch, torch.distributed as dist
+from peft import PromptTuningConfig, get_peft_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from conftest import make_lora_model
+from ckptguard import sharded
+logging.basicConfig(format="%(levelname)s %(message)s")
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+model = get_peft_model(make_lora_model().unload(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+# the prompt encoder stays whole: PEFT computes the prompt embeddings it saves from it
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)), ignored_params=set(model.prompt_encoder.parameters()))
+for _ in range(3):  # three saves of one run
+    _, gathered = sharded.full_adapter({"model": model})
+print(json.dumps({"gathered": len(gathered), "model": len(model.state_dict())}))
+dist.destroy_process_group()
+"""
+
+
+def test_an_adapter_peft_builds_itself_gathers_the_whole_model_and_says_so_once() -> None:
+    """Prompt embeddings are computed, not taken from a key: the whole model is gathered, with one warning."""
+    import json
+
+    paths = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    child_env = {**env(), "PORT": str(free_port()), "PYTHONPATH": paths}
+    done = subprocess.run(
+        [sys.executable, "-c", _UNTRACEABLE], capture_output=True, text=True, timeout=120, env=child_env
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["gathered"] == found["model"]  # everything, for PEFT to choose from: never a silent partial adapter
+    warned = [line for line in done.stderr.splitlines() if "could not be traced" in line]
+    assert len(warned) == 1, done.stderr  # once per run, not once per save
+    assert re.search(r"gathers the whole model to rank 0 \(\d+\.\d KiB, \d+ tensors\)", warned[0]), warned[0]

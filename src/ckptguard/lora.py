@@ -71,20 +71,27 @@ def adapter_state(model: Any, state_dict: dict[str, Any] | None = None) -> tuple
     return weights, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def adapter_source_keys(model: Any, state_dict: dict[str, Any]) -> list[str] | None:
+def adapter_source_keys(model: Any, state_dict: Mapping[str, Any]) -> list[str] | None:
     """The keys of `state_dict` whose values PEFT puts in the adapter, or None if that cannot be told.
 
-    PEFT chooses by name (LoRA matrices, modules_to_save, an adapted embedding's base weight), so it
-    can choose on a sharded state dict without a byte moving; only the chosen tensors are then
-    gathered. Its choice is read back by identity: None when it returned values it made itself.
+    PEFT chooses by name (LoRA matrices, modules_to_save, an adapted embedding's base weight), so it is
+    shown placeholders: a meta tensor of each entry's shape and dtype, no bytes behind it. It chooses
+    by its own naming rule of whichever release is installed, and nothing is gathered (since 0.22 PEFT
+    gathers the DTensors it chooses itself, which on shards is a collective and gives values that can
+    no longer be traced to a key). Each placeholder it hands back names its key; None when it handed
+    back a value it built itself (prompt embeddings), which no key names.
     """
     from peft import get_peft_model_state_dict
 
     model = unwrap_model(model)
-    chosen = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=active_adapter(model))
-    ids = {id(v) for v in chosen.values()}
-    keys = sorted(k for k, v in state_dict.items() if id(v) in ids)
-    return keys if len(keys) == len(chosen) else None
+    placeholders = {
+        k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+        for k, v in state_dict.items()
+    }
+    keys_of = {id(v): k for k, v in placeholders.items()}
+    chosen = get_peft_model_state_dict(model, state_dict=placeholders, adapter_name=active_adapter(model))
+    keys = [keys_of.get(id(v)) for v in chosen.values()]
+    return None if not keys or None in keys else sorted(k for k in keys if k is not None)
 
 
 def expected_adapter_shapes(model: Any) -> dict[str, tuple[int, ...]]:

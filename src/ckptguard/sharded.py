@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -40,7 +42,10 @@ from ckptguard.layout import DCP_METADATA, SHARDED_DIR
 from ckptguard.lora import adapter_source_keys, is_peft_model
 from ckptguard.manifest import FileEntry, Manifest, ManifestError
 from ckptguard.storage.durable import WRITEBACK_EVERY, advance_writeback, fsync_file
+from ckptguard.units import format_bytes
 from ckptguard.verify import hash_mismatch, read_verified, size_mismatch
+
+log = logging.getLogger("ckptguard")
 
 
 def is_fsdp_module(obj: Any) -> bool:
@@ -106,17 +111,16 @@ def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
     """The sharded PEFT model of `state` and the full tensors of its adapter, on the CPU of rank 0 (a collective).
 
     Only what PEFT puts in an adapter is gathered (:func:`ckptguard.lora.adapter_source_keys`), never
-    the frozen base model: a save of a 3B model's LoRA moves megabytes to rank 0, not gigabytes.
+    the frozen base model: a save of a 3B model's LoRA moves megabytes to rank 0, not gigabytes. Where
+    PEFT's choice cannot be traced to keys, the whole model is gathered for it to choose from, and a
+    warning says so once per model, with the bytes that costs each save.
     """
     for value in state.values():
         if is_fsdp_module(value) and is_peft_model(value):
             local = value.state_dict()  # DTensor shards: nothing gathered yet
             keys = adapter_source_keys(value, local)
-            if keys is None:  # PEFT built values of its own: let it choose from the full state dict
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                return value, get_model_state_dict(value, options=options)
+            if keys is None:
+                return value, _full_model(value, local)
             primary = torch.distributed.get_rank() == 0
             full = {}
             for key in keys:  # the same order on every rank: one all-gather per tensor
@@ -126,6 +130,27 @@ def full_adapter(state: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
                     full[key] = tensor.detach().cpu()
             return value, full
     return None
+
+
+_warned_whole_gather: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _full_model(model: Any, local: Mapping[str, Any]) -> dict[str, Any]:
+    """Every tensor of `model` gathered to rank 0's CPU, for PEFT to choose its adapter from (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if model not in _warned_whole_gather:
+        _warned_whole_gather.add(model)
+        nbytes = sum(v.numel() * v.element_size() for v in local.values() if isinstance(v, torch.Tensor))
+        log.warning(
+            "the PEFT adapter's tensors could not be traced to the model's state dict keys, so every save "
+            "gathers the whole model to rank 0 (%s, %d tensors) for PEFT to choose from; the adapter saved is "
+            "still PEFT's own",
+            format_bytes(nbytes),
+            len(local),
+        )
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def copy_shards(sd: dict[str, Any]) -> dict[str, Any]:
