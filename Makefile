@@ -11,24 +11,31 @@ TORCH_PIN := torch==2.13.0
 HVENV := .venv-higgs
 HPY := $(HVENV)/bin/python
 BOSON_PIN := boson-multimodal==0.1.1
+# The test environments install the exact versions of these locks (pip constraints: the ranges in
+# pyproject.toml stay what users get); `make lock` writes them from the newest releases that pass.
+comma := ,
+LOCK := locks/test.txt
+HLOCK := locks/higgs.txt
 
-.PHONY: demo demo-higgs test test-core test-higgs test-under-load lint format bench bench-integrations bench-higgs bench-s3 bench-sharded fuzz powercut clean browser fuse integration-trials
+# $(call install_env,VENV,EXTRAS,CONSTRAINT): a venv with torch's CPU build, ckptguard[EXTRAS] editable, and for
+# the Higgs extras boson-multimodal without its declared dependencies (they pull torchaudio, a pinned boto3, ...).
+# CONSTRAINT is `-c LOCK` for the locked environments and empty for the newest releases (make test-latest).
+define install_env
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade $(3) pip
+	$(1)/bin/python -m pip install -q $(3) $(TORCH_PIN)
+	$(1)/bin/python -m pip install -q $(3) -e '.[$(2)]' $(TORCH_PIN)
+	$(if $(findstring higgs,$(2)),$(1)/bin/python -m pip install -q --no-deps $(BOSON_PIN))
+	$(if $(findstring higgs,$(2)),$(1)/bin/python -c "import boson_multimodal.model.higgs_audio; import boson_multimodal.data_collator.higgs_audio_collator")
+	touch $(1)/.installed
+endef
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test,hf]' $(TORCH_PIN)
-	touch $@
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(call install_env,$(VENV),test$(comma)hf,-c $(LOCK))
 
-$(HVENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(HVENV)
-	$(HPY) -m pip install -q --upgrade pip
-	$(HPY) -m pip install -q $(TORCH_PIN)
-	$(HPY) -m pip install -q -e '.[test,higgs]' $(TORCH_PIN)
-	$(HPY) -m pip install -q --no-deps $(BOSON_PIN)
-	$(HPY) -c "import boson_multimodal.model.higgs_audio, boson_multimodal.data_collator.higgs_audio_collator"
-	touch $@
+$(HVENV)/.installed: pyproject.toml $(HLOCK)
+	$(call install_env,$(HVENV),test$(comma)higgs,-c $(HLOCK))
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
@@ -58,6 +65,26 @@ test-under-load:
 test-higgs: $(HVENV)/.installed browser fuse
 	$(HPY) -m pytest -q -ra $(PYTEST_PARALLEL) -m stack --ignore tests/test_bench_smoke.py
 
+# Both suites against the newest releases within pyproject.toml's ranges, in .venv-latest and
+# .venv-higgs-latest (built anew each time): first every version that differs from the locks, then the
+# suites. A failure here is drift, named by the failing test and those versions; `make test` stays on the
+# locks. `make lock` runs this and, when it passes, writes the newest versions into the locks.
+LVENV := .venv-latest
+HLVENV := .venv-higgs-latest
+
+test-latest: browser fuse
+	$(call install_env,$(LVENV),test$(comma)hf,)
+	$(call install_env,$(HLVENV),test$(comma)higgs,)
+	$(PYTHON) locks/lockfile.py diff $(LOCK) $(LVENV)
+	$(PYTHON) locks/lockfile.py diff $(HLOCK) $(HLVENV)
+	$(LVENV)/bin/python -m pytest -q -ra $(PYTEST_PARALLEL)
+	$(LVENV)/bin/python compat/run.py accelerate
+	$(HLVENV)/bin/python -m pytest -q -ra $(PYTEST_PARALLEL) -m stack --ignore tests/test_bench_smoke.py
+
+lock: test-latest
+	$(PYTHON) locks/lockfile.py write $(LOCK) $(LVENV)
+	$(PYTHON) locks/lockfile.py write $(HLOCK) $(HLVENV)
+
 # The run report's test renders the page in Debian's chromium: installed here when missing and we are
 # root with apt-get; otherwise that test skips and says why.
 browser:
@@ -78,12 +105,12 @@ powercut: $(VENV)/.installed fuse
 	$(PY) bench/powercut.py
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench examples compat
-	$(VENV)/bin/ruff format --check src tests bench examples compat
+	$(VENV)/bin/ruff check src tests bench examples compat locks
+	$(VENV)/bin/ruff format --check src tests bench examples compat locks
 
 format: $(VENV)/.installed
-	$(VENV)/bin/ruff format src tests bench examples compat
-	$(VENV)/bin/ruff check --fix src tests bench examples compat
+	$(VENV)/bin/ruff format src tests bench examples compat locks
+	$(VENV)/bin/ruff check --fix src tests bench examples compat locks
 
 # save/verify/resume against the baselines (bench/run.py), then the run report at 20,000 and 100,000 saves
 bench: $(VENV)/.installed
@@ -132,4 +159,4 @@ compat-lightning: $(VENV)/.installed
 	$(PY) compat/run.py lightning
 
 clean:
-	rm -rf $(VENV) $(HVENV) runs bench/results
+	rm -rf $(VENV) $(HVENV) $(LVENV) $(HLVENV) runs bench/results
