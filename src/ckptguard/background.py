@@ -6,7 +6,9 @@ Three things make this more than a thread pool:
   *before* ``atexit`` handlers, and a save needs pools (hashing, parallel writes, verification). A save
   still in flight when the script ends (last line, ``sys.exit``, an unhandled exception, ``del mgr``)
   is therefore finished from a hook registered with the same mechanism *after* that one, so it runs
-  first. Its failure, if any, is already in events.jsonl; here it is also logged.
+  first. Its failure, if any, is already in events.jsonl; here it is also logged. Work queued behind
+  the save (the upload of what it committed, which needs boto3's pools) is finished in the same hook,
+  after the save: :func:`finish_before_pools_close`.
 * **Fork.** A forked child inherits the parent's objects but not its threads: waiting on the parent's
   in-flight save would hang forever. Everything here belongs to the process that created it; in any
   other process it refuses to save and never waits.
@@ -21,12 +23,13 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("ckptguard")
 T = TypeVar("T")
 
 _live: weakref.WeakSet[BackgroundSaves] = weakref.WeakSet()
+_after_saves: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class BackgroundSaves(Generic[T]):
@@ -73,10 +76,21 @@ class BackgroundSaves(Generic[T]):
             log.error("a background save failed and was never waited for: %s", exc)
 
 
+def finish_before_pools_close(work: Any) -> None:
+    """Call ``work.finish_at_exit()`` at interpreter exit, after the saves in flight, while pools still run.
+
+    For work that saves hand on (uploads): it must end before concurrent.futures refuses new pool
+    work, or it fails half-way. Held weakly: work that was closed and dropped is forgotten.
+    """
+    _after_saves.add(work)
+
+
 def _finish_all_at_exit() -> None:
     for saves in list(_live):
         if saves.in_flight:
             saves.finish_at_exit()
+    for work in list(_after_saves):
+        work.finish_at_exit()
 
 
 # threading's exit hooks run in reverse order of registration, and concurrent.futures registered its

@@ -19,6 +19,7 @@ no byte another writer wrote, whatever it was doing when it paused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ OPTIONS = {
     "chunk_bytes": "multipart part size (default 16 MiB)",
     "max_concurrency": "parts in flight per object (default 8)",
     "lease_ttl_s": "seconds a writer's lease outlives its last renewal; a dead writer's run is free after it (300)",
+    "lease_wait_s": "seconds a new writer waits for a lease it cannot prove dead to expire (default lease_ttl_s)",
     "mode": "'tiered' (default: save locally, upload in the background) or 'direct' (upload from memory)",
     "local_dir": "the local tier of a manager on a URL (default: $CKPTGUARD_CACHE/<endpoint>/<bucket>/<prefix>)",
 }
@@ -109,6 +111,16 @@ def check_location(url: str, storage_options: Mapping[str, Any] | None) -> Remot
         known = "; ".join(f"{k}: {v}" for k, v in OPTIONS.items())
         raise ValueError(f"unknown storage_options {unknown}; known: {known}")
     return RemoteURL.parse(url)
+
+
+def _seconds(options: Mapping[str, Any], name: str, default: float, *, zero: bool) -> float:
+    """A duration option as a finite float (> 0, or >= 0 where `zero`); ValueError naming it otherwise."""
+    value = options.get(name, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise ValueError(f"storage_options {name}={value!r}: expected a finite number of seconds {bound}")
+    return float(value)
 
 
 class _HashingReader:
@@ -205,7 +217,8 @@ class ObjectStore:
         )
         for operation in ("PutObject", "CompleteMultipartUpload"):  # s3transfer's uploads included
             self._client.meta.events.register(f"before-parameter-build.s3.{operation}", _create_only)
-        self.lease_ttl_s = float(options.get("lease_ttl_s", 300.0))
+        self.lease_ttl_s = _seconds(options, "lease_ttl_s", 300.0, zero=False)
+        self.lease_wait_s = _seconds(options, "lease_wait_s", self.lease_ttl_s, zero=True)
         chunk = options.get("chunk_bytes", 16 << 20)
         self._transfer = TransferConfig(
             multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=options.get("max_concurrency", 8)

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ckptguard import discovery, publish, retention
+from ckptguard.background import finish_before_pools_close
 from ckptguard.discovery import Checkpoint
 from ckptguard.errors import (
     CheckpointError,
@@ -190,6 +191,8 @@ class RemoteMirror:
         self._pending: Future[None] | None = None
         self._failure: CheckpointError | None = None
         self._resumable: dict[str, remote_publish.RemoteCheckpoint] = {}
+        self._pid = os.getpid()
+        finish_before_pools_close(self)
 
     @classmethod
     def open(cls, spec: RemoteSpec, run_dir: Path, events: EventLog) -> RemoteMirror:
@@ -320,6 +323,13 @@ class RemoteMirror:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()  # _upload records its own failure; this only waits
+
+    def finish_at_exit(self) -> None:
+        """At interpreter exit: end the upload in flight (its failure is already in events.jsonl), not in a fork."""
+        if os.getpid() == self._pid:
+            self._finish_pending()
+            if self._failure is not None:
+                log.error("an upload failed and was never reported: %s", self._failure)
 
     def close(self) -> None:
         """Wait for the upload in flight, release the lease, raise a failure not yet reported."""
