@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,14 +41,16 @@ HOST = "127.0.0.1"
 class S3Server:
     """One moto server process on 127.0.0.1 with a port of its choosing."""
 
-    def __init__(self, upload_bytes_per_s: int = 0, *, auth: bool = False) -> None:
+    def __init__(self, upload_bytes_per_s: int = 0, *, download_bytes_per_s: int = 0, auth: bool = False) -> None:
         pytest.importorskip("moto.server", reason="the s3 tests need moto[server] (pip install -e '.[test]')")
         pytest.importorskip("boto3", reason="the s3 tests need boto3 (pip install -e '.[s3]')")
         env = dict(os.environ)
+        fd, self._meter = tempfile.mkstemp(prefix="s3kit-meter-")  # bytes the relay has sent to clients
+        os.close(fd)
         if auth:  # the kit's three IAM calls below go unsigned; every request after them is checked
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "serve", str(upload_bytes_per_s)],
+            [sys.executable, __file__, "serve", str(upload_bytes_per_s), str(download_bytes_per_s), self._meter],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -99,11 +102,18 @@ class S3Server:
             time.sleep(0.01)
         raise AssertionError("the relay still accepts connections after cut_link")
 
+    def sent_to_clients(self) -> int:
+        """Bytes the relay (a throttled server's) has passed from the server to its clients so far."""
+        data = Path(self._meter).read_bytes()
+        return int(data) if data.strip() else 0
+
     def stop(self) -> None:
         """SIGKILL: connections drop mid-request, as when an endpoint goes away."""
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(self._meter)
 
 
 @dataclass
@@ -290,11 +300,13 @@ def kill_writer_mid_upload(remote: RemoteRun, script: str, *args: str) -> str:
     return held[0]
 
 
-def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int) -> None:
-    """Copy src to dst until either side closes, at most `bytes_per_s` (0: unthrottled)."""
+def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int, sent: list[int] | None = None) -> None:
+    """Copy src to dst until either side closes, at most `bytes_per_s` (0: unthrottled); counts into `sent`."""
     with contextlib.suppress(OSError):
         while data := src.recv(64 << 10):
             dst.sendall(data)
+            if sent is not None:
+                sent[0] += len(data)
             if bytes_per_s:
                 time.sleep(len(data) / bytes_per_s)
     for sock in (src, dst):
@@ -302,13 +314,15 @@ def _pipe(src: socket.socket, dst: socket.socket, bytes_per_s: int) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _relay(upstream_port: int, bytes_per_s: int) -> int:
-    """Listen on HOST and relay every connection to moto, requests throttled. Returns the port.
+def _relay(upstream_port: int, up_bytes_per_s: int, down_bytes_per_s: int, meter: str) -> int:
+    """Listen on HOST and relay every connection to moto, each direction throttled as asked. Returns the port.
 
+    The bytes sent to clients are written to the file `meter` (for tests to see a download under way).
     SIGUSR1 cuts the link: the listener closes and every open connection is shut down.
     """
     listener = socket.create_server((HOST, 0))
     open_sockets: list[socket.socket] = []
+    sent = [0]
 
     def accept() -> None:
         with contextlib.suppress(OSError):  # the listener closed: the link is cut
@@ -316,8 +330,13 @@ def _relay(upstream_port: int, bytes_per_s: int) -> int:
                 client, _ = listener.accept()
                 server = socket.create_connection((HOST, upstream_port))
                 open_sockets.extend((client, server))
-                threading.Thread(target=_pipe, args=(client, server, bytes_per_s), daemon=True).start()
-                threading.Thread(target=_pipe, args=(server, client, 0), daemon=True).start()
+                threading.Thread(target=_pipe, args=(client, server, up_bytes_per_s), daemon=True).start()
+                threading.Thread(target=_pipe, args=(server, client, down_bytes_per_s, sent), daemon=True).start()
+
+    def measure() -> None:
+        while True:
+            Path(meter).write_text(str(sent[0]))
+            time.sleep(0.01)
 
     def cut(*_: object) -> None:
         listener.close()
@@ -327,10 +346,11 @@ def _relay(upstream_port: int, bytes_per_s: int) -> int:
 
     signal.signal(signal.SIGUSR1, cut)
     threading.Thread(target=accept, daemon=True).start()
+    threading.Thread(target=measure, daemon=True).start()
     return int(listener.getsockname()[1])
 
 
-def _serve(upload_bytes_per_s: int) -> None:
+def _serve(up_bytes_per_s: int, down_bytes_per_s: int, meter: str) -> None:
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -339,10 +359,11 @@ def _serve(upload_bytes_per_s: int) -> None:
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     server.start()
     port = server.get_host_and_port()[1]
-    print(_relay(port, upload_bytes_per_s) if upload_bytes_per_s else port, port, flush=True)
+    throttled = up_bytes_per_s or down_bytes_per_s
+    print(_relay(port, up_bytes_per_s, down_bytes_per_s, meter) if throttled else port, port, flush=True)
     while True:  # serves until killed; the main thread stays free to run the SIGUSR1 handler
         time.sleep(1)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
-    _serve(int(sys.argv[2]))
+    _serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

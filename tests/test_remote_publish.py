@@ -230,3 +230,39 @@ def test_cli_doctor_on_a_url(tmp_path: Path, remote: RemoteRun, capsys: pytest.C
     assert not checks["checkpoints"]["ok"] and "1 committed, 1 invalid" in checks["checkpoints"]["detail"]
     assert main(["doctor", "s3://no-such-bucket-here/run"]) == 1
     assert "FAIL  access       BucketNotFoundError" in capsys.readouterr().out
+
+
+def test_an_object_deleted_while_verify_downloads_is_named_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing names it and the manifest lists it, then it is gone at its GET: a verify failure, no traceback."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from s3kit import child_env, wait_for
+
+    server = S3Server(download_bytes_per_s=4 << 20)  # a 16 MiB object takes about 4 s to arrive
+    try:
+        use_server(monkeypatch, server)
+        remote = new_run(server)
+        state = {"model": torch.nn.Linear(2048, 2048), "optimizer": {"lr": 0.1}}  # model sorts before trainer_state
+        with CheckpointManager(tmp_path / "local", remote=remote.url) as mgr:
+            mgr.save(1, state)
+        small = "state/trainer_state.json"
+        assert sorted(remote.objects("checkpoint-1/state/")) == [f"checkpoint-1/{WEIGHTS}", f"checkpoint-1/{small}"]
+        before = server.sent_to_clients()
+        verify = subprocess.Popen(
+            [sys.executable, "-m", "ckptguard", "verify", f"{remote.url}/checkpoint-1"],
+            env=child_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for(lambda: server.sent_to_clients() - before > 4 << 20, "verify downloading the 16 MiB object")
+        remote.delete(f"checkpoint-1/{small}")  # listed, manifest read: now gone before its GET
+        out, err = verify.communicate(timeout=600)
+    finally:
+        server.stop()
+    assert verify.returncode == 1, err
+    assert "Traceback" not in err
+    assert f"{small}: deleted while it was being verified (listed, then gone)" in out
+    assert f"{remote.url}/checkpoint-1" in out

@@ -272,7 +272,11 @@ def verify(store: ObjectStore, name: str, level: str = "full") -> VerifyReport:
     _quick(store, name, _group(store.list(f"{name}/")).get(name, {}), report)
     if report.ok and level != "quick" and report.manifest is not None:
         for relpath, entry in sorted(report.manifest.files.items()):
-            size, digest = store.download_file(f"{name}/{relpath}", _Discard())  # type: ignore[arg-type]
+            try:
+                size, digest = store.download_file(f"{name}/{relpath}", _Discard())  # type: ignore[arg-type]
+            except FileNotFoundError:  # listed a moment ago: deleted while this verify ran
+                report.problems.append(Problem(relpath, "deleted while it was being verified (listed, then gone)"))
+                continue
             report.bytes_read += size
             if size != entry.size:
                 report.problems.append(Problem(relpath, size_mismatch(size, entry)))
