@@ -114,3 +114,52 @@ def test_link_cut_mid_direct_upload_is_an_upload_error_and_earlier_checkpoints_s
     failed = [e for e in read_events(tmp_path / "local") if e["event"] == "save_failed"]
     assert [(e["step"], e["error"]) for e in failed] == [(2, "UploadError")]
     mgr.close()  # the lease cannot be released over a cut link: a warning, not an error
+
+
+# One process, an FSDP2 model and its optimizer, a direct-mode manager: restore and save must both refuse.
+_SHARDED_DIRECT = """
+import json, os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from ckptguard import CheckpointManager
+from ckptguard.errors import UnsupportedStateError
+url, local = sys.argv[1:]
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+state = {"model": model, "optimizer": torch.optim.AdamW(model.parameters())}
+refused = []
+with CheckpointManager(url, storage_options={"mode": "direct", "local_dir": local}) as mgr:
+    for call in (lambda: mgr.restore(state), lambda: mgr.save(1, state)):
+        try:
+            call()
+        except UnsupportedStateError as exc:
+            refused.append([exc.message, exc.step, str(exc.path)])
+print(json.dumps(refused))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_state_in_direct_mode_is_refused_at_restore_and_save_and_nothing_is_committed(
+    tmp_path: Path, remote: RemoteRun
+) -> None:
+    """Direct mode sends files from memory; DCP writes shards into a directory. Committing without them made a
+    checkpoint every resume skipped as corrupt (start over from step 0): refused before step 1 instead."""
+    import subprocess
+    import sys
+
+    from faultkit import free_port
+    from s3kit import child_env
+
+    env = {**child_env(remote.server), "PORT": str(free_port())}
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARDED_DIRECT, remote.url, str(tmp_path / "local")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    refused = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [step for _, step, _ in refused] == [None, 1]  # restore (before step 1), then save
+    for message, _, path in refused:
+        assert message.startswith("FSDP2 (sharded) state cannot be saved in direct-to-bucket mode")
+        assert path == remote.url
+    assert committed(remote) == []  # nothing sent

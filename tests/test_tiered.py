@@ -261,6 +261,8 @@ def test_trainer_on_an_s3_output_dir_direct_then_tiered_and_export_from_the_buck
         (["checkpoint.output_dir=s3://b/r", "checkpoint.remote_mode=direct", "checkpoint.remote_keep_last=2"],
          "in direct mode checkpoint.keep_last is the bucket's retention"),
         (["checkpoint.remote_mode=fast"], "expected one of 'tiered', 'direct'"),
+        (["checkpoint.output_dir=s3://b/r", "checkpoint.remote_mode=direct", "train.strategy=fsdp"],
+         "cannot hold FSDP shards"),
     ],
 )  # fmt: skip
 def test_remote_settings_that_contradict_each_other_are_config_errors(

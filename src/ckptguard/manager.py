@@ -20,7 +20,7 @@ from ckptguard import discovery, preflight, publish, retention, sharded, snapsho
 from ckptguard.background import BackgroundSaves
 from ckptguard.discovery import CheckpointInfo
 from ckptguard.dist import Coordinator
-from ckptguard.errors import CheckpointError, WriteError, from_os_error
+from ckptguard.errors import CheckpointError, UnsupportedStateError, WriteError, from_os_error
 from ckptguard.events import EventLog, record_failure
 from ckptguard.layout import checkpoint_name
 from ckptguard.manifest import MAX_INT, FileEntry, Manifest, library_versions
@@ -152,6 +152,7 @@ class CheckpointManager:
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_INT:
             raise ValueError(f"step must be an int from 0 to 2**63-1, got {step!r}")
         self.wait()
+        self._refuse_sharded_direct(state, step)
         blocking = not self.async_save if blocking is None else blocking
         try:
             metrics = snapshot.check_metrics(metrics)
@@ -325,6 +326,22 @@ class CheckpointManager:
                 publish.wait_for_removals()
                 self._lock.release()
 
+    def _refuse_sharded_direct(self, state: Mapping[str, Any], step: int | None) -> None:
+        """Direct-to-bucket mode sends files from memory; FSDP2 shards are written by DCP into a directory.
+
+        Refused at restore (before step 1) and at save, before anything is sent: a checkpoint
+        committed without its shards would be skipped as corrupt at every resume.
+        """
+        if self._tier.direct and sharded.any_sharded(state):
+            raise UnsupportedStateError(
+                "FSDP2 (sharded) state cannot be saved in direct-to-bucket mode: its shards are written by "
+                "torch.distributed.checkpoint into a local directory",
+                path=str(self._tier.store.url),
+                step=step,
+                remedy="Use the tiered mode (the default for an s3:// run: save locally, then upload in the "
+                "background), which uploads every shard file.",
+            )
+
     def _check_usable(self, what: str) -> None:
         """Only the process that made a manager, and only before close(), may change the run directory."""
         if self._background.inherited:
@@ -383,6 +400,7 @@ class CheckpointManager:
         """
         self._check_usable("restore()")
         self.wait()
+        self._refuse_sharded_direct(state, step)
         names = self._coord.on_primary(lambda: self._tier.resume_candidates(step, path))
         try:
             result = restore_into(

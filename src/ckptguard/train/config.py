@@ -315,6 +315,11 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError("checkpoint.remote: checkpoint.output_dir is an s3:// URL already; set one of them")
     if c.local_dir and not c.output_dir.startswith("s3://"):
         raise ConfigError("checkpoint.local_dir: applies to an s3:// checkpoint.output_dir (the local tier)")
+    if c.remote_mode == "direct" and cfg.train.strategy == "fsdp":
+        raise ConfigError(
+            'checkpoint.remote_mode: "direct" sends files from memory and cannot hold FSDP shards; use "tiered" '
+            'with train.strategy = "fsdp"'
+        )
     if c.remote_mode == "direct" and c.remote_keep_last:
         raise ConfigError("checkpoint.remote_keep_last: in direct mode checkpoint.keep_last is the bucket's retention")
     urls = [("checkpoint.output_dir", c.output_dir)] if c.output_dir.startswith("s3://") else []
