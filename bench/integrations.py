@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import integrationkit
-from ckptguard.storage.durable import fsync_dir, fsync_file
+from ckptguard.files.durable import fsync_dir, fsync_file
 
 TARGET = 1.1
 

@@ -40,10 +40,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from ckptguard import CheckpointManager  # noqa: E402
-from ckptguard.events import EventLog  # noqa: E402
-from ckptguard.manifest import read_manifest  # noqa: E402
-from ckptguard.storage import remote_publish  # noqa: E402
-from ckptguard.storage.objectstore import ObjectStore  # noqa: E402
+from ckptguard.commit import remote_publish  # noqa: E402
+from ckptguard.files.events import EventLog  # noqa: E402
+from ckptguard.format.manifest import read_manifest  # noqa: E402
+from ckptguard.s3.objectstore import ObjectStore  # noqa: E402
 from s3kit import S3Server, new_run  # noqa: E402  (the tests' server kit: one way to run the server)
 
 UPLOAD_TARGET = 0.9
@@ -93,7 +93,7 @@ def main() -> int:
         prefix = run.url.removeprefix(f"s3://{run.bucket}/")
 
         def ours_up(i: int) -> None:
-            remote_publish.upload(stores[i], ckpt, ckpt.name, manifest, before_marker=lambda: None)
+            remote_publish.upload(stores[i], ckpt, ckpt.name, manifest, fence=lambda: None)
 
         def boto_up(i: int) -> None:
             for rel in files:

@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import integrationkit
-from ckptguard import publish, writer
+from ckptguard.commit import publish
+from ckptguard.files import closewatch, writer
 from ckptguard.integrations import accelerate as ck_accelerate
-from ckptguard.integrations import closewatch, staged
+from ckptguard.integrations import staged
 from integrations import model
 
 PARTS: dict[str, float] = defaultdict(float)

@@ -80,22 +80,22 @@ class _TimedHasher:
 
 
 class _HashModule:
-    """Stands in for the `xxhash` module inside ckptguard.hashing (write and verify hash there)."""
+    """Stands in for the `xxhash` module inside ckptguard.files.hashing (write and verify hash there)."""
 
     xxh3_128 = _TimedHasher
 
 
 def instrument() -> None:
     """Wrap the save path's steps (phases) and the primitives inside them, once per process."""
-    import ckptguard.discovery as discovery
-    import ckptguard.events as events
-    import ckptguard.hashing as hashing
-    import ckptguard.manager as manager
-    import ckptguard.pruning as pruning
-    import ckptguard.publish as publish
-    import ckptguard.snapshot as snapshot
-    import ckptguard.storage.durable as durable
-    import ckptguard.writer as writer
+    import ckptguard.catalog.discovery as discovery
+    import ckptguard.commit.publish as publish
+    import ckptguard.files.durable as durable
+    import ckptguard.files.events as events
+    import ckptguard.files.hashing as hashing
+    import ckptguard.files.writer as writer
+    import ckptguard.run.manager as manager
+    import ckptguard.run.pruning as pruning
+    import ckptguard.state.snapshot as snapshot
 
     t = TIMERS
     t.wrap(snapshot, "take", "1 snapshot.take (flatten state)", phase=True)

@@ -36,7 +36,8 @@ def _rank(out_dir: str, reps: int, mib: int, verify: str) -> dict[str, list[floa
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from ckptguard import CheckpointManager, publish
+    from ckptguard import CheckpointManager
+    from ckptguard.commit import publish
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)

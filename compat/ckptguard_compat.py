@@ -68,8 +68,8 @@ def guard_accelerate() -> None:
     """Make ``Accelerator.save_state`` / ``load_state`` the README's ckptguard calls."""
     from accelerate import Accelerator
 
+    from ckptguard.format.layout import MANIFEST_NAME
     from ckptguard.integrations import accelerate as guarded
-    from ckptguard.layout import MANIFEST_NAME
 
     plain_save, plain_load = Accelerator.save_state, Accelerator.load_state
 

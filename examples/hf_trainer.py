@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from ckptguard.cli import main as ckptguard_cli
+from ckptguard.cli.main import main as ckptguard_cli
 from ckptguard.integrations.hf import CheckpointGuardMixin, newest_verified_checkpoint
 
 OUT = "runs/hf-example"

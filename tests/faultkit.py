@@ -146,7 +146,7 @@ def forge_file(checkpoint: Path, relpath: str, data: bytes) -> None:
 
     import xxhash
 
-    from ckptguard.manifest import FileEntry, read_manifest
+    from ckptguard.format.manifest import FileEntry, read_manifest
 
     manifest = read_manifest(checkpoint)
     (checkpoint / relpath).write_bytes(data)

@@ -49,15 +49,15 @@ from safetensors.torch import load_file
 
 import ckptguard.train.recipe  # noqa: F401
 from ckptguard import CheckpointManager, load_lora_adapters, save_lora_adapters, verify_checkpoint
-from ckptguard.cli import main as cli_main
+from ckptguard.cli.main import main as cli_main
 from conftest import make_lora_model
 from faultkit import CRASH_LITTER, STARTUP_LITTER, CrashHarness, StepState, committed_steps, expected_tensors
 from powerkit import PowerFS, power_cut_disk
 
 # The fsync the broken build loses, as a dotted name of what ckptguard calls: the data fsync of every
-# checkpoint file, the writer's only os.fsync. A function name works too (e.g. "ckptguard.publish.fsync_dir",
+# checkpoint file, the writer's only os.fsync. A function name works too (e.g. "ckptguard.commit.publish.fsync_dir",
 # every directory fsync of the commit protocol).
-BROKEN_FSYNC = "ckptguard.writer.os.fsync"
+BROKEN_FSYNC = "ckptguard.files.writer.os.fsync"
 
 KEEP_LAST = 3
 MODES = ("blocking", "async", "lora", "trainer", "naive", "broken")

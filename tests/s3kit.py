@@ -149,7 +149,7 @@ class RemoteRun:
 
         import xxhash
 
-        from ckptguard.manifest import _checksum
+        from ckptguard.format.manifest import _checksum
 
         body = json.loads(self.read(f"{name}/MANIFEST.json"))
         for relpath, data in files.items():
@@ -248,7 +248,7 @@ def wait_until_stale(store: Any) -> None:
     The expiry is re-read every time, so a renewal that lands late only moves the wait on; the bound is
     a hang detector (a lease renewed forever), far past any TTL a test uses.
     """
-    from ckptguard.storage.lease import holder
+    from ckptguard.s3.lease import holder
 
     deadline = time.monotonic() + 600
     while (held := holder(store)) is not None and time.time() <= held[1]:
@@ -269,7 +269,7 @@ def freeze_renewals(lease: Any) -> None:
 
 def wait_until_held_by(store: Any, holder_id: str) -> None:
     """Until the run's lease object names `holder_id` as its holder (read from the bucket)."""
-    from ckptguard.storage.lease import holder
+    from ckptguard.s3.lease import holder
 
     wait_for(lambda: (held := holder(store)) is not None and held[0] == holder_id, f"the lease held by {holder_id}")
 
@@ -280,8 +280,8 @@ def kill_writer_mid_upload(remote: RemoteRun, script: str, *args: str) -> str:
     `script` prints "uploading" when the upload of checkpoint-2 starts (its stdin is a pipe that stays
     open until the kill, for it to block on). Returns the holder its lease object names after the kill.
     """
-    from ckptguard.storage.lease import holder
-    from ckptguard.storage.objectstore import ObjectStore
+    from ckptguard.s3.lease import holder
+    from ckptguard.s3.objectstore import ObjectStore
 
     child = subprocess.Popen(
         [sys.executable, "-c", script, *args],

@@ -171,7 +171,7 @@ def _refuse_storage_meta() -> None:
     every ``.metadata``: as a torch release whose metadata holds a record ckptguard does not know."""
     from torch.distributed.checkpoint import metadata
 
-    from ckptguard import dcp_metadata
+    from ckptguard.format import dcp_metadata
 
     del dcp_metadata._globals()[(metadata.__name__, "StorageMeta")]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ckptguard import verify_checkpoint
-from ckptguard.events import read_events
+from ckptguard.files.events import read_events
 from faultkit import tmpfs
 
 _PRELUDE = """

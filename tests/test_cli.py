@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_ls_shows_set_aside_directories_and_prune_superseded_removes_them(run, c
 def test_the_cli_and_the_package_load_without_torch_until_a_public_name_is_used():
     """torch takes seconds to import: `ckptguard train` must watch its signals before that (PEP 562 names)."""
     code = (
-        "import sys, ckptguard, ckptguard.cli, ckptguard.train.commands\n"
+        "import sys, ckptguard, ckptguard.cli.main, ckptguard.train.commands\n"
         "print('torch' in sys.modules)\n"
         "print(all(getattr(ckptguard, name) is not None for name in ckptguard.__all__), 'torch' in sys.modules)\n"
     )

@@ -17,16 +17,16 @@ from ckptguard.integrations import staged
 SIZE = 4 << 20
 
 
-def _watch(staging):
-    return staged._watches[staging]
+def _watch(save):
+    return save.watch
 
 
 def _save(run_dir, write, step=1):
     """One staged save of `step` whose library is `write(staging, watch)`; the committed checkpoint."""
     coord = Coordinator(60)
-    staging = staged.begin(coord, run_dir, step)
-    write(staging, _watch(staging))
-    return staged.finish(coord, staging, run_dir / f"checkpoint-{step}", step, None)
+    save = staged.begin(coord, run_dir, step)
+    write(save.path, _watch(save))
+    return staged.finish(save, None)
 
 
 def _writes(*names):
@@ -49,17 +49,18 @@ def test_a_file_patched_after_its_close_through_a_handle_still_open_is_hashed_as
     """Same size, the modification time put back by hand, and no second close before the commit: only the
     write itself tells that the hash taken at the first close is stale."""
     coord = Coordinator(60)
-    staging = staged.begin(coord, tmp_path, 1)
+    save = staged.begin(coord, tmp_path, 1)
+    staging = save.path
     path = staging / "weights.bin"
     path.write_bytes(os.urandom(SIZE))
-    assert _watch(staging).wait_heard(path, closes=1)  # its early hash is taken: the patch below makes it stale
+    assert _watch(save).wait_heard(path, closes=1)  # its early hash is taken: the patch below makes it stale
     before = path.stat()
     with open(path, "r+b") as fh:
         fh.seek(SIZE // 2)
         fh.write(b"patched")
         fh.flush()
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        target = staged.finish(coord, staging, tmp_path / "checkpoint-1", 1, None)
+        target = staged.finish(save, None)
     report = verify_checkpoint(target, "full")
     assert report.ok, report.reason
 
@@ -81,18 +82,19 @@ def test_files_written_under_a_temporary_name_and_renamed_are_hashed_under_their
 
 def test_a_failed_save_leaves_no_watch_running(tmp_path):
     coord = Coordinator(60)
-    staging = staged.begin(coord, tmp_path, 1)
+    save = staged.begin(coord, tmp_path, 1)
+    staging = save.path
     (staging / "weights.bin").write_bytes(os.urandom(SIZE))
     with pytest.raises(WriteError):
-        staged.finish(coord, staging, tmp_path / "checkpoint-1", 1, WriteError("the library failed", step=1))
+        staged.finish(save, WriteError("the library failed", step=1))
     assert not staging.exists()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("ckptguard-close")]
 
 
 def test_a_file_closed_and_left_alone_is_hashed_by_the_watch_with_the_commits_digest(tmp_path):
     """What makes the commit faster: the watch hears the close and its digest is the file's."""
-    from ckptguard.hashing import hash_file
-    from ckptguard.integrations.closewatch import CloseWatch
+    from ckptguard.files.closewatch import CloseWatch
+    from ckptguard.files.hashing import hash_file
 
     watch = CloseWatch(tmp_path)
     (tmp_path / "sub").mkdir()
@@ -107,7 +109,7 @@ def test_a_file_closed_and_left_alone_is_hashed_by_the_watch_with_the_commits_di
 def test_a_power_cut_right_after_the_commit_keeps_every_file_the_watch_synced_early(tmp_path, monkeypatch):
     """The commit neither fsyncs nor hashes again a file the watch fsynced and hashed: on a filesystem that
     forgets every unsynced byte at a power cut, those files must still be whole after the reboot."""
-    from ckptguard import writer
+    from ckptguard.files import writer
     from powerkit import power_cut_disk
 
     synced_by_commit, fsync_file = [], writer.fsync_file

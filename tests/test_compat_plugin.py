@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptguard.verify import verify_checkpoint
+from ckptguard.catalog.verify import verify_checkpoint
 
 pytest.importorskip("accelerate")
 pytest.importorskip("lightning")

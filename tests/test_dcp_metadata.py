@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from ckptguard import dcp_metadata, verify_checkpoint
-from ckptguard.manifest import Manifest, ManifestError, read_manifest
+from ckptguard import verify_checkpoint
+from ckptguard.format import dcp_metadata
+from ckptguard.format.manifest import Manifest, ManifestError, read_manifest
 from faultkit import forge_file
 from shardranks import resumed, run_ranks
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
+from ckptguard.commit import remote_publish
 from ckptguard.errors import UploadError
-from ckptguard.events import read_events
-from ckptguard.layout import MARKER_NAME
-from ckptguard.storage import remote_publish
-from ckptguard.storage.lease import holder
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.files.events import read_events
+from ckptguard.format.layout import MARKER_NAME
+from ckptguard.s3.lease import holder
+from ckptguard.s3.objectstore import ObjectStore
 from conftest import make_training_state
 from s3kit import RemoteRun, kill_writer_mid_upload, wait_for
 from test_tiered import WEIGHTS

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import higgs_kit  # noqa: F401  (skips this module outside the Higgs environment)
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.train.config import config_from_dict
 from ckptguard.train.export import _saved_config
 from ckptguard.train.higgs.backend import HiggsAudioBackend
@@ -136,7 +136,7 @@ def test_export_adapter_and_merged_model(trained: Path, tmp_path: Path) -> None:
 
 def test_preflight_estimate_covers_a_real_higgs_checkpoint(trained: Path, higgs_data: Path) -> None:
     """Preflight sizes checkpoints from the model built on the meta device; a real one must fit in it."""
-    from ckptguard.preemption import PreemptionWatcher
+    from ckptguard.run.preemption import PreemptionWatcher
     from ckptguard.train.config import load_config
     from ckptguard.train.recipe import LoRARecipe
 

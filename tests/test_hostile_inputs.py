@@ -18,9 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptguard import CheckpointManager, tree
-from ckptguard.discovery import discover
-from ckptguard.manifest import FORMAT, FORMAT_VERSION, ManifestError, _checksum, parse_manifest
+from ckptguard import CheckpointManager
+from ckptguard.catalog.discovery import discover
+from ckptguard.format import tree
+from ckptguard.format.manifest import FORMAT, FORMAT_VERSION, ManifestError, _checksum, parse_manifest
 from conftest import make_training_state
 
 settings.register_profile("default", max_examples=150, deadline=None)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from ckptguard import publish
+from ckptguard.commit import publish
 from ckptguard.errors import LockedError, NotWritableError
-from ckptguard.layout import checkpoint_name
+from ckptguard.format.layout import checkpoint_name
 from faultkit import construct_in_child, manager_in_child, remount_read_only, tmpfs
 from integrationkit import TokenData, hf_trainer, lightning_run, require, tiny_llama
 

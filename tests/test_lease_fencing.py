@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
+from ckptguard.commit import remote_publish
 from ckptguard.errors import LockedError
-from ckptguard.layout import LEASE_NAME, MARKER_NAME
-from ckptguard.storage import remote_publish
-from ckptguard.storage.lease import Lease, holder
-from ckptguard.storage.objectstore import ObjectStore, PreconditionFailed
+from ckptguard.format.layout import LEASE_NAME, MARKER_NAME
+from ckptguard.s3.lease import Lease, holder
+from ckptguard.s3.objectstore import ObjectStore, PreconditionFailed
 from faultkit import freeze
 from s3kit import RemoteRun, child_env, freeze_renewals, wait_until_held_by, wait_until_stale
 

@@ -22,9 +22,9 @@ import torch
 
 from ckptguard import CheckpointManager
 from ckptguard.errors import LockedError
-from ckptguard.layout import LEASE_NAME, MARKER_NAME
-from ckptguard.storage.lease import holder, process_start, this_place
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.format.layout import LEASE_NAME, MARKER_NAME
+from ckptguard.s3.lease import holder, process_start, this_place
+from ckptguard.s3.objectstore import ObjectStore
 from s3kit import RemoteRun, child_env
 
 # Takes the lease, saves step 1, says "holding", then either blocks on stdin until killed once step 1 is
@@ -157,7 +157,7 @@ def test_a_pid_that_now_names_another_process_is_a_dead_holder(remote: RemoteRun
 _FORKS = """
 import os, sys, torch
 from ckptguard import CheckpointManager
-from ckptguard.storage.lease import holder
+from ckptguard.s3.lease import holder
 url, local = sys.argv[1:]
 mgr = CheckpointManager(url, storage_options={"local_dir": local})
 pid = os.fork()

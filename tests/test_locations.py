@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.errors import InvalidURLError
-from ckptguard.storage.objectstore import RemoteURL
+from ckptguard.s3.objectstore import RemoteURL
 from s3kit import S3Server, use_server
 
 BUCKET_REMEDY = "Give the bucket's name as S3 spells it"

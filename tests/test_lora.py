@@ -14,13 +14,14 @@ from ckptguard import (
     CheckpointManager,
     CorruptCheckpointError,
     load_lora_adapters,
-    publish,
     save_lora_adapters,
     verify_checkpoint,
-    writer,
 )
-from ckptguard.manifest import Manifest
-from ckptguard.snapshot import FilePlan, peft_files
+from ckptguard.commit import publish
+from ckptguard.files import writer
+from ckptguard.files.writer import FilePlan
+from ckptguard.format.manifest import Manifest
+from ckptguard.state.snapshot import peft_files
 from conftest import make_lora_model
 
 

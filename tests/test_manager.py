@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointError, CheckpointManager, RNGState, per_rank, verify_checkpoint
-from ckptguard.events import read_events
+from ckptguard.files.events import read_events
 from conftest import make_training_state
 
 

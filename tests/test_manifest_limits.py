@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from ckptguard import CheckpointManager
-from ckptguard.manifest import (
+from ckptguard.catalog.verify import verify_checkpoint
+from ckptguard.format.manifest import (
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_FILES,
     MAX_NAME_BYTES,
@@ -21,7 +22,6 @@ from ckptguard.manifest import (
     check_relative_path,
     parse_manifest,
 )
-from ckptguard.verify import verify_checkpoint
 from conftest import make_training_state
 
 _ENTRY = {"size": 1, "xxh3_128": "0" * 32, "tensors": 0}

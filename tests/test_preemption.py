@@ -9,13 +9,13 @@ import textwrap
 import pytest
 
 from ckptguard import CheckpointManager, verify_checkpoint
-from ckptguard.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+from ckptguard.run.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 
 LOOP = textwrap.dedent(
     """
     import sys, time, torch
     from ckptguard import CheckpointManager
-    from ckptguard.preemption import PreemptionWatcher, PREEMPTED_EXIT_CODE
+    from ckptguard.run.preemption import PreemptionWatcher, PREEMPTED_EXIT_CODE
     mgr = CheckpointManager(sys.argv[1], keep_last=2)
     watcher = PreemptionWatcher()
     w = torch.zeros(4)
@@ -94,7 +94,7 @@ def test_after_the_loop_ends_a_first_ctrl_c_is_not_promised_a_save(capfd):
 EXITING = textwrap.dedent(
     """
     import atexit, sys
-    from ckptguard.preemption import ignore_stop_signals_at_exit
+    from ckptguard.run.preemption import ignore_stop_signals_at_exit
     atexit.register(lambda: (print("exiting", flush=True), sys.stdin.read()))  # runs after the next one
     ignore_stop_signals_at_exit()
     ignore_stop_signals_at_exit()

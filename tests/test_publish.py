@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptguard import CheckpointManager, VerificationError, publish, save_lora_adapters, writer
-from ckptguard.layout import STATE_FILE
-from ckptguard.storage.durable import atomic_write_bytes
+from ckptguard import CheckpointManager, VerificationError, save_lora_adapters
+from ckptguard.commit import publish
+from ckptguard.files import writer
+from ckptguard.files.durable import atomic_write_bytes
+from ckptguard.format.layout import STATE_FILE
 from conftest import make_lora_model, make_training_state
 
 
@@ -36,7 +38,7 @@ def test_a_discarded_staging_directory_is_never_made_again_by_a_rank_still_writi
     """Ranks write their own files beside the sharded write; when the save fails elsewhere, rank 0 discards
     staging while another rank may still be writing. That rank's next file fails (ENOENT) instead of making
     the staging directory again, so nothing of the failed save is left in the run directory."""
-    from ckptguard.snapshot import FilePlan
+    from ckptguard.files.writer import FilePlan
 
     staging = publish.create_staging(tmp_path, "checkpoint-2")
     plan = FilePlan("state/rank1/rng.json", data=b"{}\n")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager
-from ckptguard.events import read_events
-from ckptguard.storage.objectstore import ObjectStore
-from ckptguard.verify import verify_checkpoint
+from ckptguard.catalog.verify import verify_checkpoint
+from ckptguard.files.events import read_events
+from ckptguard.s3.objectstore import ObjectStore
 from conftest import make_training_state
 from s3kit import RemoteRun
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from ckptguard import CheckpointManager
-from ckptguard.cli import main
+from ckptguard.cli.main import main
+from ckptguard.commit import remote_publish
 from ckptguard.errors import (
     BucketNotFoundError,
     EndpointUnreachableError,
@@ -18,11 +19,10 @@ from ckptguard.errors import (
     RemoteAuthError,
     RemoteError,
 )
-from ckptguard.events import read_events
-from ckptguard.layout import LEASE_NAME, MARKER_NAME
-from ckptguard.storage import remote_publish
-from ckptguard.storage.lease import Lease
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.files.events import read_events
+from ckptguard.format.layout import LEASE_NAME, MARKER_NAME
+from ckptguard.s3.lease import Lease
+from ckptguard.s3.objectstore import ObjectStore
 from conftest import make_training_state
 from faultkit import free_port
 from s3kit import RemoteRun, S3Server, freeze_renewals, new_run, use_server, wait_until_held_by, wait_until_stale

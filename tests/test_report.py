@@ -22,9 +22,9 @@ import pytest
 
 from browserkit import MISSING, chromium, render
 from ckptguard import CheckpointManager
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.errors import CheckpointError
-from ckptguard.events import EVENTS_NAME
+from ckptguard.files.events import EVENTS_NAME
 from ckptguard.report import REPORT_NAME, write_report
 from ckptguard.report.collect import collect
 from conftest import make_training_state
@@ -148,7 +148,7 @@ def test_the_page_renders_in_chromium_without_console_errors_and_shows_its_chart
 
 
 def test_the_report_keeps_what_ckptguard_ls_keeps_the_resumed_from_checkpoint_included(tmp_path: Path) -> None:
-    from ckptguard import listing
+    from ckptguard.catalog import listing
 
     run, state = tmp_path / "run", make_training_state()
     with CheckpointManager(run, keep_last=3) as mgr:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ckptguard import CheckpointManager
-from ckptguard.cli import main
-from ckptguard.events import EVENTS_NAME
+from ckptguard.cli.main import main
+from ckptguard.files.events import EVENTS_NAME
 from ckptguard.report import REPORT_NAME, write_report
 from ckptguard.report.page import NEWEST_SAVES
 from conftest import make_training_state

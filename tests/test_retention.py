@@ -2,7 +2,7 @@
 
 import pytest
 
-from ckptguard.retention import Candidate, RetentionPolicy, plan
+from ckptguard.catalog.retention import Candidate, RetentionPolicy, plan
 
 
 def cands(*specs):

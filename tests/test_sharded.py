@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from ckptguard import verify_checkpoint
-from ckptguard.hashing import hash_file
-from ckptguard.manifest import read_manifest
+from ckptguard.files.hashing import hash_file
+from ckptguard.format.manifest import read_manifest
 from faultkit import flip_bit, tmpfs
 from shardranks import TIMEOUT_S, kill_job_mid_save, resumed, run_ranks
 

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from ckptguard import verify_checkpoint
-from ckptguard.cli import main
-from ckptguard.manifest import read_manifest
+from ckptguard.cli.main import main
+from ckptguard.format.manifest import read_manifest
 from faultkit import free_port
 from test_train_ddp import STEPS, env, losses, tiny
 
@@ -106,7 +106,8 @@ from peft import LoraConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from conftest import make_lora_model
-from ckptguard import lora, sharded
+from ckptguard.format import lora
+from ckptguard.state import sharded
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
 model = make_lora_model()
 targets = os.environ["TARGETS"].split(",")
@@ -146,7 +147,7 @@ from peft import PromptTuningConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from conftest import make_lora_model
-from ckptguard import sharded
+from ckptguard.state import sharded
 logging.basicConfig(format="%(levelname)s %(message)s")
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
 model = get_peft_model(make_lora_model().unload(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager, UnsupportedStateError, verify_checkpoint
-from ckptguard.events import read_events
+from ckptguard.files.events import read_events
 from conftest import make_training_state
 
 UNSUPPORTED = {

@@ -13,10 +13,10 @@ import torch
 
 from ckptguard import CheckpointManager, verify_checkpoint
 from ckptguard.errors import UploadError
-from ckptguard.events import read_events
-from ckptguard.layout import MARKER_NAME
-from ckptguard.storage.lease import holder
-from ckptguard.storage.objectstore import ObjectStore
+from ckptguard.files.events import read_events
+from ckptguard.format.layout import MARKER_NAME
+from ckptguard.s3.lease import holder
+from ckptguard.s3.objectstore import ObjectStore
 from conftest import make_training_state
 from s3kit import RemoteRun, S3Server, kill_writer_mid_upload, new_run, use_server, wait_for
 
@@ -189,7 +189,7 @@ TINY += ["train.eval_every=10", "train.eval_batches=2", "train.progress_bar=fals
 
 
 def train(*overrides: str, flags: tuple[str, ...] = ()) -> int:
-    from ckptguard.cli import main
+    from ckptguard.cli.main import main
 
     return main(["train", *[a for kv in [*TINY, *overrides] for a in ("--set", kv)], *flags])
 
@@ -228,7 +228,7 @@ def test_trainer_on_an_s3_output_dir_direct_then_tiered_and_export_from_the_buck
 ) -> None:
     from safetensors.torch import load_file
 
-    from ckptguard.cli import main
+    from ckptguard.cli.main import main
 
     out = [f"checkpoint.output_dir={remote.url}", "checkpoint.keep_last=1", "checkpoint.keep_best=0"]
     direct = ["checkpoint.remote_mode=direct", "train.max_steps=10"]

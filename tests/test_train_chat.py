@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.train.chat import RENDER_SECONDS, ChatFormat, resolve_chat_format
 from ckptguard.train.config import ConfigError, load_config
 from ckptguard.train.data import DataError, make_blocks, read_jsonl

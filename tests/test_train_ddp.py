@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptguard import verify_checkpoint
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from faultkit import Filler, launch_ranks, tmpfs
 from test_train_guards import poisoned_setup
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptguard import CheckpointManager
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from conftest import save_tiny_hf_model
 from test_train_resume import tiny
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.train.backends import next_token_loss
 from ckptguard.train.config import load_config
 from ckptguard.train.data import SampleOrder, make_blocks, read_jsonl

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ckptguard import verify_checkpoint
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.train.config import load_config
 from ckptguard.train.data import make_blocks, read_jsonl, shipped_corpus, split
 from ckptguard.train.registry import build_backend

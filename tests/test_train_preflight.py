@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from faultkit import remount_read_only, tmpfs
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "data.seq_len=32", "train.batch_size=2",

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from trainkit import signal_at
 
 MAX_STEPS = 40

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 from ckptguard.train.data import DataError, read_jsonl
 from ckptguard.train.sources import read_records
 from test_train_resume import tiny

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptguard import tree
+from ckptguard.format import tree
 
 
 def test_optimizer_like_structure_round_trips_with_int_keys_tuples_and_special_floats():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckptguard import CheckpointManager, CorruptCheckpointError, verify_checkpoint
-from ckptguard.manifest import _checksum
+from ckptguard.format.manifest import _checksum
 from conftest import make_training_state
 from faultkit import flip_bit, python_cmd
 

@@ -4,7 +4,7 @@
 >>> mgr = CheckpointManager("runs/exp1", keep_last=3)               # doctest: +SKIP
 >>> mgr.save(100, {"model": model, "optimizer": opt})                # doctest: +SKIP
 
-The public names load on first use (PEP 562): importing the package, or ``ckptguard.cli``, does
+The public names load on first use (PEP 562): importing the package, or ``ckptguard.cli.main``, does
 not import torch, so ``ckptguard train`` watches SIGTERM and Ctrl-C before torch takes seconds to load.
 """
 
@@ -14,8 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ckptguard.adapter_dir import load_lora_adapters, save_lora_adapters
-    from ckptguard.discovery import CheckpointInfo
+    from ckptguard.catalog.discovery import CheckpointInfo
+    from ckptguard.catalog.verify import VerifyReport, verify_checkpoint
     from ckptguard.errors import (
         CheckpointError,
         CheckpointNotFoundError,
@@ -29,12 +29,12 @@ if TYPE_CHECKING:
         VerificationError,
         WriteError,
     )
-    from ckptguard.manager import CheckpointManager, SaveResult
-    from ckptguard.preemption import PreemptionWatcher
-    from ckptguard.restore import Restored
-    from ckptguard.rng import RNGState
-    from ckptguard.snapshot import estimate_bytes, per_rank
-    from ckptguard.verify import VerifyReport, verify_checkpoint
+    from ckptguard.run.adapter_dir import load_lora_adapters, save_lora_adapters
+    from ckptguard.run.manager import CheckpointManager, SaveResult
+    from ckptguard.run.preemption import PreemptionWatcher
+    from ckptguard.state.restore import Restored
+    from ckptguard.state.rng import RNGState
+    from ckptguard.state.snapshot import estimate_bytes, per_rank
 
 __version__ = "0.1.0"
 
@@ -66,17 +66,17 @@ __all__ = [
 
 # the module that defines each public name (the imports above, for type checkers, say the same)
 _HOMES = {
-    "adapter_dir": "load_lora_adapters save_lora_adapters",
-    "discovery": "CheckpointInfo",
+    "run.adapter_dir": "load_lora_adapters save_lora_adapters",
+    "catalog.discovery": "CheckpointInfo",
     "errors": "CheckpointError CheckpointNotFoundError CoordinationError CorruptCheckpointError "
     "InsufficientSpaceError LockedError NotWritableError PreflightError UnsupportedStateError VerificationError "
     "WriteError",
-    "manager": "CheckpointManager SaveResult",
-    "preemption": "PreemptionWatcher",
-    "restore": "Restored",
-    "rng": "RNGState",
-    "snapshot": "estimate_bytes per_rank",
-    "verify": "VerifyReport verify_checkpoint",
+    "run.manager": "CheckpointManager SaveResult",
+    "run.preemption": "PreemptionWatcher",
+    "state.restore": "Restored",
+    "state.rng": "RNGState",
+    "state.snapshot": "estimate_bytes per_rank",
+    "catalog.verify": "VerifyReport verify_checkpoint",
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names.split()}
 

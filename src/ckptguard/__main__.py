@@ -2,7 +2,7 @@
 
 import sys
 
-from ckptguard.cli import main
+from ckptguard.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

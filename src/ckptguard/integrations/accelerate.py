@@ -27,11 +27,10 @@ from typing import Any
 
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckptguard.format.layout import ACCELERATE_ITERATION_FILE
+from ckptguard.format.manifest import ManifestError, parse_json
 from ckptguard.integrations import staged
-from ckptguard.layout import checkpoint_name
-from ckptguard.manifest import ManifestError, parse_json
 
-ITERATION_FILE = "ckptguard_accelerate.json"  # {"iteration": N}: Accelerate's save counter at this save
 TIMEOUT_S = 600.0  # bound on every agreement between processes (a dead process becomes a CoordinationError)
 _coordinators: weakref.WeakKeyDictionary[Any, Coordinator] = weakref.WeakKeyDictionary()
 
@@ -56,7 +55,7 @@ def save_state(
     run_dir = Path(run_dir)
     step = accelerator.save_iteration if step is None else step
     coord = _coordinator(accelerator)
-    staging = staged.begin(coord, run_dir, step)
+    save = staged.begin(coord, run_dir, step)
     config = accelerator.project_configuration
     if keep_last is None and config.automatic_checkpoint_naming:
         keep_last = config.total_limit
@@ -64,14 +63,14 @@ def save_state(
     error: CheckpointError | None = None
     try:
         iteration = accelerator.save_iteration
-        accelerator.save_state(str(staging), **kwargs)
+        accelerator.save_state(str(save.path), **kwargs)
         if coord.is_primary:
-            (staging / ITERATION_FILE).write_text(json.dumps({"iteration": iteration}))
+            (save.path / ACCELERATE_ITERATION_FILE).write_text(json.dumps({"iteration": iteration}))
     except Exception as exc:  # any failure on any process must reach every process as one typed error
-        error = staged.write_error(exc, staging, step)
+        error = staged.write_error(exc, save.path, step)
     finally:
         config.automatic_checkpoint_naming = automatic
-    target = staged.finish(coord, staging, run_dir / checkpoint_name(step), step, error)
+    target = staged.finish(save, error)
     coord.on_primary(lambda: staged.rotate(run_dir, keep_last), step=step)
     return target
 
@@ -113,10 +112,10 @@ def load_state(
 
 def _saved_iteration(checkpoint: Path) -> int:
     try:
-        doc = parse_json((checkpoint / ITERATION_FILE).read_bytes(), ITERATION_FILE)
+        doc = parse_json((checkpoint / ACCELERATE_ITERATION_FILE).read_bytes(), ACCELERATE_ITERATION_FILE)
     except (OSError, ManifestError) as exc:
-        raise CorruptCheckpointError(f"cannot read {ITERATION_FILE}: {exc}", path=checkpoint) from exc
+        raise CorruptCheckpointError(f"cannot read {ACCELERATE_ITERATION_FILE}: {exc}", path=checkpoint) from exc
     iteration = doc.get("iteration") if isinstance(doc, dict) else None
     if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
-        raise CorruptCheckpointError(f"{ITERATION_FILE} holds no iteration count", path=checkpoint)
+        raise CorruptCheckpointError(f"{ACCELERATE_ITERATION_FILE} holds no iteration count", path=checkpoint)
     return iteration

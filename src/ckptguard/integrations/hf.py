@@ -29,11 +29,11 @@ from typing import Any
 
 from transformers import Trainer
 
+from ckptguard.commit.publish import remove
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, UnsupportedStateError
+from ckptguard.format.layout import checkpoint_name
 from ckptguard.integrations import staged
-from ckptguard.layout import checkpoint_name
-from ckptguard.publish import remove
 
 for _name in ("_save_checkpoint", "_get_output_dir"):
     if not callable(getattr(Trainer, _name, None)):  # the private hooks this module overrides
@@ -117,7 +117,8 @@ class CheckpointGuardMixin:
         run_dir = Path(self._get_output_dir(trial))
         step = self.state.global_step  # type: ignore[attr-defined]
         coord = self._coordinator()
-        staging = staged.begin(coord, run_dir, step)
+        save = staged.begin(coord, run_dir, step)
+        staging = save.path
         written, target = staging / checkpoint_name(step), run_dir / checkpoint_name(step)
         error: CheckpointError | None = None
         self._ckptguard_staging = staging
@@ -129,8 +130,8 @@ class CheckpointGuardMixin:
         finally:
             self._ckptguard_staging = None
         staged.finish(
-            coord, staging, target, step, error, written=written, metrics=self._eval_metrics(step),
-            prepare=lambda: _drop_jit_sentinel(target),
+            save, error, written=written, metrics=self._eval_metrics(step),
+            before_publish=lambda: _drop_jit_sentinel(target),
         )  # fmt: skip
         best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
         limit = (self._ckptguard_args or self.args).save_total_limit  # type: ignore[attr-defined]

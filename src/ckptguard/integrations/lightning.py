@@ -54,22 +54,20 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 
-from ckptguard import publish
+from ckptguard.catalog.verify import verify_checkpoint
+from ckptguard.commit import publish
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, UnsupportedStateError
+from ckptguard.format.layout import LIGHTNING_PAYLOAD, STAGING_PREFIX, SUPERSEDED_MARK, TRASH_PREFIX
 from ckptguard.integrations import staged
-from ckptguard.layout import SUPERSEDED_MARK
-from ckptguard.verify import verify_checkpoint
 
 log = logging.getLogger("ckptguard")
 
 TIMEOUT_S = 600.0  # bound on the ranks' agreement on a save (a dead rank becomes a CoordinationError)
 
-PAYLOAD = "checkpoint.pt"  # Lightning's checkpoint dict, as Lightning's own torch.save writes it
-
 
 class VerifiedCheckpointIO(CheckpointIO):
-    """Saves through :func:`ckptguard.integrations.staged.commit`; loads only what verifies."""
+    """Saves through :func:`ckptguard.integrations.staged.begin_alone` and `finish`; loads only what verifies."""
 
     def __init__(self) -> None:
         self._in_flight = 0
@@ -115,15 +113,14 @@ class VerifiedCheckpointIO(CheckpointIO):
                 self._idle.notify_all()
 
     def _save(self, checkpoint: dict[str, Any], target: Path, step: int) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = publish.create_staging(target.parent, target.name)
+        save = staged.begin_alone(target, step)
+        error: CheckpointError | None = None
         try:
-            with open(staging / PAYLOAD, "wb") as fh:  # a Python file, so a full disk is an OSError with its errno
+            with open(save.path / LIGHTNING_PAYLOAD, "wb") as fh:  # a Python file: a full disk is an OSError
                 torch.save(checkpoint, fh)
         except Exception as exc:
-            publish.discard_staging(staging)
-            raise staged.write_error(exc, staging / PAYLOAD, step) from exc
-        staged.commit(staging, target, step)
+            error = staged.write_error(exc, save.path / LIGHTNING_PAYLOAD, step)
+        staged.finish(save, error)
         for old in glob.glob(glob.escape(str(target)) + SUPERSEDED_MARK + "*"):  # the same name saved before
             publish.remove(Path(old), wait=True)
 
@@ -131,7 +128,7 @@ class VerifiedCheckpointIO(CheckpointIO):
         from lightning.fabric.utilities.cloud_io import _load
 
         checked = staged.require_verified(path)
-        return _load(checked / PAYLOAD, map_location=map_location, weights_only=weights_only)
+        return _load(checked / LIGHTNING_PAYLOAD, map_location=map_location, weights_only=weights_only)
 
     def take_held(self) -> CheckpointError | None:
         """The failed save's error held for the ranks to raise together (then no longer held)."""
@@ -184,7 +181,7 @@ def _verify_in_lightnings_loader() -> None:
     @functools.wraps(plain)
     def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(path_or_url, (str, os.PathLike)) and "://" not in str(path_or_url) and os.path.isdir(path_or_url):
-            path_or_url = staged.require_verified(path_or_url) / PAYLOAD
+            path_or_url = staged.require_verified(path_or_url) / LIGHTNING_PAYLOAD
         return plain(path_or_url, *args, **kwargs)
 
     pl_load.ckptguard_verifies = True  # type: ignore[attr-defined]
@@ -202,7 +199,7 @@ def load_from_checkpoint(cls: type[Any], path: str | Path, **kwargs: Any) -> Any
     file inside it, whether or not Lightning's own loader was wrapped (:func:`_verify_in_lightnings_loader`).
     `cls` is a LightningModule or LightningDataModule class.
     """
-    return cls.load_from_checkpoint(staged.require_verified(path) / PAYLOAD, **kwargs)
+    return cls.load_from_checkpoint(staged.require_verified(path) / LIGHTNING_PAYLOAD, **kwargs)
 
 
 def refuse_url(path: Any) -> None:
@@ -249,7 +246,7 @@ def newest_verified_ckpt(dirpath: str | Path) -> str | None:
     """
     found = []
     for entry in Path(dirpath).iterdir() if Path(dirpath).is_dir() else []:
-        if entry.name.startswith((".staging-", ".trash-")) or not (entry / PAYLOAD).is_file():
+        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) or not (entry / LIGHTNING_PAYLOAD).is_file():
             continue
         report = verify_checkpoint(entry, staged.LEVEL)
         if report.ok and report.manifest is not None:

@@ -1,15 +1,13 @@
-"""A staged save of files another library writes: the one sequence every integration follows.
+"""What every integration shares around the one staged save (:class:`ckptguard.commit.sequence.StagedSave`).
 
     0. :func:`open_run`, before step 1 (at the latest, from the first :func:`begin`): rank 0 takes the run
        directory lock and runs the preflight (a real write probe, leftovers of killed saves removed
        under the lock); every other rank probes too. A second job on the same directory gets LockedError.
-    1. :func:`begin`: rank 0 creates one staging directory in the run directory; every rank gets its path
-    2. every rank lets its library write into it (the library's own save, pointed there), while rank 0
-       fsyncs and hashes each file as soon as it is closed (:mod:`ckptguard.integrations.closewatch`)
-    3. :func:`finish`: the ranks agree (a failure on any rank becomes the same typed error on every rank,
-       and the staging directory is removed); rank 0 fsyncs and hashes what the watch did not, and
-       :func:`ckptguard.publish.publish` writes the manifest, renames into place, verifies and moves LATEST
-    4. only then does rotation delete older checkpoints, through :func:`ckptguard.publish.remove`
+    1. :func:`begin`: a staged save in the run directory, rank 0 hashing each file the library closes
+    2. every rank lets its library write into it (the library's own save, pointed there); a failure
+       becomes a typed error (:func:`write_error`)
+    3. :func:`finish`: the staged save agrees, adopts, commits and verifies; the run's log records it
+    4. only then does rotation delete older checkpoints (:func:`rotate`)
 
 Resume goes through :func:`newest_verified`: the newest checkpoint (by save sequence) whose every
 byte matches its manifest, never a directory that merely has the highest number.
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import re
 import time
@@ -27,7 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptguard import discovery, preflight, publish, retention, writer
+from ckptguard.catalog import discovery, retention
+from ckptguard.catalog.checkpoint import newest_first
+from ckptguard.catalog.verify import verify_checkpoint
+from ckptguard.commit import publish
+from ckptguard.commit.publish import DirCommitter
+from ckptguard.commit.sequence import StagedSave
 from ckptguard.dist import Coordinator
 from ckptguard.errors import (
     CheckpointError,
@@ -37,12 +39,10 @@ from ckptguard.errors import (
     from_os_error,
     remedy_for_errno,
 )
-from ckptguard.events import EventLog
-from ckptguard.integrations.closewatch import CloseWatch
-from ckptguard.layout import checkpoint_name
-from ckptguard.manifest import Manifest, library_versions
-from ckptguard.pruning import Pruner
-from ckptguard.verify import verify_checkpoint
+from ckptguard.files.events import EventLog
+from ckptguard.format.layout import checkpoint_name
+from ckptguard.run import preflight
+from ckptguard.run.pruning import Pruner
 
 log = logging.getLogger("ckptguard")
 
@@ -52,7 +52,6 @@ LEVEL = "full"  # loading and resume: re-read every byte and compare with the ha
 # would prove nothing the first did not; what the commit must still prove is that the published
 # directory holds exactly the manifest's files at their sizes.
 COMMIT_LEVEL = "quick"
-_watches: dict[Path, CloseWatch] = {}  # rank 0's watch on each staging directory, from begin to commit
 _OS_CODE = re.compile(r"\(os error (\d+)\)")  # safetensors reports OS errors as text: `... (os error 28)`
 # torch.save to a path writes through its C++ zip writer, which loses the OSError: a full disk reads
 # `[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598` (or "PytorchStreamWriter failed ...")
@@ -124,22 +123,18 @@ def ensure_open(coord: Coordinator, run_dir: Path) -> None:
         open_run(coord, run_dir)
 
 
-def begin(coord: Coordinator, run_dir: Path, step: int) -> Path:
-    """Rank 0 creates one staging directory for `step`; every rank returns the same path.
-
-    A run directory not opened yet is opened first (:func:`ensure_open`)."""
+def begin(coord: Coordinator, run_dir: Path, step: int) -> StagedSave:
+    """Step 1 on every rank: a staged save of ``checkpoint-{step}`` in `run_dir`, rank 0 watching what the library
+    closes. A run directory not opened yet is opened first (:func:`ensure_open`)."""
     ensure_open(coord, run_dir)
+    events = EventLog(run_dir, rank=coord.rank, enabled=coord.is_primary)
+    return StagedSave.begin(coord, DirCommitter(run_dir, events), checkpoint_name(step), step=step, watch=True)
 
-    def create() -> str:
-        try:
-            staging = publish.create_staging(run_dir, checkpoint_name(step))
-        except OSError as exc:
-            what = "could not create the staging directory"
-            raise from_os_error(WriteError, what, exc, path=run_dir, step=step) from exc
-        _watches[staging] = CloseWatch(staging)
-        return str(staging)
 
-    return Path(coord.on_primary(create, step=step))
+def begin_alone(target: Path, step: int) -> StagedSave:
+    """A staged save of `target` that one process makes by itself (Lightning's CheckpointIO, on rank 0)."""
+    committer = DirCommitter(target.parent, EventLog(target.parent), make_parent=True)
+    return StagedSave.begin(Coordinator.alone(), committer, target.name, step=step, watch=True)
 
 
 def write_error(exc: BaseException, path: Path, step: int) -> CheckpointError:
@@ -184,107 +179,39 @@ def full_filesystem(path: Path) -> tuple[int | None, str]:
 
 
 def finish(
-    coord: Coordinator,
-    staging: Path,
-    target: Path,
-    step: int,
+    save: StagedSave,
     error: CheckpointError | None,
     *,
     written: Path | None = None,
     metrics: Mapping[str, float] | None = None,
-    prepare: Callable[[], None] | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> Path:
-    """Agree on every rank's outcome, then commit on rank 0; every rank returns `target` or raises the same error.
+    """Steps 3-4 on every rank: agree, then rank 0 adopts what the library wrote and commits it; every rank returns
+    the checkpoint's path or raises the same error, and the run's log records the save or its failure.
 
-    `written`: the directory the library filled, when it is a subdirectory of `staging` (a library that
-    appends its own ``checkpoint-N`` to the directory it is given); `prepare` runs on rank 0 just
-    before the commit.
+    `written`: the directory the library filled, when it is a subdirectory of the staging directory (a library
+    that appends its own ``checkpoint-N`` to the directory it is given); `before_publish` runs on rank 0
+    just before the commit.
     """
-    events = EventLog(target.parent, rank=coord.rank, enabled=coord.is_primary)
+    committer = save.committer
+    assert isinstance(committer, DirCommitter)
+    run_dir, events, started = committer.parent, committer.events, time.monotonic()
+    target = run_dir / save.name
     try:
-        coord.agree(error, None, step=step)
+        published = save.finish(
+            None, error, sequence=lambda: next_sequence(run_dir), level=COMMIT_LEVEL, metrics=metrics,
+            written=written, before_publish=before_publish,
+        )  # fmt: skip
     except CheckpointError as exc:
-        if coord.is_primary:
-            _stop_watch(staging)
-            publish.discard_staging(staging)
-            events.emit("save_failed", step=step, path=target, error=exc.summary())
+        if save.coord.is_primary and events is not None:
+            events.emit("save_failed", step=save.step, path=target, error=exc.summary())
         raise
-
-    def commit_here() -> str:
-        return str(
-            commit(
-                staging, target, step, written=written, world_size=coord.world_size, metrics=metrics, prepare=prepare
-            )
-        )
-
-    return Path(coord.on_primary(commit_here, step=step))
-
-
-def commit(
-    staging: Path,
-    target: Path,
-    step: int,
-    *,
-    written: Path | None = None,
-    world_size: int = 1,
-    metrics: Mapping[str, float] | None = None,
-    prepare: Callable[[], None] | None = None,
-) -> Path:
-    """Rank 0's part of :func:`finish`, also for a library that writes on one process only: make the files in
-    `written` (default: `staging`) durable, hash them and publish them as `target`. The staging directory
-    is gone afterwards, whatever happened; a failure is logged and raised as a CheckpointError."""
-    events = EventLog(target.parent)
-    watch = _watches.pop(staging, None)
-    try:
-        return _commit(staging, written or staging, target, step, world_size, metrics or {}, prepare, events, watch)
-    except CheckpointError as exc:
-        events.emit("save_failed", step=step, path=target, error=exc.summary())
-        raise
-    finally:
-        if watch is not None:
-            watch.abandon()
-        publish.discard_staging(staging)  # gone already when the written directory is staging itself
-
-
-def _stop_watch(staging: Path) -> None:
-    watch = _watches.pop(staging, None)
-    if watch is not None:
-        watch.abandon()
-
-
-def _commit(
-    staging: Path,
-    written: Path,
-    target: Path,
-    step: int,
-    world_size: int,
-    metrics: Mapping[str, float],
-    prepare: Callable[[], None] | None,
-    events: EventLog,
-    watch: CloseWatch | None,
-) -> Path:
-    started = time.monotonic()
-    try:
-        if prepare is not None:
-            prepare()
-        files = writer.adopt_files(written, watch.finish() if watch is not None else None)
-        manifest = Manifest(
-            step=step,
-            sequence=next_sequence(target.parent),
-            created=time.time(),
-            world_size=world_size,
-            files=files,
-            metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
-            versions=library_versions(),
-        )
-        publish.publish(written, target, manifest, level=COMMIT_LEVEL, latest=True, events=events)
-    except OSError as exc:
-        what = f"could not make {exc.filename} durable" if exc.filename else "could not make the written files durable"
-        raise from_os_error(WriteError, what, exc, path=staging, step=step) from exc
-    except ValueError as exc:  # a link or special file among the written ones
-        raise WriteError(str(exc), path=staging, step=step) from exc
-    events.emit("save", step=step, path=target, bytes=manifest.total_bytes, seconds=time.monotonic() - started)
-    return target
+    if save.coord.is_primary and events is not None:
+        events.emit(
+            "save", step=save.step, path=published.where, bytes=published.manifest.total_bytes,
+            seconds=time.monotonic() - started,
+        )  # fmt: skip
+    return Path(published.where)
 
 
 def next_sequence(run_dir: Path) -> int:
@@ -306,7 +233,7 @@ def rotate(
     try:
         found = discovery.discover(run_dir)
         if protected_count:
-            valid = discovery.newest_first(found)
+            valid = newest_first(found)
             older = (protected & {c.name for c in valid}) - {c.name for c in valid[:keep_last]}
             keep_last = max(keep_last - len(older), 1)
         pruner = Pruner(run_dir, retention.RetentionPolicy(keep_last=keep_last), EventLog(run_dir), primary=True)
@@ -318,7 +245,7 @@ def rotate(
 
 def newest_verified(run_dir: str | Path) -> Path | None:
     """The newest checkpoint in `run_dir` that passes full verification, or None; skipped ones are logged."""
-    for c in discovery.newest_first(discovery.discover(Path(run_dir))):
+    for c in newest_first(discovery.discover(Path(run_dir))):
         report = verify_checkpoint(c.path, LEVEL)
         if report.ok:
             return c.path

@@ -19,9 +19,9 @@ def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     Damaged inputs are shown on the page, never raised; only an unwritable `out` raises (OSError).
     The file is replaced atomically, so a browser never shows half a page.
     """
+    from ckptguard.files.durable import atomic_write_bytes
     from ckptguard.report.collect import collect
     from ckptguard.report.page import render
-    from ckptguard.storage.durable import atomic_write_bytes
 
     run = Path(run_dir).absolute()
     target = Path(out).absolute() if out is not None else run / REPORT_NAME

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptguard import discovery, publish, retention
-from ckptguard.discovery import CheckpointInfo
+from ckptguard.catalog import discovery, retention
+from ckptguard.catalog.checkpoint import newest_first
+from ckptguard.catalog.discovery import CheckpointInfo
+from ckptguard.commit import publish
 from ckptguard.errors import CheckpointError
-from ckptguard.events import iter_events
-from ckptguard.layout import EVENTS_NAME
+from ckptguard.files.events import iter_events
+from ckptguard.format.layout import EVENTS_NAME
 from ckptguard.report.history import History, replay
 
 
@@ -70,9 +72,9 @@ def collect(run_dir: Path) -> RunData:
 
 def _trainer_config(checkpoints: list[CheckpointInfo], damage: list[str]) -> tuple[dict[str, Any] | None, str]:
     """The resolved run config stored in the newest readable checkpoint's trainer state, if any."""
-    from ckptguard.restore import open_checkpoint, read_values  # hash-checked JSON; imports torch
+    from ckptguard.state.restore import open_checkpoint, read_values  # hash-checked JSON; imports torch
 
-    for c in discovery.newest_first(checkpoints):
+    for c in newest_first(checkpoints):
         try:
             if "config" not in open_checkpoint(c.path, {}, rank=0).entries:
                 return None, f"{c.name} holds no trainer config: a run saved from the library alone"

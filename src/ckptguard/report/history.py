@@ -18,9 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ckptguard.listing import LoggedPolicy
-from ckptguard.manifest import step_from_name
-from ckptguard.preemption import PREEMPTED_EXIT_CODE
+from ckptguard.catalog.listing import LoggedPolicy
+from ckptguard.format.manifest import step_from_name
+from ckptguard.run.preemption import PREEMPTED_EXIT_CODE
 
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", re.ASCII)
 

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from html import escape
 
-from ckptguard.listing import ASIDE_WHY, LS_HEADER, ls_rows
+from ckptguard.catalog.listing import ASIDE_WHY, LS_HEADER, ls_rows
 from ckptguard.report import charts
 from ckptguard.report.collect import RunData
 from ckptguard.report.history import Save

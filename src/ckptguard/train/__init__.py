@@ -11,7 +11,7 @@
 # 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1/SIGINT after saving a checkpoint: run the same command
 # again to resume; 130 (128 + SIGINT) aborted by a second Ctrl-C, at any moment (the cleanup included):
 # the last line says whether steps were lost, from the newest checkpoint on disk.
-from ckptguard.preemption import PREEMPTED_EXIT_CODE as EXIT_PREEMPTED
+from ckptguard.run.preemption import PREEMPTED_EXIT_CODE as EXIT_PREEMPTED
 
 EXIT_OK, EXIT_CHECKPOINT, EXIT_BAD_INPUT, EXIT_ABORTED = 0, 1, 2, 130
 __all__ = ["EXIT_ABORTED", "EXIT_BAD_INPUT", "EXIT_CHECKPOINT", "EXIT_OK", "EXIT_PREEMPTED"]

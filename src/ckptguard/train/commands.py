@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptguard.errors import CheckpointError
-from ckptguard.preemption import PreemptionWatcher, ignore_stop_signals_at_exit
+from ckptguard.run.preemption import PreemptionWatcher, ignore_stop_signals_at_exit
 from ckptguard.train import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_CHECKPOINT, EXIT_OK
 from ckptguard.train.config import ConfigError, load_config
 
@@ -120,17 +120,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.base is not None and not args.merge:
         return _fail(ValueError("--base only applies with --merge"), EXIT_BAD_INPUT)
-    from ckptguard import cli_remote
-    from ckptguard.storage.objectstore import is_remote
+    from ckptguard.run import location
+    from ckptguard.s3.objectstore import is_remote
     from ckptguard.train.export import export
 
     _quiet_known_warnings()
     # A remote run is opened and listed first, as `ls` does, and its failures (a bad URL, a missing bucket,
     # refused credentials, an endpoint that is down) are left to the CLI's handler: exit 2, as for `ls`.
-    remote = cli_remote.find(args.checkpoint) if is_remote(args.checkpoint) else None
+    remote = location.find(args.checkpoint) if is_remote(args.checkpoint) else None
     try:
         with tempfile.TemporaryDirectory(prefix="ckptguard-export-") as tmp:  # where a remote one is downloaded
-            source = cli_remote.download(remote, Path(tmp)) if remote is not None else args.checkpoint
+            source = location.download(remote, Path(tmp)) if remote is not None else args.checkpoint
             path = export(source, args.out, merge=args.merge, base=args.base)
     except CheckpointError as exc:
         return _fail(exc, EXIT_CHECKPOINT)

@@ -26,8 +26,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
 from ckptguard.errors import InvalidURLError
-from ckptguard.manifest import MAX_JSON_DEPTH, ManifestError, check_depth
-from ckptguard.storage.objectstore import RemoteURL
+from ckptguard.format.manifest import MAX_JSON_DEPTH, ManifestError, check_depth
+from ckptguard.s3.objectstore import RemoteURL
 
 DEFAULT_CONFIG = "default.toml"
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import xxhash
 
-from ckptguard.manifest import ManifestError, parse_json
+from ckptguard.format.manifest import ManifestError, parse_json
 from ckptguard.train.chat import ChatFormat, ChatTemplateError
 from ckptguard.train.tokenizer import CHAT_ROLES, IGNORE_INDEX, Tokenizer, encode_text
 

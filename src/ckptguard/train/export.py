@@ -11,16 +11,17 @@ does not reproduce the adapter's outputs is never left where a user would pick i
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptguard import load_lora_adapters, publish, save_lora_adapters, verify_checkpoint, writer
+from ckptguard import load_lora_adapters, save_lora_adapters, verify_checkpoint
+from ckptguard.commit.publish import DirCommitter
+from ckptguard.commit.sequence import StagedSave
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
-from ckptguard.manifest import Manifest, library_versions
-from ckptguard.restore import read_values
+from ckptguard.format.layout import STATE_FILE
+from ckptguard.state.restore import read_values
 from ckptguard.train.backends import Backend, no_hf_progress_bars
 from ckptguard.train.config import ConfigError, config_from_dict
 from ckptguard.train.registry import build_backend
@@ -36,7 +37,7 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *, m
         raise WriteError(
             f"--out {out} already exists and is not empty", path=out, remedy="Choose a new --out directory."
         )
-    backend = build_backend(config_from_dict(_saved_config(ckpt), f"{ckpt}/state/trainer_state.json").model)
+    backend = build_backend(config_from_dict(_saved_config(ckpt), f"{ckpt}/{STATE_FILE}").model)
     with no_hf_progress_bars():
         model = _load(ckpt, backend, base)
         if not merge:
@@ -71,27 +72,23 @@ def _load(ckpt: Path, backend: Backend, base: str | None) -> Any:
 def _export_merged(model: Any, backend: Backend, out: Path) -> Path:
     expected = backend.probe_logits(model)
     merged = model.merge_and_unload()
-    staging = None
+    save = StagedSave.alone(DirCommitter(out.parent, make_parent=True), out.name)
+    error: CheckpointError | None = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = publish.create_staging(out.parent, out.name)
-        merged.save_pretrained(staging, safe_serialization=True)
+        merged.save_pretrained(save.path, safe_serialization=True)
         if hasattr(backend.tokenizer, "hf"):
-            backend.tokenizer.hf.save_pretrained(staging)
-        _check_merged(staging, merged, backend, expected)
-        files = writer.adopt_files(staging)
-    except (OSError, ValueError, CheckpointError) as exc:
-        if staging is not None:
-            publish.discard_staging(staging)
-        if isinstance(exc, OSError):
-            raise from_os_error(WriteError, "could not write the merged model", exc, path=out) from exc
-        if isinstance(exc, ValueError):
-            raise WriteError(f"could not write the merged model: {exc}", path=out) from exc
+            backend.tokenizer.hf.save_pretrained(save.path)
+        _check_merged(save.path, merged, backend, expected)
+    except OSError as exc:
+        error = from_os_error(WriteError, "could not write the merged model", exc, path=out)
+    except ValueError as exc:
+        error = WriteError(f"could not write the merged model: {exc}", path=out)
+    except CheckpointError as exc:
+        error = exc
+    except BaseException:
+        save.discard()
         raise
-    manifest = Manifest(
-        step=None, sequence=0, created=time.time(), world_size=1, files=files, versions=library_versions()
-    )
-    return publish.publish(staging, out, manifest, level="full").path
+    return Path(save.finish(None, error, sequence=0, level="full", latest=False).where)
 
 
 def _check_merged(staging: Path, merged: Any, backend: Backend, expected: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ckptguard import CheckpointInfo
-from ckptguard.discovery import Checkpoint
-from ckptguard.manifest import MANIFEST_NAME
+from ckptguard.catalog.checkpoint import Checkpoint
+from ckptguard.format.manifest import MANIFEST_NAME
 from ckptguard.train.config import ConfigError, OptimConfig
 
 

@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ckptguard import CheckpointInfo, CheckpointManager, RNGState, discovery, per_rank
+from ckptguard import CheckpointInfo, CheckpointManager, RNGState, per_rank
+from ckptguard.catalog import discovery
+from ckptguard.catalog.checkpoint import newest_first
 from ckptguard.errors import CheckpointError
-from ckptguard.events import EventLog
-from ckptguard.preemption import Preempted, PreemptionWatcher
+from ckptguard.files.events import EventLog
 from ckptguard.report import write_report
+from ckptguard.run.preemption import Preempted, PreemptionWatcher
 from ckptguard.train import EXIT_ABORTED, EXIT_OK, EXIT_PREEMPTED, guards, runtime, sizing
 from ckptguard.train.backends import Backend, Batch
 from ckptguard.train.chat import resolve_chat_format
@@ -456,5 +458,5 @@ def run(cfg: RunConfig, stop: PreemptionWatcher, resume: str = "auto", new_timel
 
 def _newest_on_disk(cfg: RunConfig) -> CheckpointInfo | None:
     """The checkpoint a resume would take, read from the run directory (there may be no manager)."""
-    found = discovery.newest_first(discovery.discover(Path(cfg.checkpoint.output_dir)))
+    found = newest_first(discovery.discover(Path(cfg.checkpoint.output_dir)))
     return found[0] if found else None
