@@ -93,20 +93,21 @@ def instrument() -> None:
     import ckptguard.files.events as events
     import ckptguard.files.hashing as hashing
     import ckptguard.files.writer as writer
-    import ckptguard.run.manager as manager
     import ckptguard.run.pruning as pruning
+    import ckptguard.run.run_dir as run_dir
     import ckptguard.state.snapshot as snapshot
+    import ckptguard.state.staging as staging
 
     t = TIMERS
     t.wrap(snapshot, "take", "1 snapshot.take (flatten state)", phase=True)
-    t.wrap(manager.CheckpointManager, "_begin", "2 space check + staging dir", phase=True)
+    t.wrap(run_dir.RunDir, "check_space", "2 space check + staging dir", phase=True)
     t.wrap(writer, "write_files", "3 write files (write+hash+fsync)", phase=True)
     t.wrap(publish, "_write_manifest", "4 manifest + rename + dir fsyncs", phase=True)
     t.wrap(publish, "verify_checkpoint", "5 verify full (re-read + hash)", phase=True)
     t.wrap(publish, "atomic_write_bytes", "6 LATEST (atomic replace)", phase=True)
     t.wrap(pruning.Pruner, "after_save", "7 retention (prune)", phase=True)
     t.wrap(events.EventLog, "emit", "8 events.jsonl", phase=True)
-    t.wrap(snapshot.HostBuffers, "copy", "0 async: copy into staging buffers", phase=True)
+    t.wrap(staging.HostBuffers, "copy", "0 async: copy into staging buffers", phase=True)
     t.wrap(discovery, "discover", "   discovery.discover (in 2, 7)")
     t.wrap(writer, "write_all", "   os.write to page cache (in 3)")
     t.wrap(durable, "start_writeback", "   sync_file_range early writeback (in 3)")

@@ -37,7 +37,7 @@ torch.manual_seed(1)
 state = {"model": torch.nn.Linear(16, 16)}
 mgr.save(1, state)
 mgr.wait()
-mgr._tier._finish_pending()
+mgr._run.tier._finish_pending()
 print("ready", flush=True)
 sys.stdin.readline()
 errors = []
@@ -83,7 +83,7 @@ def test_a_writer_paused_past_its_lease_deletes_and_overwrites_nothing_of_the_ne
         assert held is not None and held[0] != paused_holder[0], (held, paused_holder)  # taken over
         torch.manual_seed(2)
         new.save(2, {"model": torch.nn.Linear(16, 16)})  # the same name the paused writer will upload
-        new._tier._finish_pending()
+        new._run.tier._finish_pending()
         if new_holder_closed:
             new.close()  # and releases the lease: the paused writer must not take a vanished lease as free
         before = _snapshot(remote)

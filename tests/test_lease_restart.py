@@ -37,8 +37,8 @@ mgr = CheckpointManager(url, storage_options={"local_dir": local, "lease_ttl_s":
 torch.manual_seed(1)
 mgr.save(1, {"model": torch.nn.Linear(256, 256)}, blocking=how != "background")
 if how == "hold":
-    mgr._tier._finish_pending()  # uploaded: what a rerun restores
-print("holding", mgr._tier._lease.holder, flush=True)
+    mgr._run.tier._finish_pending()  # uploaded: what a rerun restores
+print("holding", mgr._run.tier._lease.holder, flush=True)
 if how == "hold":
     sys.stdin.read()
 """
@@ -103,7 +103,7 @@ def test_a_writer_killed_on_this_host_is_taken_over_at_once_not_after_its_ttl(
     held = holder(ObjectStore(remote.url))
     assert held is not None and held[0] == dead and held[1] > time.time() + 200  # minutes left on its TTL
     with caplog.at_level(logging.WARNING, "ckptguard"), _opens(remote, tmp_path / "b", lease_wait_s=0) as mgr:
-        assert holder(ObjectStore(remote.url))[0] == mgr._tier._lease.holder  # type: ignore[index]
+        assert holder(ObjectStore(remote.url))[0] == mgr._run.tier._lease.holder  # type: ignore[index]
         _restores_step_1(mgr)
     assert f"taking over the lease (that process has ended) of {dead}" in caplog.text
 
@@ -151,7 +151,7 @@ def test_a_pid_that_now_names_another_process_is_a_dead_holder(remote: RemoteRun
     }  # fmt: skip
     remote.tamper(LEASE_NAME, json.dumps(forged).encode())
     with _opens(remote, tmp_path / "b", lease_wait_s=0) as mgr:
-        assert holder(ObjectStore(remote.url))[0] == mgr._tier._lease.holder  # type: ignore[index]
+        assert holder(ObjectStore(remote.url))[0] == mgr._run.tier._lease.holder  # type: ignore[index]
 
 
 _FORKS = """
@@ -164,7 +164,7 @@ pid = os.fork()
 if pid == 0:
     sys.exit(0)  # the child's interpreter exits normally: its atexit hooks run
 os.waitpid(pid, 0)
-print(holder(mgr._tier.store)[0] == mgr._tier._lease.holder)
+print(holder(mgr._run.tier.store)[0] == mgr._run.tier._lease.holder)
 mgr.close()
 """
 

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
         WriteError,
     )
     from ckptguard.run.adapter_dir import load_lora_adapters, save_lora_adapters
-    from ckptguard.run.manager import CheckpointManager, SaveResult
+    from ckptguard.run.manager import CheckpointManager
     from ckptguard.run.preemption import PreemptionWatcher
+    from ckptguard.run.save import SaveResult
     from ckptguard.state.restore import Restored
     from ckptguard.state.rng import RNGState
     from ckptguard.state.snapshot import estimate_bytes, per_rank
@@ -71,7 +72,8 @@ _HOMES = {
     "errors": "CheckpointError CheckpointNotFoundError CoordinationError CorruptCheckpointError "
     "InsufficientSpaceError LockedError NotWritableError PreflightError UnsupportedStateError VerificationError "
     "WriteError",
-    "run.manager": "CheckpointManager SaveResult",
+    "run.manager": "CheckpointManager",
+    "run.save": "SaveResult",
     "run.preemption": "PreemptionWatcher",
     "state.restore": "Restored",
     "state.rng": "RNGState",

@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptguard.catalog import retention
-from ckptguard.catalog.checkpoint import newest_first
 from ckptguard.errors import CheckpointError
-from ckptguard.format.layout import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, VERIFY_LEVELS, step_from_name
-from ckptguard.s3.objectstore import is_remote
+from ckptguard.format.layout import VERIFY_LEVELS
 from ckptguard.units import format_bytes
 
 if TYPE_CHECKING:
-    from ckptguard.run import preflight
+    pass
 
 # The store's modules import torch (seconds): each command imports what it uses, so `ckptguard train`
 # watches its signals before torch loads, and `--help` answers at once.
@@ -38,90 +36,34 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from ckptguard.catalog import discovery, listing
-    from ckptguard.commit import publish
-
-    if is_remote(args.run_dir):
-        return _ls_remote(args)
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        print(f"error: {run_dir} is not a directory", file=sys.stderr)
-        return EXIT_USAGE
-    found = discovery.discover(run_dir)
-    keep = listing.keep_reasons(run_dir, found)
-    latest = publish.read_latest(run_dir)
-    aside = discovery.set_aside(run_dir)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "run_dir": str(run_dir.absolute()),
-                    "latest": latest,
-                    "checkpoints": [
-                        {
-                            "name": c.name,
-                            "step": c.step,
-                            "valid": c.valid,
-                            "reason": c.reason,
-                            "bytes": c.bytes,
-                            "metrics": c.metrics,
-                            "sequence": c.sequence,
-                            "keep_reasons": keep.get(c.name, []),
-                        }
-                        for c in found
-                    ],
-                    "set_aside": [{"name": a.name, "step": a.step, "kind": a.kind} for a in aside],
-                },
-                indent=2,
-            )
-        )
-        return EXIT_OK
-    if not found and not aside:
-        print(f"{run_dir}: no checkpoints")
-        return EXIT_OK
-    print(_table(listing.ls_rows(found, keep, latest, aside), listing.LS_HEADER))
-    print("(* = LATEST)" + ("; `ckptguard prune --superseded` removes superseded directories" if aside else ""))
-    return EXIT_OK
-
-
-def _ls_remote(args: argparse.Namespace) -> int:
-    """`ls` of a remote run: committed checkpoints are valid; an upload without its marker is not."""
-    from ckptguard.catalog import listing
+    from ckptguard.catalog import listing as rows
     from ckptguard.run import location
 
-    found, doc = location.ls_json(args.run_dir)
+    try:
+        found = location.open_location(args.run_dir).ls()
+    except location.Unusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
-        print(json.dumps(doc, indent=2))
-    elif not found:
-        print(f"{doc['url']}: no checkpoints")
+        print(json.dumps(found.doc, indent=2))
+    elif not found.found and not found.aside:
+        print(f"{found.where}: no checkpoints")
     else:
-        keep = retention.plan(found, retention.RetentionPolicy())
-        print(_table(listing.ls_rows(found, keep, None), listing.LS_HEADER))  # type: ignore[arg-type]
+        print(_table(rows.ls_rows(found.found, found.keep, found.latest, found.aside), rows.LS_HEADER))
+        if isinstance(found.doc.get("run_dir"), str):  # a bucket has no LATEST and nothing set aside
+            hint = "; `ckptguard prune --superseded` removes superseded directories" if found.aside else ""
+            print("(* = LATEST)" + hint)
     return EXIT_OK
-
-
-def _targets(path: Path) -> list[Path]:
-    """A checkpoint directory itself, or every checkpoint-* directory of a run directory."""
-    from ckptguard.catalog import discovery
-
-    if (path / MANIFEST_NAME).exists() or step_from_name(path.name) is not None:
-        return [path]
-    return [c.path for c in discovery.discover(path)] or [path]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ckptguard.catalog.verify import verify_checkpoint
     from ckptguard.run import location
 
-    path = Path(args.path)
-    if is_remote(args.path):
-        reports: list[Any] = location.verify_reports(args.path, args.level)
-    elif not path.is_dir():
-        what = "does not exist" if not path.exists() else "is not a directory"
-        print(f"error: {path} {what}; give a checkpoint directory or a run directory", file=sys.stderr)
+    try:
+        reports = location.open_location(args.path).verify(args.level)
+    except location.Unusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    else:
-        reports = [verify_checkpoint(p, args.level) for p in _targets(path)]
     if args.json:
         print(
             json.dumps(
@@ -152,27 +94,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Can a run save here? Leaves the directory as it found it: the write probe removes what it made,
-    the lock is tested without creating a lock file, and nothing is probed inside a checkpoint."""
-    from ckptguard.run import location, preflight
+    """Can a run save here? Nothing is left behind (run/doctor.py, run/location.py say how)."""
+    from ckptguard.run import location
 
-    run_dir = Path(args.run_dir).absolute()
     checks: list[dict[str, Any]] = []
 
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"check": name, "ok": ok, "detail": detail})
 
-    if is_remote(args.run_dir):
-        location.doctor(args.run_dir, check)
-        return _doctor_out(args, args.run_dir, checks)
-    where = run_dir if run_dir.is_dir() else run_dir.parent
-    try:
-        preflight.refuse_inside_checkpoint(run_dir)
-    except CheckpointError as exc:
-        check("directory", False, f"{exc.message}; {exc.remedy}")
-    else:
-        _doctor_dir(run_dir, where, check)
-    return _doctor_out(args, str(run_dir), checks)
+    where = location.open_location(args.run_dir)
+    where.doctor(check)
+    shown = str(where.path.absolute()) if isinstance(where, location.LocalRun) else args.run_dir
+    return _doctor_out(args, shown, checks)
 
 
 def _doctor_out(args: argparse.Namespace, run_dir: str, checks: list[dict[str, Any]]) -> int:
@@ -184,105 +117,19 @@ def _doctor_out(args: argparse.Namespace, run_dir: str, checks: list[dict[str, A
     return EXIT_OK if all(c["ok"] for c in checks) else EXIT_FAILED
 
 
-def _doctor_dir(run_dir: Path, where: Path, check: Any) -> None:
-    from ckptguard.run import preflight
-
-    if run_dir.exists() and not run_dir.is_dir():
-        check("directory", False, f"{run_dir} is a file, not a directory")
-    elif not where.is_dir():
-        check("directory", False, f"neither {run_dir} nor its parent exists")
-    else:
-        check("directory", True, f"{run_dir} {'exists' if run_dir.is_dir() else 'will be created'}")
-        try:
-            preflight.probe_writable(where)
-            check("write probe", True, f"created, wrote, fsynced, renamed and read back a file in {where}")
-        except CheckpointError as exc:
-            check("write probe", False, str(exc))
-        facts = preflight.filesystem_facts(where)
-        fs_detail = f"{facts.fstype} mounted at {facts.mount_point}" + "".join(f"; {w}" for w in facts.warnings)
-        check("filesystem", not facts.read_only, fs_detail + ("; READ-ONLY" if facts.read_only else ""))
-        _doctor_space(run_dir, facts, check)
-        if run_dir.is_dir():
-            _doctor_run(run_dir, check)
-
-
-def _doctor_space(run_dir: Path, facts: preflight.FilesystemFacts, check: Any) -> None:
-    from ckptguard.catalog import discovery, listing
-    from ckptguard.run import preflight
-
-    found = discovery.discover(run_dir) if run_dir.is_dir() else []
-    sizes = [c.bytes for c in found if c.valid]
-    detail = (
-        f"{format_bytes(facts.free_bytes)} free of {format_bytes(facts.total_bytes)}, {facts.free_inodes} inodes free"
-    )
-    if not sizes:
-        check("space", facts.free_bytes > 0, detail)
-        return
-    policy, _ = listing.run_policy(run_dir)
-    try:
-        preflight.check_space_for_run(run_dir, max(sizes), policy.slots, sum(sizes))
-    except CheckpointError as exc:
-        check("space", False, f"{detail}; {exc.message}")
-        return
-    check("space", True, f"{detail}; enough for the next saves of about {format_bytes(max(sizes))} each")
-
-
-def _doctor_run(run_dir: Path, check: Any) -> None:
-    from ckptguard.catalog import discovery, listing
-    from ckptguard.commit import publish
-    from ckptguard.run import preflight
-
-    lock = preflight.RunLock(run_dir)
-    if lock.held_elsewhere():
-        check("lock", True, f"held by a running writer ({lock.holder()}); saves from a second writer would fail")
-    else:
-        check("lock", True, "no other process holds the run directory")
-    leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX))]
-    check(
-        "leftovers",
-        True,
-        f"{len(leftovers)} unfinished save(s), removed at the next start" if leftovers else "no unfinished saves",
-    )
-    found = discovery.discover(run_dir)
-    check("checkpoints", *listing.checkpoints_check(found, "valid", "invalid"))
-    latest = publish.read_latest(run_dir)
-    newest = newest_first(found)
-    consistent = newest[0].name == latest if newest else True
-    check(
-        "LATEST",
-        consistent,
-        f"LATEST -> {latest}; newest valid is {newest[0].name if newest else 'none'}",
-    )
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ckptguard.catalog import discovery, listing
     from ckptguard.run import location
-    from ckptguard.run.manager import CheckpointManager
 
-    run_dir = Path(args.run_dir)
-    if not is_remote(args.run_dir) and not run_dir.is_dir():
-        print(f"error: {run_dir} is not a directory", file=sys.stderr)
-        return EXIT_USAGE
-    policy_args = dict(
-        keep_last=args.keep_last,
-        keep_best=args.keep_best,
-        metric=args.metric,
-        mode=args.mode,
+    policy = retention.RetentionPolicy(
+        keep_last=args.keep_last, keep_best=args.keep_best, metric=args.metric, mode=args.mode,
         keep_every=args.keep_every,
-    )
-    superseded = args.superseded and not is_remote(args.run_dir)  # a bucket has no set-aside directories
-    aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if superseded else []
-    if is_remote(args.run_dir):
-        doomed: list[Any] = location.prune(args.run_dir, retention.RetentionPolicy(**policy_args), dry_run=args.dry_run)
-    elif args.dry_run:
-        found = discovery.discover(run_dir)
-        _, protected = listing.run_policy(run_dir)
-        doomed = retention.doomed(found, retention.RetentionPolicy(**policy_args), protected)
-    else:
-        with CheckpointManager(run_dir, **policy_args) as mgr:
-            doomed = mgr.prune()
-            aside = mgr.prune_superseded() if args.superseded else []
+    )  # fmt: skip
+    try:
+        pruned = location.open_location(args.run_dir).prune(policy, dry_run=args.dry_run, superseded=args.superseded)
+    except location.Unusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    doomed, aside = pruned.doomed, pruned.aside
     if args.json:
         removed = [c.name for c in doomed] + [a.name for a in aside]
         print(json.dumps({"dry_run": args.dry_run, "removed": removed}, indent=2))

@@ -27,7 +27,6 @@ from pathlib import Path
 from ckptguard.catalog import discovery, retention
 from ckptguard.catalog.checkpoint import newest_first
 from ckptguard.catalog.verify import verify_checkpoint
-from ckptguard.commit import publish
 from ckptguard.commit.publish import DirCommitter
 from ckptguard.commit.sequence import StagedSave
 from ckptguard.dist import Coordinator
@@ -43,6 +42,7 @@ from ckptguard.files.events import EventLog
 from ckptguard.format.layout import checkpoint_name
 from ckptguard.run import preflight
 from ckptguard.run.pruning import Pruner
+from ckptguard.run.run_dir import RunDir
 
 log = logging.getLogger("ckptguard")
 
@@ -61,10 +61,10 @@ FULL_BELOW = 1 << 20  # free bytes under which a filesystem whose write just fai
 
 @dataclass
 class _HeldRun:
-    """Rank 0's lock on one run directory, shared by every user of it in this process (a Trainer that
-    trains twice, an Accelerator that loads then saves); released when the last one closes it."""
+    """Rank 0's opened run directory, shared by every user of it in this process (a Trainer that trains
+    twice, an Accelerator that loads then saves); closed when the last one is done with it."""
 
-    lock: preflight.RunLock
+    run: RunDir
     users: int = 1
 
 
@@ -72,48 +72,37 @@ _held_runs: dict[Path, _HeldRun] = {}
 
 
 def open_run(coord: Coordinator, run_dir: Path) -> bool:
-    """Lock `run_dir` and run the preflight before the first step, as CheckpointManager does; call it on every rank.
+    """Open `run_dir` before the first step, as CheckpointManager does (:meth:`RunDir.open`); call it on every rank.
 
-    Rank 0: create the directory (and its parents, as the libraries do), probe it with a real write,
-    take the run lock (LockedError while another process holds it), then remove what killed saves left;
+    Rank 0 creates the directory (and its parents, as the libraries do), probes it with a real write,
+    takes the run lock (LockedError while another process holds it) and removes what killed saves left;
     every other rank probes too. Returns whether this call did that (False: this process already holds
     the directory, and only counts one more user). Pair each call with :func:`close_run`.
     """
     key = run_dir.absolute()
 
-    def prepare() -> bool:
-        held = _held_runs.get(key)
-        if held is not None:
-            held.users += 1
-            return False
-        lock = preflight.RunLock(key)
-        events = EventLog(key)
-        preflight.prepare(
-            key, lock, create_parents=True, expected_bytes=None, policy=retention.RetentionPolicy(), events=events
-        )
-        _held_runs[key] = _HeldRun(lock)
-        return True
+    def held() -> bool:
+        if key in _held_runs:
+            _held_runs[key].users += 1
+            return True
+        return False
 
-    first = coord.on_primary(prepare)
-    if first:
-        try:  # each rank writes into rank 0's staging: a rank that cannot must fail now, not at step N
-            preflight.probe_every_rank(key, coord)
-        except CheckpointError:
-            if coord.is_primary:
-                _held_runs.pop(key).lock.release()
-            raise
-    return first
+    if coord.on_primary(held):
+        return False
+    run = RunDir.open(key, coord, policy=retention.RetentionPolicy(), create_parents=True)
+    if coord.is_primary:
+        _held_runs[key] = _HeldRun(run)
+    return True
 
 
 def close_run(coord: Coordinator, run_dir: Path) -> None:
-    """One user of `run_dir` is done; the last one releases the run lock (rank 0; a no-op elsewhere)."""
+    """One user of `run_dir` is done; the last one closes the run (rank 0; a no-op elsewhere)."""
     held = _held_runs.get(run_dir.absolute()) if coord.is_primary else None
     if held is not None:
         held.users -= 1
         if held.users == 0:
             del _held_runs[run_dir.absolute()]
-            publish.wait_for_removals()
-            held.lock.release()
+            held.run.close()
 
 
 def ensure_open(coord: Coordinator, run_dir: Path) -> None:

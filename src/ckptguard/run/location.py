@@ -1,15 +1,16 @@
-"""``ckptguard ls | verify | doctor | prune | export`` on ``s3://`` URLs: the object-storage side of the CLI.
+"""Where the CLI's ``ls | verify | doctor | prune | export`` work: a local run directory or a run in a bucket.
 
-Credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...), as for
-any S3 tool. Pruning takes the run's lease first, so it never races a writer, and removes each
-checkpoint marker first.
+:func:`open_location` is the one place that tells them apart; each command then asks the same
+questions of either (:class:`LocalRun`, :class:`BucketRun`) and prints the answers. On a bucket,
+credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...), as for any S3
+tool, and pruning takes the run's lease first, so it never races a writer, and removes each marker first.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ from ckptguard.catalog.verify import VerifyReport
 from ckptguard.commit import remote_publish
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.files.events import EventLog
-from ckptguard.format.layout import step_from_name
+from ckptguard.format.layout import MANIFEST_NAME, step_from_name
 from ckptguard.s3.lease import Lease, holder
-from ckptguard.s3.objectstore import ObjectStore, RemoteURL
+from ckptguard.s3.objectstore import ObjectStore, RemoteURL, is_remote
 
 
 def ls_json(url: str) -> tuple[list[remote_publish.RemoteCheckpoint], dict[str, Any]]:
@@ -122,3 +123,128 @@ def doctor(url: str, check: Callable[[str, bool, str], None]) -> None:
             check("lease", True, f"{state}: {held[0]}, expiry {when}")
     found = remote_publish.discover(store)
     check("checkpoints", *checkpoints_check(found, "committed", "invalid or uncommitted"))
+
+
+class Unusable(Exception):
+    """The location given is not one the command can work on (bad usage, exit 2); the message says why."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What ``ls`` shows of a run: its checkpoints, why each is kept, and the document ``--json`` prints."""
+
+    where: str
+    found: list[Any]
+    keep: dict[str, list[str]]
+    doc: dict[str, Any]
+    latest: str | None = None
+    aside: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What ``prune`` removed (or, dry run, would remove): checkpoints, and directories set aside as superseded."""
+
+    doomed: list[Any]
+    aside: list[Any] = field(default_factory=list)
+
+
+class BucketRun:
+    """A run in a bucket (``s3://bucket/prefix``), or one checkpoint of it (``.../checkpoint-N``)."""
+
+    def __init__(self, url: str) -> None:
+        self.where = url
+
+    def ls(self) -> Listing:
+        found, doc = ls_json(self.where)
+        return Listing(doc["url"], found, retention.plan(found, retention.RetentionPolicy()), doc)
+
+    def verify(self, level: str) -> list[VerifyReport]:
+        return verify_reports(self.where, level)
+
+    def doctor(self, check: Callable[[str, bool, str], None]) -> None:
+        doctor(self.where, check)
+
+    def prune(self, policy: retention.RetentionPolicy, *, dry_run: bool, superseded: bool) -> Pruned:
+        return Pruned(prune(self.where, policy, dry_run=dry_run))  # a bucket has no set-aside directories
+
+    def opened(self) -> Callable[[Path], Path]:
+        """Open and list the run now (its failures are the caller's); then a function fetching the checkpoint."""
+        source = find(self.where)
+        return lambda into: download(source, into)
+
+
+class LocalRun:
+    """A run directory, or one checkpoint directory of it."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.path = Path(where)
+
+    def _directory(self) -> Path:
+        if not self.path.is_dir():
+            raise Unusable(f"{self.path} is not a directory")
+        return self.path
+
+    def ls(self) -> Listing:
+        from ckptguard.catalog import discovery, listing
+        from ckptguard.commit import publish
+
+        run_dir = self._directory()
+        found = discovery.discover(run_dir)
+        keep = listing.keep_reasons(run_dir, found)
+        latest = publish.read_latest(run_dir)
+        aside = discovery.set_aside(run_dir)
+        doc = {
+            "run_dir": str(run_dir.absolute()),
+            "latest": latest,
+            "checkpoints": [
+                {"name": c.name, "step": c.step, "valid": c.valid, "reason": c.reason, "bytes": c.bytes,
+                 "metrics": c.metrics, "sequence": c.sequence, "keep_reasons": keep.get(c.name, [])}
+                for c in found
+            ],
+            "set_aside": [{"name": a.name, "step": a.step, "kind": a.kind} for a in aside],
+        }  # fmt: skip
+        return Listing(str(run_dir), found, keep, doc, latest, aside)
+
+    def verify(self, level: str) -> list[VerifyReport]:
+        from ckptguard.catalog import discovery
+        from ckptguard.catalog.verify import verify_checkpoint
+
+        path = self.path
+        if not path.is_dir():
+            what = "does not exist" if not path.exists() else "is not a directory"
+            raise Unusable(f"{path} {what}; give a checkpoint directory or a run directory")
+        if (path / MANIFEST_NAME).exists() or step_from_name(path.name) is not None:
+            targets = [path]  # a checkpoint directory itself
+        else:  # every checkpoint of a run directory
+            targets = [c.path for c in discovery.discover(path)] or [path]
+        return [verify_checkpoint(p, level) for p in targets]
+
+    def doctor(self, check: Callable[[str, bool, str], None]) -> None:
+        from ckptguard.run import doctor as local_doctor
+
+        local_doctor.check_directory(self.path.absolute(), check)
+
+    def prune(self, policy: retention.RetentionPolicy, *, dry_run: bool, superseded: bool) -> Pruned:
+        from ckptguard.catalog import discovery, listing
+        from ckptguard.run.manager import CheckpointManager
+
+        run_dir = self._directory()
+        if dry_run:
+            _, protected = listing.run_policy(run_dir)
+            aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if superseded else []
+            return Pruned(retention.doomed(discovery.discover(run_dir), policy, protected), aside)
+        with CheckpointManager(
+            run_dir, keep_last=policy.keep_last, keep_best=policy.keep_best, metric=policy.metric, mode=policy.mode,
+            keep_every=policy.keep_every,
+        ) as mgr:  # fmt: skip
+            return Pruned(mgr.prune(), mgr.prune_superseded() if superseded else [])
+
+    def opened(self) -> Callable[[Path], Path]:
+        return lambda into: self.path
+
+
+def open_location(where: str) -> LocalRun | BucketRun:
+    """The one place the CLI tells a bucket URL from a local path."""
+    return BucketRun(where) if is_remote(where) else LocalRun(where)

@@ -121,17 +121,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.base is not None and not args.merge:
         return _fail(ValueError("--base only applies with --merge"), EXIT_BAD_INPUT)
     from ckptguard.run import location
-    from ckptguard.s3.objectstore import is_remote
     from ckptguard.train.export import export
 
     _quiet_known_warnings()
     # A remote run is opened and listed first, as `ls` does, and its failures (a bad URL, a missing bucket,
     # refused credentials, an endpoint that is down) are left to the CLI's handler: exit 2, as for `ls`.
-    remote = location.find(args.checkpoint) if is_remote(args.checkpoint) else None
+    fetch = location.open_location(args.checkpoint).opened()
     try:
         with tempfile.TemporaryDirectory(prefix="ckptguard-export-") as tmp:  # where a remote one is downloaded
-            source = location.download(remote, Path(tmp)) if remote is not None else args.checkpoint
-            path = export(source, args.out, merge=args.merge, base=args.base)
+            path = export(fetch(Path(tmp)), args.out, merge=args.merge, base=args.base)
     except CheckpointError as exc:
         return _fail(exc, EXIT_CHECKPOINT)
     except ConfigError as exc:

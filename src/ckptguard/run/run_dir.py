@@ -1,0 +1,142 @@
+"""The opened run: its lock, preflight and probe on every rank, events log, index, save sequence, tier, committer.
+
+A run directory is opened once, before step 1 (an unusable one fails there, not at the first save),
+by :meth:`RunDir.open`: rank 0 takes the run lock and runs the preflight (the directory, a real write
+probe, free space, leftovers of killed saves removed under the lock) and opens the remote tier
+(endpoint, bucket, credentials, the lease); every other rank probes too. What a save needs of the
+run afterwards is here and nowhere else: the next save sequence (:meth:`RunDir.next_sequence`, after
+every save before it, local or in the bucket), the space check, how a save becomes a checkpoint
+(:attr:`RunDir.committer`), and what follows a commit (:meth:`RunDir.after_commit`: retention, the
+upload). The integrations open their run directories through the same :meth:`RunDir.open`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptguard.catalog import retention
+from ckptguard.catalog.checkpoint import newest_first
+from ckptguard.catalog.discovery import CheckpointInfo, discover
+from ckptguard.commit import publish
+from ckptguard.commit.base import Committer, Published
+from ckptguard.commit.publish import DirCommitter
+from ckptguard.dist import Coordinator
+from ckptguard.errors import CheckpointError
+from ckptguard.files.events import EventLog, record_failure
+from ckptguard.run import preflight, tiered
+from ckptguard.run.pruning import Pruner
+
+
+class RunDir:
+    """One run directory, opened (locked and checked) by this process; :meth:`close` hands it back."""
+
+    def __init__(self, path: Path, coord: Coordinator, policy: retention.RetentionPolicy) -> None:
+        self.path = path
+        self.coord = coord
+        self.policy = policy
+        self.events = EventLog(path, rank=coord.rank, enabled=coord.is_primary)
+        self.lock = preflight.RunLock(path)
+        self.pruner = Pruner(path, policy, self.events, primary=coord.is_primary)
+        self.tier: tiered.LocalOnly | tiered.RemoteMirror = tiered.LocalOnly(path)
+        self.committer: Committer = DirCommitter(path, self.events)
+        self._sequence = 0
+        self._space_known = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        coord: Coordinator,
+        *,
+        policy: retention.RetentionPolicy,
+        remote: tiered.RemoteSpec | None = None,
+        create_parents: bool = False,
+        expected_bytes: int | None = None,
+    ) -> RunDir:
+        """Lock and check `path` on every rank (call it on every rank); the typed error of whatever fails."""
+        run = cls(path, coord, policy)
+        direct = remote is not None and remote.direct
+        run._space_known = expected_bytes is not None
+        run._sequence = coord.on_primary(
+            lambda: run._prepare(remote, create_parents, None if direct else expected_bytes)
+        )
+        if isinstance(run.tier, tiered.RemoteMirror) and direct:  # a save commits by a marker in the bucket
+            run.committer = run.tier.committer()
+        try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N
+            preflight.probe_every_rank(path, coord)
+        except CheckpointError as exc:
+            run.lock.release()
+            run.tier.close()
+            run.record_failure("preflight", exc)
+            raise
+        return run
+
+    def _prepare(self, remote: tiered.RemoteSpec | None, create_parents: bool, expected_bytes: int | None) -> int:
+        """Rank 0's preflight and tier; returns the highest save sequence found, so new saves come after it."""
+        try:
+            found = preflight.prepare(
+                self.path, self.lock, create_parents=create_parents, expected_bytes=expected_bytes,
+                policy=self.policy, events=self.events,
+            )  # fmt: skip
+            # endpoint, bucket, credentials and the lease: before step 1 too
+            self.tier = tiered.open_tier(remote, self.path, self.events)
+        except CheckpointError as exc:
+            self.lock.release()
+            self.record_failure("preflight", exc)
+            raise
+        self.pruner.reindex(found)
+        return max(self.tier.max_sequence, *(c.sequence for c in found), 0)
+
+    @property
+    def direct(self) -> bool:
+        """Saves go from memory to the bucket; nothing is written to this directory at save."""
+        return self.tier.direct
+
+    def next_sequence(self) -> int:
+        """The next save's place in the run's order: after every save before it, here or in the bucket."""
+        self._sequence += 1
+        return self._sequence
+
+    def check_space(self, step: int, nbytes: int, inodes: int) -> None:
+        """Rank 0, before staging: room for this save (with no size hint at open, for the whole retention window)."""
+        window = None if self._space_known else (self.policy.slots, sum(c.bytes for c in self.pruner.index.values()))
+        preflight.check_space_for_save(self.path, nbytes, inodes, step=step, run_window=window)
+        self._space_known = True
+
+    def after_commit(self, name: str, published: Published) -> CheckpointError | None:
+        """What follows the commit of checkpoint `name`: retention (rank 0), then its upload (direct: the index).
+
+        Returns the failure of an earlier upload not yet reported, for the caller to raise now that this
+        save stands.
+        """
+        if self.direct:
+            self.tier.committed(name, published.manifest)
+            return None
+        path = Path(published.where)
+        if self.coord.is_primary:  # once every rank knows the save stands: its removals are work the other
+            # ranks must not wait behind
+            facts = CheckpointInfo.facts(published.manifest)
+            step = published.manifest.step if published.manifest.step is not None else -1
+            self.pruner.after_save(CheckpointInfo(name=name, path=path, step=step, valid=True, **facts))
+        return self.tier.submit(path)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every checkpoint directory of the run, quick-verified, in step order."""
+        return discover(self.path)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The most recently saved valid checkpoint (by save sequence), or None."""
+        valid = newest_first(self.checkpoints())
+        return valid[0] if valid else None
+
+    def record_failure(self, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
+        record_failure(self.events, event, exc, step=step)
+
+    def close(self) -> None:
+        """Wait for the upload in flight (raising its failure), release the lease, the removals, the lock."""
+        try:
+            self.tier.close()
+        finally:
+            self.events.emit("close")  # a run whose log lacks this ended without closing: killed or crashed
+            publish.wait_for_removals()
+            self.lock.release()
