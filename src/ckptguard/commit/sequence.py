@@ -68,6 +68,8 @@ class StagedSave:
                 error = exc
             except OSError as exc:
                 error = from_os_error(WriteError, "cannot create the staging directory", exc, step=step)
+            except Exception as exc:  # anything else must reach the other ranks too, not leave them waiting
+                error = WriteError(f"cannot open the staging place: {type(exc).__name__}: {exc}", step=step)
         if error is not None and error.step is None:
             error.step = step
         where = str(staging.where) if staging is not None else ""
@@ -84,9 +86,9 @@ class StagedSave:
         return save
 
     @classmethod
-    def alone(cls, committer: Committer, name: str, *, step: int | None = None) -> StagedSave:
+    def alone(cls, committer: Committer, name: str, *, step: int | None = None, watch: bool = False) -> StagedSave:
         """A save one process makes by itself (an adapter, an export, Lightning's CheckpointIO on rank 0)."""
-        return cls.begin(Coordinator.alone(), committer, name, step=step)
+        return cls.begin(Coordinator.alone(), committer, name, step=step, watch=watch)
 
     @property
     def path(self) -> Path:

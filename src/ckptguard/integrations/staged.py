@@ -123,7 +123,7 @@ def begin(coord: Coordinator, run_dir: Path, step: int) -> StagedSave:
 def begin_alone(target: Path, step: int) -> StagedSave:
     """A staged save of `target` that one process makes by itself (Lightning's CheckpointIO, on rank 0)."""
     committer = DirCommitter(target.parent, EventLog(target.parent), make_parent=True)
-    return StagedSave.begin(Coordinator.alone(), committer, target.name, step=step, watch=True)
+    return StagedSave.alone(committer, target.name, step=step, watch=True)
 
 
 def write_error(exc: BaseException, path: Path, step: int) -> CheckpointError:
