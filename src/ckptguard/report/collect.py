@@ -76,7 +76,7 @@ def _trainer_config(checkpoints: list[CheckpointInfo], damage: list[str]) -> tup
 
     for c in newest_first(checkpoints):
         try:
-            if "config" not in open_checkpoint(c.path, {}, rank=0).entries:
+            if "config" not in open_checkpoint(c.path, {}, rank=0).records:
                 return None, f"{c.name} holds no trainer config: a run saved from the library alone"
             config = read_values(c.path, ["config"])["config"]
         except CheckpointError as exc:

@@ -1,11 +1,13 @@
 """Checkpoint -> state objects, in two phases so a damaged checkpoint never half-loads.
 
-Phase 1 (:func:`open_checkpoint`, then :func:`read_objects`) reads every file this rank needs once,
-checks its size and xxh3-128 against the manifest, parses it (safetensors, strict JSON) and decodes
-the trees; nothing of the caller's is touched. Phase 2 (:func:`apply`) calls ``load_state_dict`` on
-each object. Any problem in phase 1 is a CorruptCheckpointError naming the file, and resume moves on
-to the previous checkpoint with the caller's objects unchanged. Nothing is unpickled.
-:func:`restore_into` runs the phases over the candidates discovery names, agreeing between ranks.
+Phase 1 (:func:`open_checkpoint`, then :func:`read_objects`) classifies each entry of the caller's
+state once (an :class:`Entry`: its kind, and what the checkpoint recorded of it), then reads every
+file this rank needs once, checks its size and xxh3-128 against the manifest, parses it
+(safetensors, strict JSON) and decodes the trees; nothing of the caller's is touched. Phase 2
+(:func:`apply`) calls ``load_state_dict`` on each object. Any problem in phase 1 is a
+CorruptCheckpointError naming the file, and resume moves on to the previous checkpoint with the
+caller's objects unchanged. Nothing is unpickled. :func:`restore_into` runs the phases over the
+candidates discovery names, agreeing between ranks.
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ class Restored:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One named entry of the caller's state, classified once, against the checkpoint's record of it."""
+
+    name: str
+    obj: Any  # the object to load into (a per_rank() wrapper looked through), or a plain value's placeholder
+    kind: str  # value, stateful, peft or sharded (:func:`ckptguard.state.snapshot.entry_kind`)
+    record: dict[str, Any]  # trainer_state.json's record of it: kind, per_rank, tree, class
+
+    @property
+    def checked_ahead(self) -> bool:
+        """Phase 1 proved it will load (an adapter, a module, an optimizer); others may still refuse in phase 2."""
+        return self.kind == "peft" or isinstance(self.obj, (torch.nn.Module, torch.optim.Optimizer))
+
+
 @dataclass
 class LoadedCheckpoint:
     """Everything phase 1 read and checked, ready to apply."""
@@ -55,7 +72,9 @@ class LoadedCheckpoint:
     manifest: Manifest
     step: int
     metrics: dict[str, float]
-    entries: dict[str, Any] = field(default_factory=dict)  # trainer_state.json's record of each entry
+    records: dict[str, Any] = field(default_factory=dict)  # trainer_state.json's record of every saved entry
+    plan: list[Entry] = field(default_factory=list)  # the caller's entries, in the caller's order
+    sharded: bool = False  # the state holds a sharded entry: DCP reads it, a collective
     adapter: dict[str, torch.Tensor] | None = None
     dcp_metadata: Any = None  # DCP's index of the shards, checked (a sharded state only)
     objects: dict[str, Any] = field(default_factory=dict)  # entry name -> decoded state_dict / value
@@ -73,56 +92,61 @@ def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
         raise CorruptCheckpointError(f"checkpoint is not valid: {report.reason}", path=path)
     manifest = report.manifest
     doc = _json(path, manifest, STATE_FILE)
-    entries = doc.get("entries") if isinstance(doc, dict) else None
-    if not isinstance(entries, dict):
+    records = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(records, dict):
         raise CorruptCheckpointError(f"{STATE_FILE} has no 'entries' object", path=path)
     if doc.get("step") != manifest.step or manifest.step is None:
         raise CorruptCheckpointError(
             f"{STATE_FILE} records step {doc.get('step')!r}, but the manifest says step {manifest.step}", path=path
         )
     loaded = LoadedCheckpoint(
-        path=path, manifest=manifest, step=manifest.step, metrics=dict(manifest.metrics), entries=entries
+        path=path, manifest=manifest, step=manifest.step, metrics=dict(manifest.metrics), records=records
     )
-    for name, value in state.items():
-        record = entries.get(name)
-        if not isinstance(record, dict):
-            raise CheckpointError(
-                f"checkpoint has no entry {name!r} (it holds {sorted(entries)})",
-                path=path,
-                remedy="Restore with the same state keys the run saved, or start a new run directory.",
-            )
-        kind = entry_kind(value)
-        if record.get("kind") != kind or bool(record.get("per_rank")) != isinstance(value, PerRank):
-            raise CheckpointError(
-                f"entry {name!r} was saved as {record.get('kind')} (per_rank={record.get('per_rank')}) "
-                f"but is restored as {kind} (per_rank={isinstance(value, PerRank)})",
-                path=path,
-                remedy="Pass the same kind of object that was saved under this name.",
-            )
-        if kind == "value":
-            loaded.objects[name] = _decode_entry(path, manifest, name, record, rank)
+    loaded.plan = [_classify(path, records, name, value) for name, value in state.items()]
+    loaded.sharded = any(e.kind == "sharded" for e in loaded.plan)
+    for entry in loaded.plan:
+        if entry.kind == "value":
+            loaded.objects[entry.name] = _decode_entry(path, manifest, entry, rank)
     return loaded
+
+
+def _classify(path: Path, records: dict[str, Any], name: str, value: Any) -> Entry:
+    """The caller's entry `name` as an :class:`Entry`; CheckpointError where the checkpoint saved it otherwise."""
+    record = records.get(name)
+    if not isinstance(record, dict):
+        raise CheckpointError(
+            f"checkpoint has no entry {name!r} (it holds {sorted(records)})",
+            path=path,
+            remedy="Restore with the same state keys the run saved, or start a new run directory.",
+        )
+    kind, per_rank = entry_kind(value), isinstance(value, PerRank)
+    if record.get("kind") != kind or bool(record.get("per_rank")) != per_rank:
+        raise CheckpointError(
+            f"entry {name!r} was saved as {record.get('kind')} (per_rank={record.get('per_rank')}) "
+            f"but is restored as {kind} (per_rank={per_rank})",
+            path=path,
+            remedy="Pass the same kind of object that was saved under this name.",
+        )
+    return Entry(name, value.obj if per_rank else value, kind, record)
 
 
 def read_objects(loaded: LoadedCheckpoint, state: Mapping[str, Any], *, rank: int) -> None:
     """Phase 1b: read, hash-check and decode the tensors of stateful entries and the adapter."""
     path, manifest = loaded.path, loaded.manifest
-    if sharded.any_sharded(state):
+    if loaded.sharded:
         loaded.dcp_metadata = sharded.check_files(path, manifest)
         sharded.check_fit(path, state, loaded.dcp_metadata)
-    for name, value in state.items():
-        kind = entry_kind(value)
-        if kind == "peft":
+    for entry in loaded.plan:
+        if entry.kind == "peft":
             data = _bytes(path, manifest, ADAPTER_WEIGHTS)
-            loaded.adapter = checked_adapter_tensors(value, data, ADAPTER_WEIGHTS, path)
-        elif kind == "stateful":
-            record = loaded.entries[name]
-            loaded.objects[name] = saved = _decode_entry(path, manifest, name, record, rank)
-            obj = value.obj if isinstance(value, PerRank) else value
-            check_fits(name, obj, saved, record.get("class"), path)
+            loaded.adapter = checked_adapter_tensors(entry.obj, data, ADAPTER_WEIGHTS, path)
+        elif entry.kind == "stateful":
+            loaded.objects[entry.name] = saved = _decode_entry(path, manifest, entry, rank)
+            check_fits(entry.name, entry.obj, saved, entry.record.get("class"), path)
 
 
-def _decode_entry(path: Path, manifest: Manifest, name: str, record: dict[str, Any], rank: int) -> Any:
+def _decode_entry(path: Path, manifest: Manifest, entry: Entry, rank: int) -> Any:
+    name, record = entry.name, entry.record
     if record.get("per_rank"):
         prefix = entry_path(name, rank=rank)
         if f"{prefix}.json" not in manifest.files:
@@ -171,14 +195,14 @@ def _tensors(path: Path, manifest: Manifest, relpath: str) -> dict[str, torch.Te
     return parse_tensors(_bytes(path, manifest, relpath), relpath, where=path)
 
 
-def plain_values(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> dict[str, Any]:
-    """The plain (JSON-able) entries of `state` as the checkpoint holds them."""
-    return {name: loaded.objects[name] for name, value in state.items() if entry_kind(value) == "value"}
+def plain_values(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    """The plain (JSON-able) entries of the caller's state as the checkpoint holds them."""
+    return {e.name: loaded.objects[e.name] for e in loaded.plan if e.kind == "value"}
 
 
 def read_values(path: str | os.PathLike[str], names: list[str]) -> dict[str, Any]:
     """Hash-checked plain values of a checkpoint (its stored config, say), without a manager or lock."""
-    return plain_values(open_checkpoint(Path(path), dict.fromkeys(names), rank=0), dict.fromkeys(names))
+    return plain_values(open_checkpoint(Path(path), dict.fromkeys(names), rank=0))
 
 
 def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
@@ -188,18 +212,16 @@ def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
     (schedulers, user classes) cannot be checked ahead: they load first, each one's previous state
     kept, so if one refuses, those already loaded are put back and nothing of the caller's changed.
     """
-    checked = (torch.nn.Module, torch.optim.Optimizer)
-    order = sorted(state, key=lambda n: entry_kind(state[n]) == "peft" or isinstance(_obj(state[n]), checked))
     undo: list[tuple[Any, Any]] = []
-    for name in order:
-        obj, kind = _obj(state[name]), entry_kind(state[name])
+    for entry in sorted(loaded.plan, key=lambda e: e.checked_ahead):
+        obj, name = entry.obj, entry.name
         try:
-            if kind == "peft":
+            if entry.kind == "peft":
                 apply_adapter(obj, loaded.adapter or {})
-            elif kind == "sharded":
+            elif entry.kind == "sharded":
                 sharded.apply_entry(state, name, loaded.objects[name])
-            elif kind == "stateful":
-                if not isinstance(obj, checked):
+            elif entry.kind == "stateful":
+                if not entry.checked_ahead:
                     undo.append((obj, copy.deepcopy(obj.state_dict())))
                 obj.load_state_dict(loaded.objects[name])
         except Exception as exc:  # user objects' load_state_dict can raise anything
@@ -213,10 +235,6 @@ def apply(loaded: LoadedCheckpoint, state: Mapping[str, Any]) -> None:
                 path=loaded.path,
                 remedy="Restore into objects built as the run that saved them built theirs.",
             ) from exc
-
-
-def _obj(value: Any) -> Any:
-    return value.obj if isinstance(value, PerRank) else value
 
 
 def restore_into(
@@ -246,7 +264,7 @@ def restore_into(
             log.warning("skipping %s: %s", candidate, exc)
             events.emit("resume_skip", path=candidate, reason=str(exc))
             continue
-        if sharded.any_sharded(state):  # a collective: DCP reads, reshards
+        if loaded.sharded:  # a collective: DCP reads, reshards
             loaded.objects.update(sharded.load(loaded.path, state, loaded.dcp_metadata, coord=coord))
         apply(loaded, state)
         events.emit("resume", step=loaded.step, path=loaded.path)
@@ -268,7 +286,7 @@ def _read_candidate(
         if is_remote(candidate):
             candidate = coord.on_primary(lambda: fetch(candidate))
         loaded = open_checkpoint(Path(candidate), state, rank=coord.rank)
-        result = Restored(loaded.step, loaded.path, plain_values(loaded, state), loaded.metrics)
+        result = Restored(loaded.step, loaded.path, plain_values(loaded), loaded.metrics)
         if check is not None:  # may refuse (raise) before any large file is read
             check(result)
         read_objects(loaded, state, rank=coord.rank)
