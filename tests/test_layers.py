@@ -189,3 +189,17 @@ def test_one_definition_of_newest_first() -> None:
     assert definitions == ["ckptguard.catalog.checkpoint:save_order", "ckptguard.catalog.checkpoint:newest_first"]
     by_hand = [m for m, path in modules().items() if "c.sequence, c.step" in path.read_text()]
     assert by_hand == ["ckptguard.catalog.checkpoint"]  # save_order itself
+
+
+def test_one_rule_makes_save_sequences_and_one_executor_carries_out_retention() -> None:
+    """A new save's sequence comes from catalog.checkpoint.next_sequence alone (the opened run hands them out);
+    only a Pruner acts on retention's verdict, and it removes through a committer."""
+    assert _calls("next_sequence") == [
+        "integrations.staged:finish",  # the run's, through integrations.staged:next_sequence
+        "integrations.staged:next_sequence",  # RunDir.next_sequence, or the rule for a directory not opened
+        "run.run_dir:_prepare",  # the rule, over every save found at open
+        "run.save:_persist",  # RunDir.next_sequence
+    ]
+    by_hand = [m for m, path in modules().items() if "sequence for c in" in path.read_text()]
+    assert by_hand == ["ckptguard.catalog.checkpoint"]
+    assert _calls("doomed") == ["run.pruning:prune"]

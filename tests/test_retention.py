@@ -44,3 +44,18 @@ def test_bad_policy_names_the_field(kwargs, message):
 def test_slots_count_what_preflight_must_reserve():
     assert RetentionPolicy(keep_last=3, keep_best=1, metric="loss").slots == 4
     assert RetentionPolicy(keep_last=3, keep_every=100).slots is None
+
+
+def test_a_protected_checkpoint_takes_a_place_of_the_newest_only_when_the_policy_says_so():
+    # HF's rotation: save_total_limit=2 with the best at step 1 keeps the best and the newest, not three
+    found = cands((1, 0.1), (2, 0.5), (3, 0.4), (4, 0.3))
+    protected = frozenset({"checkpoint-1"})
+    counted = plan(found, RetentionPolicy(keep_last=2, protected_counts=True), protected)
+    assert [n for n, why in counted.items() if why] == ["checkpoint-1", "checkpoint-4"]
+    on_top = plan(found, RetentionPolicy(keep_last=2), protected)
+    assert [n for n, why in on_top.items() if why] == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+    # never fewer than the newest, however many are protected; a protected one among the newest costs nothing
+    many = plan(found, RetentionPolicy(keep_last=2, protected_counts=True), frozenset({"checkpoint-1", "checkpoint-2"}))
+    assert many["checkpoint-4"] == ["newest", "last 1"] and many["checkpoint-3"] == []
+    inside = plan(found, RetentionPolicy(keep_last=2, protected_counts=True), frozenset({"checkpoint-3"}))
+    assert [n for n, why in inside.items() if why] == ["checkpoint-3", "checkpoint-4"]

@@ -8,7 +8,7 @@ tier's merge of local and bucket checkpoints all order by :func:`save_order`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -52,6 +52,14 @@ class Ordered(Protocol):
 
 
 C = TypeVar("C", bound=Ordered)
+
+
+STANDALONE = 0  # the save sequence of a checkpoint outside any run (an exported adapter): it orders nothing
+
+
+def next_sequence(saved: Iterable[Ordered]) -> int:
+    """The save sequence that makes a new save the newest of `saved` (the one rule; RunDir hands them out)."""
+    return max((c.sequence for c in saved), default=STANDALONE) + 1
 
 
 def save_order(c: Ordered) -> tuple[int, int]:

@@ -17,13 +17,19 @@ from ckptguard.catalog.checkpoint import Ordered, newest_first
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """keep_last: newest N (None keeps all); keep_best: best K by `metric`; keep_every: step % N == 0."""
+    """keep_last: newest N (None keeps all); keep_best: best K by `metric`; keep_every: step % N == 0.
+
+    `protected_counts`: a protected checkpoint older than the newest `keep_last` takes one of their
+    places, keeping at least the newest (HF's rotation: a limit of 2 keeps the best and the newest,
+    not three). By default a protected checkpoint is kept on top of the newest `keep_last`.
+    """
 
     keep_last: int | None = None
     keep_best: int = 0
     metric: str | None = None
     mode: str = "min"
     keep_every: int | None = None
+    protected_counts: bool = False
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
@@ -81,8 +87,11 @@ def plan(
     newest = newest_first(candidates)
     if newest:
         reasons[newest[0].name].append("newest")
-    for c in newest[: policy.keep_last] if policy.keep_last is not None else newest:
-        reasons[c.name].append(f"last {policy.keep_last}" if policy.keep_last is not None else "keep all")
+    last = policy.keep_last
+    if last is not None and policy.protected_counts:
+        last = max(last - len((protected & reasons.keys()) - {c.name for c in newest[:last]}), 1)
+    for c in newest[:last] if last is not None else newest:
+        reasons[c.name].append(f"last {last}" if last is not None else "keep all")
     for rank, c in enumerate(_best(candidates, policy), start=1):
         reasons[c.name].append(f"best {policy.metric} #{rank}" if policy.keep_best > 1 else f"best {policy.metric}")
     if policy.keep_every:

@@ -82,3 +82,7 @@ class Committer(Protocol):
     def remove(self, name: str) -> None:
         """Delete a committed checkpoint: un-commit it first, then free its bytes."""
         ...
+
+    def where(self, name: str) -> str:
+        """Where checkpoint `name` lives, for a message or an event: its directory, or its bucket URL."""
+        ...

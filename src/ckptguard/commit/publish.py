@@ -117,6 +117,9 @@ class DirCommitter:
     def remove(self, name: str) -> None:
         remove(self.parent / name)
 
+    def where(self, name: str) -> str:
+        return str(self.parent / name)
+
 
 def publish(
     staging: Path,

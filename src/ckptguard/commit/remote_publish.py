@@ -168,6 +168,9 @@ class BucketCommitter:
     def remove(self, name: str) -> None:
         remove(self.store, name, self.fence)
 
+    def where(self, name: str) -> str:
+        return self.store.where(name)
+
     @contextmanager
     def translated(self, name: str) -> Iterator[None]:
         """Errors of `name`'s transfer as UploadError (a lost lease stays a LockedError with its remedy)."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptguard.catalog import discovery, retention
+from ckptguard.catalog import checkpoint, discovery, retention
 from ckptguard.catalog.checkpoint import newest_first
 from ckptguard.catalog.verify import verify_checkpoint
 from ckptguard.commit.publish import DirCommitter
@@ -204,8 +204,11 @@ def finish(
 
 
 def next_sequence(run_dir: Path) -> int:
-    """One more than the highest save sequence in `run_dir`, so a new save is the newest."""
-    return max((c.sequence for c in discovery.discover(run_dir)), default=0) + 1
+    """The next save sequence of the run open in `run_dir` (:meth:`RunDir.next_sequence`), so a new save is the
+    newest; for a directory this process has not opened (a one-off ``trainer.save_checkpoint``), the one
+    after every save found there."""
+    held = _held_runs.get(run_dir.absolute())
+    return held.run.next_sequence() if held is not None else checkpoint.next_sequence(discovery.discover(run_dir))
 
 
 def rotate(
@@ -219,15 +222,12 @@ def rotate(
     """
     if keep_last is None or keep_last < 1:
         return
+    policy = retention.RetentionPolicy(keep_last=keep_last, protected_counts=protected_count)
+    events = EventLog(run_dir)
+    pruner: Pruner[discovery.CheckpointInfo] = Pruner(DirCommitter(run_dir, events), policy, events)
+    pruner.protected = set(protected)
     try:
-        found = discovery.discover(run_dir)
-        if protected_count:
-            valid = newest_first(found)
-            older = (protected & {c.name for c in valid}) - {c.name for c in valid[:keep_last]}
-            keep_last = max(keep_last - len(older), 1)
-        pruner = Pruner(run_dir, retention.RetentionPolicy(keep_last=keep_last), EventLog(run_dir), primary=True)
-        pruner.protected = set(protected)
-        pruner.prune(found)
+        pruner.prune(discovery.discover(run_dir))
     except OSError as exc:
         log.warning("could not rotate old checkpoints in %s: %s", run_dir, exc)
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ckptguard.catalog.checkpoint import STANDALONE
 from ckptguard.catalog.verify import read_verified
 from ckptguard.commit.base import DeepCheck
 from ckptguard.commit.publish import DirCommitter
@@ -40,7 +41,9 @@ def save_lora_adapters(model: Any, output_dir: str | os.PathLike[str]) -> Path:
     save = StagedSave.alone(DirCommitter(out.parent, make_parent=True), out.name, step=step_from_name(out.name))
     files, error = save.write(plans)
     expected = {p.relpath: p.tensors for p in plans if p.tensors is not None}
-    published = save.finish(files, error, sequence=0, level="deep", deep=DeepCheck(expected, model), latest=False)
+    published = save.finish(
+        files, error, sequence=STANDALONE, level="deep", deep=DeepCheck(expected, model), latest=False
+    )
     return Path(published.where)
 
 

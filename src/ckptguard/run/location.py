@@ -19,9 +19,11 @@ from ckptguard.catalog.checkpoint import newest_first
 from ckptguard.catalog.listing import checkpoints_check
 from ckptguard.catalog.verify import VerifyReport
 from ckptguard.commit import remote_publish
+from ckptguard.commit.publish import DirCommitter
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptguard.files.events import EventLog
 from ckptguard.format.layout import MANIFEST_NAME, step_from_name
+from ckptguard.run.pruning import Pruner
 from ckptguard.s3.lease import Lease, holder
 from ckptguard.s3.objectstore import ObjectStore, RemoteURL, is_remote
 
@@ -87,17 +89,19 @@ def download(source: RemoteSource, into: Path) -> Path:
 def prune(url: str, policy: retention.RetentionPolicy, *, dry_run: bool) -> list[remote_publish.RemoteCheckpoint]:
     """Remove the committed checkpoints `policy` does not keep (marker first), holding the lease."""
     store = ObjectStore(url)
-    doomed = retention.doomed(remote_publish.discover(store), policy)
+    found = remote_publish.discover(store)
+    lease = Lease(store)
+    pruner: Pruner[remote_publish.RemoteCheckpoint] = Pruner(
+        remote_publish.BucketCommitter(store, lease.renew), policy, None, remote=True
+    )
+    doomed = pruner.prune(found, dry_run=True)
     if dry_run or not doomed:
         return doomed
-    lease = Lease(store)
     lease.acquire()  # LockedError while a writer runs: its own retention is in charge then
     try:
-        for c in doomed:
-            remote_publish.remove(store, c.name, lease.renew)
+        return pruner.prune(found)
     finally:
         lease.release()
-    return doomed
 
 
 def doctor(url: str, check: Callable[[str, bool, str], None]) -> None:
@@ -232,9 +236,10 @@ class LocalRun:
 
         run_dir = self._directory()
         if dry_run:
-            _, protected = listing.run_policy(run_dir)
+            pruner: Pruner[discovery.CheckpointInfo] = Pruner(DirCommitter(run_dir), policy, None)
+            pruner.protected = set(listing.run_policy(run_dir)[1])
             aside = [a for a in discovery.set_aside(run_dir) if a.kind == "superseded"] if superseded else []
-            return Pruned(retention.doomed(discovery.discover(run_dir), policy, protected), aside)
+            return Pruned(pruner.prune(discovery.discover(run_dir), dry_run=True), aside)
         with CheckpointManager(
             run_dir, keep_last=policy.keep_last, keep_best=policy.keep_best, metric=policy.metric, mode=policy.mode,
             keep_every=policy.keep_every,

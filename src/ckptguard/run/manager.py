@@ -185,4 +185,4 @@ class CheckpointManager:
     def prune_superseded(self) -> list[discovery.SetAside]:
         """Delete the directories earlier saves set aside as superseded (corrupt and unfinished ones are kept)."""
         self._check_usable("prune_superseded()")
-        return self._run.pruner.prune_superseded()
+        return self._run.prune_superseded()

@@ -12,11 +12,12 @@ upload). The integrations open their run directories through the same :meth:`Run
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ckptguard.catalog import retention
-from ckptguard.catalog.checkpoint import newest_first
-from ckptguard.catalog.discovery import CheckpointInfo, discover
+from ckptguard.catalog.checkpoint import newest_first, next_sequence
+from ckptguard.catalog.discovery import CheckpointInfo, SetAside, discover, set_aside
 from ckptguard.commit import publish
 from ckptguard.commit.base import Committer, Published
 from ckptguard.commit.publish import DirCommitter
@@ -36,10 +37,12 @@ class RunDir:
         self.policy = policy
         self.events = EventLog(path, rank=coord.rank, enabled=coord.is_primary)
         self.lock = preflight.RunLock(path)
-        self.pruner = Pruner(path, policy, self.events, primary=coord.is_primary)
+        self.pruner: Pruner[CheckpointInfo] = Pruner(
+            DirCommitter(path, self.events), policy, self.events, primary=coord.is_primary
+        )
         self.tier: tiered.LocalOnly | tiered.RemoteMirror = tiered.LocalOnly(path)
         self.committer: Committer = DirCommitter(path, self.events)
-        self._sequence = 0
+        self._next = 1  # the next save's sequence: set at open, after every save found
         self._space_known = False
 
     @classmethod
@@ -57,9 +60,7 @@ class RunDir:
         run = cls(path, coord, policy)
         direct = remote is not None and remote.direct
         run._space_known = expected_bytes is not None
-        run._sequence = coord.on_primary(
-            lambda: run._prepare(remote, create_parents, None if direct else expected_bytes)
-        )
+        run._next = coord.on_primary(lambda: run._prepare(remote, create_parents, None if direct else expected_bytes))
         if isinstance(run.tier, tiered.RemoteMirror) and direct:  # a save commits by a marker in the bucket
             run.committer = run.tier.committer()
         try:  # each rank writes its own files: a node whose mount is read-only must fail now, not at step N
@@ -72,7 +73,7 @@ class RunDir:
         return run
 
     def _prepare(self, remote: tiered.RemoteSpec | None, create_parents: bool, expected_bytes: int | None) -> int:
-        """Rank 0's preflight and tier; returns the highest save sequence found, so new saves come after it."""
+        """Rank 0's preflight and tier; returns the sequence that puts a new save after every one found."""
         try:
             found = preflight.prepare(
                 self.path, self.lock, create_parents=create_parents, expected_bytes=expected_bytes,
@@ -85,7 +86,7 @@ class RunDir:
             self.record_failure("preflight", exc)
             raise
         self.pruner.reindex(found)
-        return max(self.tier.max_sequence, *(c.sequence for c in found), 0)
+        return next_sequence([*found, *self.tier.saved()])
 
     @property
     def direct(self) -> bool:
@@ -93,9 +94,11 @@ class RunDir:
         return self.tier.direct
 
     def next_sequence(self) -> int:
-        """The next save's place in the run's order: after every save before it, here or in the bucket."""
-        self._sequence += 1
-        return self._sequence
+        """The next save's place in the run's order: after every save before it, here or in the bucket.
+
+        The only source of save sequences in a run (this process holds its lock, so none is handed out twice)."""
+        sequence, self._next = self._next, self._next + 1
+        return sequence
 
     def check_space(self, step: int, nbytes: int, inodes: int) -> None:
         """Rank 0, before staging: room for this save (with no size hint at open, for the whole retention window)."""
@@ -117,7 +120,7 @@ class RunDir:
             # ranks must not wait behind
             facts = CheckpointInfo.facts(published.manifest)
             step = published.manifest.step if published.manifest.step is not None else -1
-            self.pruner.after_save(CheckpointInfo(name=name, path=path, step=step, valid=True, **facts))
+            self.pruner.after_commit(CheckpointInfo(name=name, path=path, step=step, valid=True, **facts))
         return self.tier.submit(path)
 
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -128,6 +131,32 @@ class RunDir:
         """The most recently saved valid checkpoint (by save sequence), or None."""
         valid = newest_first(self.checkpoints())
         return valid[0] if valid else None
+
+    def disk_use(self) -> dict[str, int]:
+        """Bytes of the valid checkpoints kept, and the filesystem's free and total bytes (for the save's event).
+
+        From the index and one statvfs, so it costs no directory walk; empty where the filesystem
+        cannot say, or on a rank that keeps no index: a log line never fails a save.
+        """
+        if not self.coord.is_primary:
+            return {}
+        try:
+            fs = os.statvfs(self.path)
+        except OSError:
+            return {}
+        return {
+            "checkpoint_bytes": sum(c.bytes for c in self.pruner.index.values()),
+            "free_bytes": fs.f_bavail * fs.f_frsize,
+            "total_bytes": fs.f_blocks * fs.f_frsize,
+        }
+
+    def prune_superseded(self) -> list[SetAside]:
+        """Remove directories earlier saves set aside as superseded (corrupt and unfinished ones are kept)."""
+        doomed = [a for a in set_aside(self.path) if a.kind == "superseded"]
+        for a in doomed if self.coord.is_primary else []:
+            publish.remove(a.path)
+            self.events.emit("prune", step=a.step, path=a.path, set_aside=a.kind)
+        return doomed
 
     def record_failure(self, event: str, exc: CheckpointError, *, step: int | None = None) -> None:
         record_failure(self.events, event, exc, step=step)

@@ -155,7 +155,7 @@ class Saver:
         self.results.append(result)
         self.run.events.emit(
             "save", step=step, path=path, bytes=result.bytes, seconds=seconds, stall_seconds=result.stall_seconds,
-            verify=verified or self.verify_level, **self.run.pruner.disk_use(),
+            verify=verified or self.verify_level, **self.run.disk_use(),
         )  # fmt: skip
         return result
 

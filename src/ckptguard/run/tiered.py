@@ -48,14 +48,13 @@ from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     InvalidURLError,
-    LockedError,
-    RemoteError,
     UploadError,
 )
 from ckptguard.files.events import EventLog
 from ckptguard.format.layout import checkpoint_name
 from ckptguard.format.manifest import Manifest, ManifestError, read_manifest
 from ckptguard.run.background import finish_before_pools_close
+from ckptguard.run.pruning import Pruner
 from ckptguard.s3 import locations
 from ckptguard.s3.lease import Lease
 from ckptguard.s3.objectstore import ObjectStore, RemoteURL, check_location, is_remote
@@ -152,10 +151,12 @@ class LocalOnly:
     """The tier of a run without a URL: every hook does nothing."""
 
     direct = False
-    max_sequence = 0
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+
+    def saved(self) -> list[remote_publish.RemoteCheckpoint]:
+        return []
 
     def submit(self, checkpoint: Path) -> CheckpointError | None:
         """Nothing to upload, so no earlier upload can have failed."""
@@ -183,9 +184,10 @@ class RemoteMirror:
         self.store = store
         self.direct = spec.direct
         self.run_dir = run_dir
-        self.policy = spec.policy
-        self.protected: set[str] = set()
-        self.index: dict[str, remote_publish.RemoteCheckpoint] = {}
+        # remote retention, through the same committer as an upload (marker first), fenced by the lease
+        self.pruner: Pruner[remote_publish.RemoteCheckpoint] = Pruner(
+            remote_publish.BucketCommitter(store, lease.renew, events), spec.policy, events, remote=True
+        )
         self._lease = lease
         self._events = events
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptguard-upload")
@@ -209,7 +211,7 @@ class RemoteMirror:
             lease.release()
             raise
         mirror = cls(store, lease, run_dir, events, spec)
-        mirror.index = {c.name: c for c in found if c.valid}
+        mirror.pruner.reindex(found)
         if removed:
             log.warning("removed %d uncommitted upload(s) from %s: %s", len(removed), store.url, removed)
         events.emit(
@@ -222,8 +224,12 @@ class RemoteMirror:
         return mirror
 
     @property
-    def max_sequence(self) -> int:
-        return max((c.sequence for c in self.index.values()), default=0)
+    def index(self) -> dict[str, remote_publish.RemoteCheckpoint]:
+        """The bucket's committed checkpoints by name, as indexed at open and kept current since."""
+        return self.pruner.index
+
+    def saved(self) -> list[remote_publish.RemoteCheckpoint]:
+        return list(self.index.values())
 
     # ---- uploads -----------------------------------------------------------------------------------
 
@@ -267,35 +273,13 @@ class RemoteMirror:
         self._committed(name, manifest, manifest.total_bytes)
 
     def _committed(self, name: str, manifest: Manifest, sent: int) -> None:
-        self.index[name] = _as_remote(self.store, name, manifest)
         self._events.emit("upload", step=manifest.step, url=self.store.where(name), bytes=sent)
-        self._prune()
+        self.pruner.after_commit(_as_remote(self.store, name, manifest))  # a failed delete is logged only
 
     def _fail(self, error: CheckpointError, name: str) -> None:
         log.error("%s: %s", type(error).__name__, error)
         self._events.emit("upload_failed", step=error.step, name=name, error=type(error).__name__, message=str(error))
         self._failure = error
-
-    def _prune(self) -> None:
-        """Remote retention after an upload: a failed delete is logged, never an upload failure."""
-        for c in retention.doomed(list(self.index.values()), self.policy, frozenset(self.protected)):
-            if not self._remove_quietly(c.name, c.url):
-                return
-            self.index.pop(c.name, None)
-            self._events.emit("remote_prune", step=c.step, url=c.url, bytes=c.bytes)
-
-    def _remove_quietly(self, name: str, url: str) -> bool:
-        """Delete a remote checkpoint; a failure (endpoint down, lease lost, an object changed) is logged, not raised.
-
-        A lost lease is raised by the next upload; a prune or clean-up never fails one that committed.
-        """
-        try:
-            remote_publish.remove(self.store, name, self._lease.renew)
-        except (RemoteError, LockedError) as exc:
-            log.warning("could not remove %s: %s", url, exc)
-            self._events.emit("remote_prune_failed", url=url, message=str(exc))
-            return False
-        return True
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -368,7 +352,7 @@ class RemoteMirror:
         c = self._resumable[url]
         path = remote_publish.download(self.store, c, self.run_dir, self._events)
         self._events.emit("download", step=c.step, url=c.url, path=path, bytes=c.bytes)
-        self.protected.add(c.name)
+        self.pruner.protected.add(c.name)
         return str(path)
 
 

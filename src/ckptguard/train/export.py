@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ckptguard import load_lora_adapters, save_lora_adapters, verify_checkpoint
+from ckptguard.catalog.checkpoint import STANDALONE
 from ckptguard.commit.publish import DirCommitter
 from ckptguard.commit.sequence import StagedSave
 from ckptguard.errors import CheckpointError, CorruptCheckpointError, VerificationError, WriteError, from_os_error
@@ -88,7 +89,7 @@ def _export_merged(model: Any, backend: Backend, out: Path) -> Path:
     except BaseException:
         save.discard()
         raise
-    return Path(save.finish(None, error, sequence=0, level="full", latest=False).where)
+    return Path(save.finish(None, error, sequence=STANDALONE, level="full", latest=False).where)
 
 
 def _check_merged(staging: Path, merged: Any, backend: Backend, expected: torch.Tensor) -> None:
