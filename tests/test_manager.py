@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptguard import CheckpointError, CheckpointManager, RNGState, per_rank, verify_checkpoint
+from ckptguard import CheckpointError, CheckpointManager, CorruptCheckpointError, RNGState, per_rank, verify_checkpoint
 from ckptguard.files.events import read_events
 from conftest import make_training_state
 
@@ -182,3 +182,24 @@ def test_a_failed_save_is_logged_once_without_a_second_traceback(tmp_path, caplo
         mgr.save(1, {"bad": {"fn": print}})
     records = [r for r in caplog.records if r.name == "ckptguard" and r.levelname == "ERROR"]
     assert len(records) == 1 and records[0].exc_info is None
+
+
+def test_a_state_file_of_another_format_version_is_not_loaded_and_resume_takes_the_previous(tmp_path):
+    """A trainer_state.json that passes every hash but records a format this version does not read (a newer
+    ckptguard's save): never interpreted as today's format."""
+    import json
+
+    from ckptguard.format.layout import STATE_FILE
+    from faultkit import forge_file
+
+    run = tmp_path / "run"
+    with CheckpointManager(run) as mgr:
+        mgr.save(1, {"w": torch.zeros(4)})
+        mgr.save(2, {"w": torch.ones(4)})
+    doc = json.loads((run / "checkpoint-2" / STATE_FILE).read_bytes())
+    forge_file(run / "checkpoint-2", STATE_FILE, json.dumps(doc | {"format_version": 2}).encode())
+    with CheckpointManager(run) as mgr:
+        restored = mgr.restore({"w": None})
+        assert restored.step == 1 and torch.equal(restored.values["w"], torch.zeros(4))
+        with pytest.raises(CorruptCheckpointError, match="format_version 2; this ckptguard reads 1"):
+            mgr.restore({"w": None}, path=run / "checkpoint-2")

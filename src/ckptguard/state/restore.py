@@ -27,7 +27,7 @@ from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CorruptCheckpointError
 from ckptguard.files.events import EventLog
 from ckptguard.format import tree
-from ckptguard.format.layout import ADAPTER_WEIGHTS, STATE_FILE, entry_path
+from ckptguard.format.layout import ADAPTER_WEIGHTS, STATE_FILE, STATE_FORMAT_VERSION, entry_path
 from ckptguard.format.lora import apply_adapter, checked_adapter_tensors
 from ckptguard.format.manifest import Manifest, ManifestError, parse_json
 from ckptguard.format.tensorfile import parse_tensors
@@ -92,7 +92,13 @@ def open_checkpoint(path: Path, state: Mapping[str, Any], *, rank: int) -> Loade
         raise CorruptCheckpointError(f"checkpoint is not valid: {report.reason}", path=path)
     manifest = report.manifest
     doc = _json(path, manifest, STATE_FILE)
-    records = doc.get("entries") if isinstance(doc, dict) else None
+    if doc.get("format_version") != STATE_FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{STATE_FILE} has format_version {str(doc.get('format_version'))[:20]}; this ckptguard reads "
+            f"{STATE_FORMAT_VERSION} (a checkpoint written by another version of ckptguard, or damaged)",
+            path=path / STATE_FILE,
+        )
+    records = doc.get("entries")
     if not isinstance(records, dict):
         raise CorruptCheckpointError(f"{STATE_FILE} has no 'entries' object", path=path)
     if doc.get("step") != manifest.step or manifest.step is None:
