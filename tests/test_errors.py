@@ -125,7 +125,7 @@ def _real_os_error(action) -> OSError:  # type: ignore[no-untyped-def]
 
 def test_a_real_enoent_keeps_its_errno_path_and_gets_the_missing_directory_remedy(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "file"
-    exc = _real_os_error(lambda: open(missing, "rb"))
+    exc = _real_os_error(missing.read_bytes)
     err = from_os_error(WriteError, "opening the file", exc, step=3)
     assert isinstance(err, WriteError)
     assert (err.errno, err.path, err.step) == (errno.ENOENT, str(missing), 3)
@@ -153,7 +153,7 @@ def test_a_real_read_only_mount_maps_to_the_remount_remedy(tmp_path: Path) -> No
 
     with tmpfs(tmp_path / "disk") as disk:
         remount_read_only(disk)
-        exc = _real_os_error(lambda: open(disk / "x", "wb"))
+        exc = _real_os_error(lambda: (disk / "x").write_bytes(b"x"))
         err = from_os_error(NotWritableError, "probing", exc, path=disk)
     assert err.errno == errno.EROFS
     assert err.remedy == "The filesystem is mounted read-only: remount it read-write or choose another path."
