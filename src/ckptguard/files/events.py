@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -65,8 +66,12 @@ def record_failure(events: EventLog, event: str, exc: CheckpointError, *, step: 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float):
-        return round(value, 6)
+    if isinstance(value, float):  # NaN/inf as null: json.dumps would write NaN, which no reader parses as JSON
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return value
 
 
