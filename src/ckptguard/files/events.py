@@ -32,6 +32,23 @@ class EventLog:
         self.rank = rank
         self.enabled = enabled
         self._host = socket.gethostname()
+        if enabled:
+            self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """End a line a killed writer left unfinished, so the first event appended now is a line of its own."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            if torn:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, b"\n")
+                finally:
+                    os.close(fd)
+        except OSError:
+            return  # no log yet, an empty one, or an unwritable one: nothing to end
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
