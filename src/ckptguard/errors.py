@@ -50,6 +50,12 @@ class CheckpointError(Exception):
         where = f" [{', '.join(facts)}]" if facts else ""
         return f"{self.message}{where}. Remedy: {self.remedy}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the constructor's arguments: the default reduce calls ``cls(str(self))``, and the copy's
+        args and repr then carry the remedy twice."""
+        fields = {"path": self.path, "step": self.step, "errno": self.errno, "remedy": self.remedy, "rank": self.rank}
+        return (_rebuild, (type(self), self.message, fields))
+
     def summary(self) -> dict[str, Any]:
         """A JSON-able description, enough to raise the same error on another rank."""
         return {
@@ -187,6 +193,10 @@ _TYPES: dict[str, type[CheckpointError]] = {
         UploadError,
     )
 }
+
+
+def _rebuild(cls: type[CheckpointError], message: str, fields: dict[str, Any]) -> CheckpointError:
+    return cls(message, **fields)
 
 
 def from_summary(summary: dict[str, Any]) -> CheckpointError:

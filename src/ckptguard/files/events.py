@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -31,6 +32,23 @@ class EventLog:
         self.rank = rank
         self.enabled = enabled
         self._host = socket.gethostname()
+        if enabled:
+            self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """End a line a killed writer left unfinished, so the first event appended now is a line of its own."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            if torn:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, b"\n")
+                finally:
+                    os.close(fd)
+        except OSError:
+            return  # no log yet, an empty one, or an unwritable one: nothing to end
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
@@ -65,8 +83,12 @@ def record_failure(events: EventLog, event: str, exc: CheckpointError, *, step: 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float):
-        return round(value, 6)
+    if isinstance(value, float):  # NaN/inf as null: json.dumps would write NaN, which no reader parses as JSON
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
     return value
 
 

@@ -41,8 +41,10 @@ LIGHTNING_PAYLOAD = "checkpoint.pt"  # in a NAME.ckpt/ directory: Lightning's ch
 ACCELERATE_ITERATION_FILE = "ckptguard_accelerate.json"  # {"iteration": N}: Accelerate's save counter at the save
 STATE_FORMAT_VERSION = 1  # trainer_state.json's "format_version"
 
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-_SET_ASIDE_NAME = re.compile(r"^checkpoint-(\d+)\.(superseded|corrupt|unfinished)-")
+# Exactly what checkpoint_name writes: ASCII digits without leading zeros, nothing after (`$` allows a "\n", `\d`
+# Unicode digits), so a copy named checkpoint-007 is not a second step 7 to list, order or prune.
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)\Z")
+_SET_ASIDE_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)\.(superseded|corrupt|unfinished)-")
 
 
 def entry_path(name: str, *, rank: int | None = None) -> str:
