@@ -35,6 +35,7 @@ from ckptguard.format.manifest import FileEntry, Manifest, ManifestError, parse_
 from ckptguard.format.tensorfile import parse_tensors
 
 LEVELS = VERIFY_LEVELS
+UNVERIFIABLE_FILE = "missing: saved without ckptguard, nothing to verify it against"  # a plain checkpoint file
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _check_file(report: VerifyReport, level: str) -> None:
             archive = ckpt_file.read_archive(fh)
             if archive.manifest is None:
                 name = ckpt_file.manifest_record_name(archive.prefix)
-                report.problems.append(Problem(name, "missing: saved without ckptguard, nothing to verify it against"))
+                report.problems.append(Problem(name, UNVERIFIABLE_FILE))
                 return
             try:
                 report.manifest = manifest = parse_manifest(ckpt_file.read_manifest_bytes(fh, archive))
