@@ -38,6 +38,7 @@ from ckptguard.format.manifest import (
 WHOLE_FILE = "."  # the record a problem names when it is the archive as a whole
 _LOCAL_HEADER = 30  # a zip local header's fixed part; its name follows
 _CHUNK = 8 << 20
+_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, struct.error, EOFError)
 
 
 class ArchiveError(ManifestError):
@@ -80,15 +81,16 @@ def manifest_record_name(prefix: str) -> str:
 
 def read_archive(fh: BinaryIO) -> Archive:
     """Index the archive in `fh` (an open, seekable file); ArchiveError naming the first broken rule."""
+    record = WHOLE_FILE
     try:
         with zipfile.ZipFile(fh) as zf:
             infos, start_dir = zf.infolist(), zf.start_dir
             for info in infos:  # zipfile compares each local header's name with the directory's
+                record = info.filename[:200]
                 zf.open(info).close()
-    except ArchiveError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, struct.error, EOFError) as exc:
-        raise ArchiveError(WHOLE_FILE, f"not a readable zip archive ({str(exc)[:200]})") from None
+    except _UNREADABLE as exc:
+        what = "not a readable zip archive" if record == WHOLE_FILE else "has a damaged local header"
+        raise ArchiveError(record, f"{what} ({str(exc)[:200]})") from None
     if not infos:
         raise ArchiveError(WHOLE_FILE, "the archive holds no records")
     if len(infos) > MAX_MANIFEST_FILES:
@@ -165,7 +167,7 @@ def read_manifest_bytes(fh: BinaryIO, archive: Archive) -> bytes:
             if info.file_size > MAX_MANIFEST_BYTES:
                 raise ArchiveError(name, f"is over the {MAX_MANIFEST_BYTES >> 20} MiB limit for a manifest")
             return zf.read(info)
-    except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError) as exc:
+    except _UNREADABLE as exc:
         raise ArchiveError(name, f"cannot be read ({str(exc)[:200]})") from None
 
 
