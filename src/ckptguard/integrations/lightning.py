@@ -7,12 +7,13 @@
                          callbacks=[pl.callbacks.ModelCheckpoint("runs/pl", save_last=True)])
     trainer.fit(module, ckpt_path="last")    # loads only a checkpoint whose every byte verifies
 
-Each checkpoint Lightning names (``runs/pl/epoch=0-step=100.ckpt``, ``last.ckpt``) becomes a directory of
-that name holding ``checkpoint.pt`` (Lightning's own ``torch.save`` of its checkpoint dict) and a
-manifest; it appears under its name only complete, fsynced and verified, so ``ckpt_path="last"``
-never resolves to a torn file. A checkpoint saved again under the same name (``last.ckpt``) replaces
-the old one only once the new one is verified. Loading verifies first (CorruptCheckpointError
-otherwise), through the plugin and through Lightning's own ``MyModule.load_from_checkpoint``. A removal
+Each checkpoint Lightning names (``runs/pl/epoch=0-step=100.ckpt``, ``last.ckpt``) stays one file,
+Lightning's own ``torch.save`` archive with ckptguard's manifest as one more record inside it
+(:mod:`ckptguard.format.ckpt_file`), committed by :class:`ckptguard.commit.file_publish.FileCommitter`: it
+appears under its name only complete, fsynced and verified, so ``ckpt_path="last"`` never resolves to a
+torn file, and a checkpoint saved again under the same name (``last.ckpt``) replaces the old one in one
+rename. ``torch.load`` reads it unchanged. Loading verifies first (CorruptCheckpointError otherwise),
+through the plugin and through Lightning's own ``MyModule.load_from_checkpoint``. A removal
 Lightning asks for waits until no save is in flight, is kept if the newest save failed, and frees its
 space before it returns. With ``AsyncCheckpointIO(VerifiedCheckpointIO())`` a save counts from the moment it is
 submitted: the removal Lightning asks for right after submitting it is queued on the same worker,
@@ -26,8 +27,9 @@ this plugin. With it, it does what Lightning offers the plugin no hook for:
 - Before the first step of ``fit``, each ModelCheckpoint directory is opened the way CheckpointManager
   opens a run directory (:func:`ckptguard.integrations.staged.open_run`): rank 0 takes its run lock (a
   second job on it gets LockedError) and removes what killed saves left there, and every rank probes
-  it with a real write; the lock is released at teardown. Settings whose files would not go through
-  the commit protocol are refused there too: ``save_last="link"`` and an fsspec URL as dirpath.
+  it with a real write; the lock is released at teardown. The lock, its owner and events.jsonl live beside
+  the directory (:func:`own_files`), so it lists Lightning's checkpoints alone. An fsspec URL as dirpath
+  is refused there too.
 - Strategies that save or load their own way (FSDP, DeepSpeed, ModelParallelStrategy, XLA) go around
   ``CheckpointIO``, so this plugin would never see their checkpoints: they are refused with an
   UnsupportedStateError in ``setup``, before the first step.
