@@ -249,3 +249,13 @@ def test_the_end_of_fit_leaves_no_thread_still_deleting_a_removed_checkpoint(tmp
     assert not list(run_dir.glob("*step=2.ckpt")), "step 2 is not among the top 2 by step"
     assert [t.name for t in threading.enumerate() if t.name.startswith("ckptguard-remove")] == []
     assert not list(run_dir.glob(".trash-*"))
+
+
+def test_a_users_plain_torch_load_of_last_ckpt_reads_the_guarded_file_unchanged(tmp_path):
+    """The file Lightning would have written, plus one record torch.load never asks for."""
+    trainer = lightning_run(tmp_path, guarded=True, max_steps=2)
+    want = trainer.lightning_module.state_dict()
+    for kwargs in ({"weights_only": False}, {"weights_only": False, "mmap": True}):
+        loaded = torch.load(tmp_path / "last.ckpt", **kwargs)
+        assert loaded["global_step"] == 2 and all(torch.equal(want[k], loaded["state_dict"][k]) for k in want)
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
