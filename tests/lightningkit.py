@@ -23,8 +23,8 @@ BALLAST = 16 << 20  # float32 zeros: a 64 MiB checkpoint, so the kill has time t
 
 
 def kill_while_last_ckpt_is_partly_written(run_dir: Path, below: int) -> None:
-    """SIGKILL this process once a file of ``last.ckpt`` (Lightning's own, or ckptguard's payload in its
-    staging directory) holds some bytes, but fewer than `below`."""
+    """SIGKILL this process once ``last.ckpt`` (Lightning's own) or ckptguard's partial file of it holds some
+    bytes, but fewer than `below`."""
 
     def partly_written(path: Path) -> bool:
         try:
@@ -35,7 +35,7 @@ def kill_while_last_ckpt_is_partly_written(run_dir: Path, below: int) -> None:
 
     def watch() -> None:
         while True:
-            if any(partly_written(p) for p in [run_dir / "last.ckpt", *run_dir.glob(".staging-last.ckpt-*/*")]):
+            if any(partly_written(p) for p in [run_dir / "last.ckpt", *run_dir.glob(".partial-last.ckpt-*")]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     sys.setswitchinterval(1e-4)  # the watcher gets its turn while the main thread writes from Python

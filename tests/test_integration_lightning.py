@@ -38,10 +38,10 @@ def test_bit_flip_plain_lightning_resumes_it_silently_verified_io_refuses_it(tmp
     lightning_run(guarded, guarded=True, max_steps=2)
     flip_bit(plain / "last.ckpt", -2000)
     assert lightning_run(plain, guarded=False, max_steps=2).global_step == 2  # the hazard: loaded, not a word
-    flip_bit(guarded / "last.ckpt" / "checkpoint.pt", -2000)
+    flip_bit(guarded / "last.ckpt", 2000)  # inside a tensor's record
     from ckptguard.integrations.lightning import VerifiedCheckpointIO
 
-    with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.pt"):
+    with pytest.raises(CorruptCheckpointError, match=r"archive/[^:]+: content hash mismatch"):
         VerifiedCheckpointIO().load_checkpoint(guarded / "last.ckpt")
     assert newest_verified_ckpt(guarded) == str(guarded / "epoch=0-step=2.ckpt"), "the intact copy of step 2"
 
@@ -71,7 +71,7 @@ def test_full_disk_mid_save_is_a_typed_error_and_older_checkpoints_stay(tmp_path
         with pytest.raises(WriteError) as caught:
             lightning_run(out, guarded=True, max_steps=4, after_save=fill)
         assert caught.value.errno == errno.ENOSPC and caught.value.step == 3
-        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("events", "LATEST", ".ckptguard"))) == [
+        assert sorted(os.listdir(out)) == [
             "epoch=0-step=1.ckpt",
             "epoch=0-step=2.ckpt",
             "last.ckpt",
@@ -90,7 +90,7 @@ def test_removal_waits_for_the_save_in_flight_and_keeps_the_old_one_if_it_failed
     io.save_checkpoint({"global_step": 1, "w": torch.zeros(4)}, old)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(io.save_checkpoint, {"global_step": 2, "w": torch.ones(16 << 20)}, new)
-        while not list(tmp_path.glob(".staging-*")) and not pending.done():  # under way: counted in flight
+        while not list(tmp_path.glob(".partial-*")) and not pending.done():  # under way: counted in flight
             time.sleep(0.001)
         io.remove_checkpoint(old)
         assert verify_checkpoint(new).ok, "the previous checkpoint was removed before the newer one was committed"
@@ -152,12 +152,12 @@ def test_a_missing_ckpt_path_is_not_found_not_corrupt(tmp_path):
     assert caught.value.path == str(tmp_path / "epoch=0-step=9.ckpt") and "typo" in caught.value.remedy
 
 
-def test_a_plain_file_is_refused_as_unverifiable_naming_it_not_as_a_corrupt_directory(tmp_path):
+def test_a_plain_file_is_refused_as_unverifiable_not_as_corrupt(tmp_path):
     from ckptguard.integrations.lightning import VerifiedCheckpointIO
 
     plain = tmp_path / "foo.ckpt"
     torch.save({"global_step": 1}, plain)  # what Lightning's own TorchCheckpointIO writes
-    with pytest.raises(CorruptCheckpointError, match="a plain file, not a checkpoint directory") as caught:
+    with pytest.raises(CorruptCheckpointError, match="a file saved without ckptguard") as caught:
         VerifiedCheckpointIO().load_checkpoint(plain)
     assert caught.value.path == str(plain) and "library's own loader" in caught.value.remedy
 
@@ -227,27 +227,35 @@ def test_same_kill_with_verified_io_resumes_on_the_newest_verified_checkpoint(in
         run = disk / "run"
         trial = integration_harness.trial(run, 120.0, saver="lightningkit:lightning_guarded_torn")
         assert trial.killed and trial.saved == [1, 2]
-        assert any(p.name.startswith(".staging-last.ckpt") for p in run.iterdir()), "killed mid-write of last.ckpt"
+        assert any(p.name.startswith(".partial-last.ckpt") for p in run.iterdir()), "killed mid-write of last.ckpt"
         assert _step(run / "last.ckpt") == 2, "the last.ckpt being replaced is intact, for ckpt_path='last'"
         assert newest_verified_ckpt(run) == str(run / "epoch=0-step=3.ckpt")
         assert lightning_run(run, guarded=True, max_steps=4, ballast=BALLAST).started_at == 3
         assert _step(run / "last.ckpt") == 4
-        assert not [p.name for p in run.iterdir() if p.name.startswith(".staging-")], "the killed save's leftover"
+        assert not [p.name for p in run.iterdir() if p.name.startswith(".partial-")], "the killed save's leftover"
 
 
-def test_the_end_of_fit_leaves_no_thread_still_deleting_a_superseded_checkpoint(tmp_path):
+def test_the_end_of_fit_leaves_no_thread_still_deleting_a_removed_checkpoint(tmp_path):
     """Each removal frees its space before it returns, as Lightning's own does: fit (and ddp_spawn's removal
     after it) leaves no thread still deleting and no trash (Lightning's own tests check for such threads)."""
     import threading
 
     run_dir = tmp_path / "run"
 
-    def fill_step_2(step: int) -> None:  # the checkpoint the last save supersedes: slow to delete
-        for ckpt in run_dir.glob("*step=2.ckpt") if step == 2 else ():
-            for i in range(20_000):
-                (ckpt / f"extra-{i}").touch()
+    def fill_step_2(step: int) -> None:  # a checkpoint retention removes later
+        assert step != 2 or list(run_dir.glob("*step=2.ckpt"))
 
     lightning_run(run_dir, guarded=True, max_steps=4, after_save=fill_step_2)
     assert not list(run_dir.glob("*step=2.ckpt")), "step 2 is not among the top 2 by step"
     assert [t.name for t in threading.enumerate() if t.name.startswith("ckptguard-remove")] == []
     assert not list(run_dir.glob(".trash-*"))
+
+
+def test_a_users_plain_torch_load_of_last_ckpt_reads_the_guarded_file_unchanged(tmp_path):
+    """The file Lightning would have written, plus one record torch.load never asks for."""
+    trainer = lightning_run(tmp_path, guarded=True, max_steps=2)
+    want = trainer.lightning_module.state_dict()
+    for kwargs in ({"weights_only": False}, {"weights_only": False, "mmap": True}):
+        loaded = torch.load(tmp_path / "last.ckpt", **kwargs)
+        assert loaded["global_step"] == 2 and all(torch.equal(want[k], loaded["state_dict"][k]) for k in want)
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]

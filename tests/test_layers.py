@@ -172,10 +172,12 @@ def _calls(name: str) -> list[str]:
 
 def test_one_place_builds_manifests_and_one_runs_a_save() -> None:
     """The manifest is made by Manifest.new alone, called by the staged save alone (parsing aside); staging
-    directories are opened by the directory committer alone (and the upload's scratch copy of the tier)."""
+    directories are opened by the directory committer alone (and the upload's scratch copy of the tier),
+    the partial file of a checkpoint that is one file by the file committer alone."""
     assert _calls("Manifest") == ["format.manifest:parse_manifest"]
     assert _calls("new") == ["commit.sequence:commit"]
     assert _calls("create_staging") == ["commit.publish:begin", "run.tiered:_link_aside"]
+    assert _calls("create_staging_file") == ["commit.file_publish:begin"]
     assert [c for c in _calls("publish") if not c.startswith("commit.")] == []
 
 

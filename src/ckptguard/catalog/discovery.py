@@ -30,9 +30,9 @@ class CheckpointInfo(Checkpoint):
 def discover(run_dir: Path) -> list[CheckpointInfo]:
     """Every ``checkpoint-{step}`` directory under `run_dir`, quick-verified, in step order.
 
-    Also every directory Lightning named (``*.ckpt``, saved by VerifiedCheckpointIO), with the step its
-    manifest records (-1 when it has no readable manifest), so ``ls``, ``report`` and the save sequence
-    see a ModelCheckpoint directory's checkpoints too."""
+    Also every file Lightning named (``*.ckpt``, a checkpoint file when VerifiedCheckpointIO saved it), with
+    the step its manifest records (-1 when it has none: a plain Lightning file is listed, invalid), so ``ls``,
+    ``report`` and the save sequence see a ModelCheckpoint directory's checkpoints too; never a link to one."""
     found = []
     try:
         entries = list(os.scandir(run_dir))
@@ -40,7 +40,7 @@ def discover(run_dir: Path) -> list[CheckpointInfo]:
         return []
     for entry in entries:
         step = step_from_name(entry.name)
-        if step is None and not (lightning_name(entry.name) and entry.is_dir(follow_symlinks=False)):
+        if step is None and not (lightning_name(entry.name) and not entry.is_symlink()):
             continue
         report = verify_checkpoint(entry.path, "quick")
         if step is None:

@@ -1,4 +1,4 @@
-"""Verification levels for a checkpoint directory.
+"""Verification levels for a checkpoint directory, or a checkpoint that is one file (a Lightning ``.ckpt``).
 
 * ``quick``: the manifest validates; every listed file exists as a regular file of the listed size;
   nothing unlisted is present. Costs a few stats; used for discovery and ``ckptguard ls``.
@@ -9,7 +9,8 @@
   exactly the model's trainable LoRA tensors (an empty adapter, a DDP ``module.`` or a
   ``torch.compile`` ``_orig_mod.`` prefix fails).
 
-Every problem names the file and the reason, so ``ckptguard verify`` output is actionable.
+Every problem names the file (in a checkpoint file, the record) and the reason, so ``ckptguard verify``
+output is actionable.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import xxhash
 
 from ckptguard.errors import CorruptCheckpointError, VerificationError, from_os_error
 from ckptguard.files.hashing import hash_file
-from ckptguard.format import dcp_metadata
+from ckptguard.format import ckpt_file, dcp_metadata
 from ckptguard.format.layout import ADAPTER_WEIGHTS, MANIFEST_NAME, STATE_FILE, VERIFY_LEVELS
 from ckptguard.format.lora import adapter_key_problems
-from ckptguard.format.manifest import FileEntry, Manifest, ManifestError, parse_json, read_manifest
+from ckptguard.format.manifest import FileEntry, Manifest, ManifestError, parse_json, parse_manifest, read_manifest
 from ckptguard.format.tensorfile import parse_tensors
 
 LEVELS = VERIFY_LEVELS
+UNVERIFIABLE_FILE = "missing: saved without ckptguard, nothing to verify it against"  # a plain checkpoint file
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ def verify_checkpoint(
     start = time.perf_counter()
     report = VerifyReport(path=Path(path), level=level)
     try:
+        if report.path.is_file() and not report.path.is_symlink():  # a checkpoint that is one file (a .ckpt)
+            _check_file(report, level)
+            report.seconds = time.perf_counter() - start
+            return report
         _check_structure(report)
         if report.ok and level in ("full", "deep"):
             _check_contents(report, level == "deep", expected or {}, reread, decoded or {})
@@ -125,6 +131,32 @@ def _check_structure(report: VerifyReport) -> None:
         report.problems.append(Problem(MANIFEST_NAME, exc.reason))
         return
     check_listing(report, manifest, _walk(root, report), "file")
+
+
+def _check_file(report: VerifyReport, level: str) -> None:
+    """A checkpoint file (format/ckpt_file.py): the archive's index, its manifest record, every record listed
+    with its size (quick), and each record's bytes against its hash (full and deep: nothing is unpickled)."""
+    with open(report.path, "rb") as fh:
+        try:
+            archive = ckpt_file.read_archive(fh)
+            if archive.manifest is None:
+                name = ckpt_file.manifest_record_name(archive.prefix)
+                report.problems.append(Problem(name, UNVERIFIABLE_FILE))
+                return
+            try:
+                report.manifest = manifest = parse_manifest(ckpt_file.read_manifest_bytes(fh, archive))
+            except ckpt_file.ArchiveError:
+                raise
+            except ManifestError as exc:
+                report.problems.append(Problem(archive.manifest.name, exc.reason))
+                return
+            check_listing(report, manifest, archive.sizes(), "record")
+            for record in archive.records if report.ok and level != "quick" else ():
+                digest = ckpt_file.hash_span(fh, record.start, record.end)
+                report.bytes_read += record.size
+                report.problems += _digest_problems(record.name, manifest.files[record.name], record.size, digest)
+        except ckpt_file.ArchiveError as exc:
+            report.problems.append(Problem(exc.record, exc.reason))
 
 
 def check_listing(report: VerifyReport, manifest: Manifest, present: dict[str, int], kind: str) -> None:

@@ -39,6 +39,7 @@ from ckptguard.format.layout import (
     LATEST_NAME,
     LATEST_TMP_PREFIX,
     MANIFEST_NAME,
+    PARTIAL_PREFIX,
     STAGING_PREFIX,
     SUPERSEDED_MARK,
     TRASH_PREFIX,
@@ -228,7 +229,7 @@ def read_latest(run_dir: Path) -> str | None:
 
 
 def remove(path: Path, *, wait: bool = False) -> None:
-    """Delete a checkpoint directory: rename to ``.trash-*`` (atomic), then free the space in the background.
+    """Delete a checkpoint directory (or file): rename to ``.trash-*`` (atomic), then free the space in the background.
 
     Freeing gigabytes takes most of a second on some filesystems; the rename alone is what makes the
     checkpoint gone, so the save that triggered retention does not wait for the rest. A trash
@@ -240,7 +241,7 @@ def remove(path: Path, *, wait: bool = False) -> None:
     os.rename(path, trash)
     fsync_dir(path.parent)
     if wait:
-        shutil.rmtree(trash, ignore_errors=True)
+        _delete(trash)
         return
     thread = threading.Thread(target=_free, args=(trash,), name=f"ckptguard-remove {path.name}", daemon=True)
     with _removals_lock:
@@ -258,10 +259,19 @@ def _free(trash: Path) -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     try:
-        shutil.rmtree(trash, ignore_errors=True)
+        _delete(trash)
     finally:
         with _removals_lock:
             _removals.discard(threading.current_thread())
+
+
+def _delete(trash: Path) -> None:
+    """Free a trash directory, or a trash file (a checkpoint that is one file); never raises."""
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(trash)
 
 
 def wait_for_removals() -> None:
@@ -275,19 +285,22 @@ def wait_for_removals() -> None:
         thread.join()
 
 
-def clean_leftovers(run_dir: Path) -> list[str]:
-    """Remove staging and trash directories and LATEST temp files left by a crash; returns their names.
+_FILE_LEFTOVERS = (LATEST_TMP_PREFIX, PARTIAL_PREFIX, TRASH_PREFIX)
 
-    Only what has the shape we leave is removed (a directory for staging and trash, a file for the
-    LATEST temp file); anything else that merely carries such a name is left alone, and nothing that
-    cannot be removed stops the start of a run.
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """Remove staging and trash directories and temporary files left by a crash; returns their names.
+
+    Only what has the shape we leave is removed (a directory for staging and trash; a file for the LATEST
+    temp file, a checkpoint file's partial file, and a trashed checkpoint file); anything else that merely
+    carries such a name is left alone, and nothing that cannot be removed stops the start of a run.
     """
     removed = []
     for entry in sorted(os.scandir(run_dir), key=lambda e: e.name):
         try:
             if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
-            elif entry.name.startswith(LATEST_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            elif entry.name.startswith(_FILE_LEFTOVERS) and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
             else:
                 continue

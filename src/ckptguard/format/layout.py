@@ -30,14 +30,19 @@ DCP_METADATA = ".metadata"  # DCP's index of the shards, in SHARDED_DIR, written
 VERIFY_LEVELS = ("quick", "full", "deep")  # verify.py's levels, named here so the CLI parser needs no torch
 
 STAGING_PREFIX = ".staging-"
+PARTIAL_PREFIX = ".partial-"  # a checkpoint file being written (.partial-last.ckpt-<nonce>: never ends in .ckpt)
 TRASH_PREFIX = ".trash-"
 SUPERSEDED_MARK = ".superseded-"
 QUARANTINE_KINDS = ("corrupt", "unfinished")  # checkpoint-N.{kind}-<time>-<id>: a failed save, kept
 
 # A Lightning ModelCheckpoint names its checkpoints (epoch=0-step=100.ckpt, last.ckpt); with
-# VerifiedCheckpointIO each is a checkpoint directory whose step is in its manifest, not its name.
+# VerifiedCheckpointIO each is one file, Lightning's torch.save archive with the manifest as one more record
+# (format/ckpt_file.py), whose step is in that manifest, not its name.
 LIGHTNING_SUFFIX = ".ckpt"
-LIGHTNING_PAYLOAD = "checkpoint.pt"  # in a NAME.ckpt/ directory: Lightning's checkpoint dict, as torch.save writes it
+MANIFEST_RECORD = f"ckptguard/{MANIFEST_NAME}"  # in a checkpoint file: the manifest, inside the archive's folder
+# Beside a ModelCheckpoint dirpath, not in it: the run's lock, its owner and events.jsonl, so a listing of the
+# dirpath meets only Lightning's own .ckpt files (runs/pl -> runs/.pl.ckptguard/)
+SIDE_DIR_MARK = ".ckptguard"
 ACCELERATE_ITERATION_FILE = "ckptguard_accelerate.json"  # {"iteration": N}: Accelerate's save counter at the save
 STATE_FORMAT_VERSION = 1  # trainer_state.json's "format_version"
 
@@ -66,6 +71,11 @@ def step_from_name(name: str) -> int | None:
 def lightning_name(name: str) -> bool:
     """Whether `name` is a checkpoint name Lightning gives (``*.ckpt``), never a leftover of ours."""
     return name.endswith(LIGHTNING_SUFFIX) and not name.startswith(".")
+
+
+def side_dir_name(dirname: str) -> str:
+    """The name, beside a checkpoint directory `dirname`, of the directory holding its run files."""
+    return f".{dirname}{SIDE_DIR_MARK}"
 
 
 def set_aside_kind(name: str) -> tuple[int, str] | None:

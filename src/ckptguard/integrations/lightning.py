@@ -7,12 +7,13 @@
                          callbacks=[pl.callbacks.ModelCheckpoint("runs/pl", save_last=True)])
     trainer.fit(module, ckpt_path="last")    # loads only a checkpoint whose every byte verifies
 
-Each checkpoint Lightning names (``runs/pl/epoch=0-step=100.ckpt``, ``last.ckpt``) becomes a directory of
-that name holding ``checkpoint.pt`` (Lightning's own ``torch.save`` of its checkpoint dict) and a
-manifest; it appears under its name only complete, fsynced and verified, so ``ckpt_path="last"``
-never resolves to a torn file. A checkpoint saved again under the same name (``last.ckpt``) replaces
-the old one only once the new one is verified. Loading verifies first (CorruptCheckpointError
-otherwise), through the plugin and through Lightning's own ``MyModule.load_from_checkpoint``. A removal
+Each checkpoint Lightning names (``runs/pl/epoch=0-step=100.ckpt``, ``last.ckpt``) stays one file,
+Lightning's own ``torch.save`` archive with ckptguard's manifest as one more record inside it
+(:mod:`ckptguard.format.ckpt_file`), committed by :class:`ckptguard.commit.file_publish.FileCommitter`: it
+appears under its name only complete, fsynced and verified, so ``ckpt_path="last"`` never resolves to a
+torn file, and a checkpoint saved again under the same name (``last.ckpt``) replaces the old one in one
+rename. ``torch.load`` reads it unchanged. Loading verifies first (CorruptCheckpointError otherwise),
+through the plugin and through Lightning's own ``MyModule.load_from_checkpoint``. A removal
 Lightning asks for waits until no save is in flight, is kept if the newest save failed, and frees its
 space before it returns. With ``AsyncCheckpointIO(VerifiedCheckpointIO())`` a save counts from the moment it is
 submitted: the removal Lightning asks for right after submitting it is queued on the same worker,
@@ -26,8 +27,9 @@ this plugin. With it, it does what Lightning offers the plugin no hook for:
 - Before the first step of ``fit``, each ModelCheckpoint directory is opened the way CheckpointManager
   opens a run directory (:func:`ckptguard.integrations.staged.open_run`): rank 0 takes its run lock (a
   second job on it gets LockedError) and removes what killed saves left there, and every rank probes
-  it with a real write; the lock is released at teardown. Settings whose files would not go through
-  the commit protocol are refused there too: ``save_last="link"`` and an fsspec URL as dirpath.
+  it with a real write; the lock is released at teardown. The lock, its owner and events.jsonl live beside
+  the directory (:func:`own_files`), so it lists Lightning's checkpoints alone. An fsspec URL as dirpath
+  is refused there too.
 - Strategies that save or load their own way (FSDP, DeepSpeed, ModelParallelStrategy, XLA) go around
   ``CheckpointIO``, so this plugin would never see their checkpoints: they are refused with an
   UnsupportedStateError in ``setup``, before the first step.
@@ -42,7 +44,6 @@ this plugin. With it, it does what Lightning offers the plugin no hook for:
 from __future__ import annotations
 
 import functools
-import glob
 import logging
 import os
 import threading
@@ -54,11 +55,12 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import Strategy
 
-from ckptguard.catalog.verify import verify_checkpoint
+from ckptguard.catalog.verify import UNVERIFIABLE_FILE, verify_checkpoint
 from ckptguard.commit import publish
 from ckptguard.dist import Coordinator
-from ckptguard.errors import CheckpointError, UnsupportedStateError
-from ckptguard.format.layout import LIGHTNING_PAYLOAD, STAGING_PREFIX, SUPERSEDED_MARK, TRASH_PREFIX
+from ckptguard.errors import CheckpointError, CorruptCheckpointError, UnsupportedStateError
+from ckptguard.files.events import EventLog
+from ckptguard.format.layout import lightning_name, side_dir_name
 from ckptguard.integrations import staged
 
 log = logging.getLogger("ckptguard")
@@ -113,22 +115,20 @@ class VerifiedCheckpointIO(CheckpointIO):
                 self._idle.notify_all()
 
     def _save(self, checkpoint: dict[str, Any], target: Path, step: int) -> None:
-        save = staged.begin_alone(target, step)
+        save = staged.begin_file(target, step, EventLog(own_files(target.parent)))
         error: CheckpointError | None = None
         try:
-            with open(save.path / LIGHTNING_PAYLOAD, "wb") as fh:  # a Python file: a full disk is an OSError
+            with open(save.path, "wb") as fh:  # a Python file: a full disk is an OSError
                 torch.save(checkpoint, fh)
         except Exception as exc:
-            error = staged.write_error(exc, save.path / LIGHTNING_PAYLOAD, step)
+            error = staged.write_error(exc, save.path, step)
         staged.finish(save, error)
-        for old in glob.glob(glob.escape(str(target)) + SUPERSEDED_MARK + "*"):  # the same name saved before
-            publish.remove(Path(old), wait=True)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         from lightning.fabric.utilities.cloud_io import _load
 
-        checked = staged.require_verified(path)
-        return _load(checked / LIGHTNING_PAYLOAD, map_location=map_location, weights_only=weights_only)
+        checked = staged.require_verified(linked(path))
+        return _load(checked, map_location=map_location, weights_only=weights_only)
 
     def take_held(self) -> CheckpointError | None:
         """The failed save's error held for the ranks to raise together (then no longer held)."""
@@ -155,7 +155,7 @@ class VerifiedCheckpointIO(CheckpointIO):
             if self._failed:
                 log.warning("keeping %s: the newer save failed", path)
                 return
-        if Path(path).is_dir():  # freed before returning, as Lightning's own removal: Lightning has no end-of-run
+        if os.path.lexists(path):  # freed before returning, as Lightning's own removal: Lightning has no end-of-run
             publish.remove(Path(path), wait=True)  # hook after its last one (ddp_spawn removes after teardown)
 
     def teardown(self) -> None:
@@ -164,13 +164,13 @@ class VerifiedCheckpointIO(CheckpointIO):
 
 
 def _verify_in_lightnings_loader() -> None:
-    """Make Lightning's own ``load_from_checkpoint`` (LightningModule and LightningDataModule) load these checkpoints.
+    """Make Lightning's own ``load_from_checkpoint`` (LightningModule and LightningDataModule) verify these checkpoints.
 
-    Both hand the path to ``lightning.pytorch.core.saving.pl_load``, which opens it as a file: a checkpoint
-    directory failed there with IsADirectoryError. Wrapped once, at import (Lightning imports this module
-    for every Trainer, through the entry point): a local directory is verified first and its payload
-    loaded (CorruptCheckpointError naming the reason otherwise); files, URLs and buffers go to Lightning's
-    loader as before. Lightning's name is checked by the tests, as HF's hooks are.
+    Both hand the path to ``lightning.pytorch.core.saving.pl_load``. Wrapped once, at import (Lightning
+    imports this module for every Trainer, through the entry point): a local file holding a manifest is
+    verified first (CorruptCheckpointError naming the record otherwise); a file without one (saved by
+    plain Lightning), URLs and buffers go to Lightning's loader as before: the user asked for that file.
+    Lightning's name is checked by the tests, as HF's hooks are.
     """
     from lightning.pytorch.core import saving
 
@@ -180,8 +180,12 @@ def _verify_in_lightnings_loader() -> None:
 
     @functools.wraps(plain)
     def pl_load(path_or_url: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(path_or_url, (str, os.PathLike)) and "://" not in str(path_or_url) and os.path.isdir(path_or_url):
-            path_or_url = staged.require_verified(path_or_url) / LIGHTNING_PAYLOAD
+        local = isinstance(path_or_url, (str, os.PathLike)) and "://" not in str(path_or_url)
+        if local and os.path.isfile(path_or_url):
+            report = verify_checkpoint(linked(path_or_url), staged.LEVEL)
+            if not report.ok and report.problems[0].reason != UNVERIFIABLE_FILE:
+                why = f"refusing to load an unverified checkpoint ({report.reason})"
+                raise CorruptCheckpointError(why, path=path_or_url)
         return plain(path_or_url, *args, **kwargs)
 
     pl_load.ckptguard_verifies = True  # type: ignore[attr-defined]
@@ -195,11 +199,29 @@ def load_from_checkpoint(cls: type[Any], path: str | Path, **kwargs: Any) -> Any
     """``cls.load_from_checkpoint(path, **kwargs)`` for a checkpoint this plugin saved, verified first.
 
     ``load_from_checkpoint(MyModule, "runs/pl/last.ckpt")`` checks every byte against the manifest
-    (CorruptCheckpointError, or CheckpointNotFoundError for a wrong path) and then loads the checkpoint
-    file inside it, whether or not Lightning's own loader was wrapped (:func:`_verify_in_lightnings_loader`).
-    `cls` is a LightningModule or LightningDataModule class.
+    (CorruptCheckpointError, also for a file saved without ckptguard; CheckpointNotFoundError for a wrong
+    path) and then loads it, whether or not Lightning's own loader was wrapped
+    (:func:`_verify_in_lightnings_loader`). `cls` is a LightningModule or LightningDataModule class.
     """
-    return cls.load_from_checkpoint(staged.require_verified(path) / LIGHTNING_PAYLOAD, **kwargs)
+    return cls.load_from_checkpoint(staged.require_verified(linked(path)), **kwargs)
+
+
+def linked(path: Any) -> Any:
+    """The checkpoint a ``save_last="link"`` link names, when `path` is one to a file in its own directory; else `path`.
+
+    Lightning makes ``last.ckpt`` a relative link to the newest checkpoint file; what is verified and loaded
+    is that file. A link leaving the directory is left as it is, and so refused as not a checkpoint."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.islink(path):
+        return path
+    target = Path(path).resolve()
+    return target if target.parent == Path(path).absolute().parent.resolve() else path
+
+
+def own_files(dirpath: Path) -> Path:
+    """Where the run's lock, owner and events.jsonl of the ModelCheckpoint directory `dirpath` go: beside it,
+    so that listing it shows Lightning's checkpoints alone."""
+    absolute = dirpath.absolute()
+    return absolute.parent / side_dir_name(absolute.name)
 
 
 def refuse_url(path: Any) -> None:
@@ -214,21 +236,13 @@ def refuse_url(path: Any) -> None:
 
 
 def check_checkpoint_callbacks(trainer: Any) -> list[Path]:
-    """The directories `trainer`'s ModelCheckpoint callbacks save into, once each; refuse what bypasses commit.
+    """The directories `trainer`'s ModelCheckpoint callbacks save into, once each; refuse an fsspec URL.
 
-    ``save_last="link"`` makes ``last.ckpt`` a symlink (or, where links are refused, a copy) that Lightning
-    removes and re-creates itself on every save, outside the commit protocol: a kill between the two
-    leaves no ``last.ckpt``, and the link is never verified.
+    ``save_last="link"`` is allowed: Lightning replaces the link ``last.ckpt`` itself, but a link holds no
+    data; what it names is a committed checkpoint file, verified when loaded through it (:func:`linked`).
     """
     dirs: list[Path] = []
     for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "save_last", None) == "link":
-            raise UnsupportedStateError(
-                'ModelCheckpoint(save_last="link") replaces last.ckpt with a link outside the commit protocol',
-                path=getattr(callback, "dirpath", None),
-                remedy="Use save_last=True: last.ckpt is then a checkpoint of its own, committed and verified "
-                "(or pass ckpt_path=newest_verified_ckpt(dirpath), which needs no last.ckpt).",
-            )
         dirpath = getattr(callback, "dirpath", None)
         if dirpath is not None:
             refuse_url(dirpath)
@@ -241,12 +255,11 @@ def newest_verified_ckpt(dirpath: str | Path) -> str | None:
     """The checkpoint in `dirpath` with the highest step (then the newest) that passes full verification.
 
     For ``trainer.fit(module, ckpt_path=newest_verified_ckpt(dirpath))``. Unlike ``ckpt_path="last"``,
-    it also finds the previous ``last.ckpt`` when a kill landed between moving it aside and publishing
-    its replacement (``last.ckpt.superseded-*``), and it skips a damaged checkpoint for the one before.
+    it skips a damaged checkpoint (and a file saved without ckptguard) for the one before.
     """
     found = []
     for entry in Path(dirpath).iterdir() if Path(dirpath).is_dir() else []:
-        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) or not (entry / LIGHTNING_PAYLOAD).is_file():
+        if not lightning_name(entry.name) or entry.is_symlink() or not entry.is_file():
             continue
         report = verify_checkpoint(entry, staged.LEVEL)
         if report.ok and report.manifest is not None:
@@ -321,7 +334,7 @@ class LightningGuard(Callback):
             return
         coord = self._coord or Coordinator(TIMEOUT_S)
         for run_dir in check_checkpoint_callbacks(trainer):
-            staged.open_run(coord, run_dir)
+            staged.open_run(coord, run_dir, own_files=own_files(run_dir))
             self._opened.append(run_dir)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ckptguard.catalog import checkpoint, discovery, retention
 from ckptguard.catalog.checkpoint import newest_first
-from ckptguard.catalog.verify import verify_checkpoint
+from ckptguard.catalog.verify import UNVERIFIABLE_FILE, verify_checkpoint
+from ckptguard.commit.file_publish import FileCommitter, record_files
 from ckptguard.commit.publish import DirCommitter
 from ckptguard.commit.sequence import StagedSave
 from ckptguard.dist import Coordinator
@@ -71,13 +72,14 @@ class _HeldRun:
 _held_runs: dict[Path, _HeldRun] = {}
 
 
-def open_run(coord: Coordinator, run_dir: Path) -> bool:
+def open_run(coord: Coordinator, run_dir: Path, *, own_files: Path | None = None) -> bool:
     """Open `run_dir` before the first step, as CheckpointManager does (:meth:`RunDir.open`); call it on every rank.
 
     Rank 0 creates the directory (and its parents, as the libraries do), probes it with a real write,
     takes the run lock (LockedError while another process holds it) and removes what killed saves left;
     every other rank probes too. Returns whether this call did that (False: this process already holds
-    the directory, and only counts one more user). Pair each call with :func:`close_run`.
+    the directory, and only counts one more user). Pair each call with :func:`close_run`. `own_files`: where
+    the lock and events go instead of `run_dir` (:meth:`RunDir.open`).
     """
     key = run_dir.absolute()
 
@@ -89,7 +91,7 @@ def open_run(coord: Coordinator, run_dir: Path) -> bool:
 
     if coord.on_primary(held):
         return False
-    run = RunDir.open(key, coord, policy=retention.RetentionPolicy(), create_parents=True)
+    run = RunDir.open(key, coord, policy=retention.RetentionPolicy(), create_parents=True, own_files=own_files)
     if coord.is_primary:
         _held_runs[key] = _HeldRun(run)
     return True
@@ -120,10 +122,10 @@ def begin(coord: Coordinator, run_dir: Path, step: int) -> StagedSave:
     return StagedSave.begin(coord, DirCommitter(run_dir, events), checkpoint_name(step), step=step, watch=True)
 
 
-def begin_alone(target: Path, step: int) -> StagedSave:
-    """A staged save of `target` that one process makes by itself (Lightning's CheckpointIO, on rank 0)."""
-    committer = DirCommitter(target.parent, EventLog(target.parent), make_parent=True)
-    return StagedSave.alone(committer, target.name, step=step, watch=True)
+def begin_file(target: Path, step: int, events: EventLog) -> StagedSave:
+    """A staged save of the checkpoint file `target` that one process makes by itself (Lightning's CheckpointIO,
+    on rank 0): the library writes the partial file at ``save.path``."""
+    return StagedSave.alone(FileCommitter(target.parent, events, make_parent=True), target.name, step=step)
 
 
 def write_error(exc: BaseException, path: Path, step: int) -> CheckpointError:
@@ -183,13 +185,20 @@ def finish(
     just before the commit.
     """
     committer = save.committer
-    assert isinstance(committer, DirCommitter)
+    assert isinstance(committer, (DirCommitter, FileCommitter))
     run_dir, events, started = committer.parent, committer.events, time.monotonic()
     target = run_dir / save.name
+    is_file = isinstance(committer, FileCommitter)  # a checkpoint file: its records, hashed; no LATEST
+    files = None
+    if is_file and error is None:
+        try:
+            files = record_files(save.path, save.step)
+        except CheckpointError as exc:
+            error = exc
     try:
         published = save.finish(
-            None, error, sequence=lambda: next_sequence(run_dir), level=COMMIT_LEVEL, metrics=metrics,
-            written=written, before_publish=before_publish,
+            files, error, sequence=lambda: next_sequence(run_dir), level=COMMIT_LEVEL,
+            metrics=metrics, written=written, before_publish=before_publish, latest=not is_file,
         )  # fmt: skip
     except CheckpointError as exc:
         if save.coord.is_primary and events is not None:
@@ -245,23 +254,24 @@ def newest_verified(run_dir: str | Path) -> Path | None:
 def require_verified(path: str | Path) -> Path:
     """`path` if every byte of it matches its manifest; CorruptCheckpointError naming the problem otherwise.
 
-    A path that does not exist is CheckpointNotFoundError: a typo in a resume path is not damage. A plain
-    file (a checkpoint the library saved without ckptguard) has no manifest to check it against."""
+    `path` is a checkpoint directory or a checkpoint file (a Lightning ``.ckpt``, its manifest inside). A path
+    that does not exist is CheckpointNotFoundError: a typo in a resume path is not damage. A file the library
+    saved without ckptguard has no manifest to check it against."""
     if not os.path.lexists(path):
         raise CheckpointNotFoundError(
             "no checkpoint at the path given to resume from",
             path=path,
             remedy="Check the path for a typo; `ckptguard ls RUN_DIR` lists the checkpoints there.",
         )
-    if not os.path.isdir(path):
+    report = verify_checkpoint(Path(path), LEVEL)
+    if report.problems and report.problems[0].reason == UNVERIFIABLE_FILE:
         raise CorruptCheckpointError(
-            "refusing to load an unverified checkpoint: a plain file, not a checkpoint directory ckptguard "
-            "committed (its files and their manifest), so nothing can show its bytes are whole",
+            "refusing to load an unverified checkpoint: a file saved without ckptguard (no manifest in it), "
+            "so nothing can show its bytes are whole",
             path=path,
             remedy="Give a checkpoint ckptguard saved; a file saved without it is loaded by the library's own "
             "loader (without ckptguard's plugin), if you trust it.",
         )
-    report = verify_checkpoint(Path(path), LEVEL)
     if not report.ok:
         raise CorruptCheckpointError(f"refusing to load an unverified checkpoint ({report.reason})", path=path)
     return Path(path)

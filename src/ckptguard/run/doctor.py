@@ -84,6 +84,8 @@ def _doctor_run(run_dir: Path, check: Any) -> None:
     latest = publish.read_latest(run_dir)
     newest = newest_first(found)
     consistent = newest[0].name == latest if newest else True
+    if latest is None and newest and newest[0].path.is_file():  # checkpoint files (Lightning's): no LATEST
+        consistent, latest = True, "none kept (checkpoint files)"
     check(
         "LATEST",
         consistent,

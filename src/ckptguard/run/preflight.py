@@ -347,6 +347,7 @@ class RunLock:
 
     def acquire(self) -> None:
         try:
+            self.run_dir.mkdir(exist_ok=True)  # a directory of the run's own files, beside it, is made here
             self._lock.acquire()
         except Timeout:
             holder = self.holder()

@@ -31,12 +31,15 @@ from ckptguard.run.pruning import Pruner
 class RunDir:
     """One run directory, opened (locked and checked) by this process; :meth:`close` hands it back."""
 
-    def __init__(self, path: Path, coord: Coordinator, policy: retention.RetentionPolicy) -> None:
+    def __init__(
+        self, path: Path, coord: Coordinator, policy: retention.RetentionPolicy, own_files: Path | None = None
+    ) -> None:
         self.path = path
         self.coord = coord
         self.policy = policy
-        self.events = EventLog(path, rank=coord.rank, enabled=coord.is_primary)
-        self.lock = preflight.RunLock(path)
+        own = own_files or path  # where the lock, its owner and events.jsonl go (a directory of their own, or path)
+        self.events = EventLog(own, rank=coord.rank, enabled=coord.is_primary)
+        self.lock = preflight.RunLock(own)
         self.pruner: Pruner[CheckpointInfo] = Pruner(
             DirCommitter(path, self.events), policy, self.events, primary=coord.is_primary
         )
@@ -55,9 +58,13 @@ class RunDir:
         remote: tiered.RemoteSpec | None = None,
         create_parents: bool = False,
         expected_bytes: int | None = None,
+        own_files: Path | None = None,
     ) -> RunDir:
-        """Lock and check `path` on every rank (call it on every rank); the typed error of whatever fails."""
-        run = cls(path, coord, policy)
+        """Lock and check `path` on every rank (call it on every rank); the typed error of whatever fails.
+
+        `own_files`: a directory (created at the lock) for the run's lock, owner and events, for a directory
+        whose listing must show only its checkpoints (a Lightning ModelCheckpoint dirpath)."""
+        run = cls(path, coord, policy, own_files)
         direct = remote is not None and remote.direct
         run._space_known = expected_bytes is not None
         run._next = coord.on_primary(lambda: run._prepare(remote, create_parents, None if direct else expected_bytes))
