@@ -31,9 +31,6 @@ ACCELERATE = {
 STORAGE_OPTIONS = (
     "deliberate: storage_options are refused (TypeError): the plugin saves to local or mounted directories"
 )
-NOT_FOUND = (
-    "deliberate: a missing ckpt_path is CheckpointNotFoundError naming the path and the remedy, not FileNotFoundError"
-)
 PLAIN_FILE = (
     "deliberate: a .ckpt saved without ckptguard (a plain torch.save file) is refused as unverifiable "
     "(CorruptCheckpointError saying so), never loaded unchecked"
@@ -67,8 +64,6 @@ LIGHTNING = {
     **_listed(
         STORAGE_OPTIONS, "checkpointing/test_trainer_checkpoint.py", ("test_trainer_save_checkpoint_storage_options",)
     ),
-    **_listed(NOT_FOUND, "models/test_restore.py", ("test_try_resume_from_non_existing_checkpoint",)),
-    **_listed(NOT_FOUND, "trainer/connectors/test_checkpoint_connector.py", ("test_hpc_restore_attempt",)),
     **_listed(
         PLAIN_FILE, "trainer/connectors/test_checkpoint_connector.py", ("test_stateful_trainer_ckpt_path_support",)
     ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import time
 
 import pytest
@@ -143,13 +144,17 @@ def test_async_removal_right_after_a_queued_save_waits_for_that_save_to_commit(t
         assert _step(new) == 2, "the only good checkpoint was removed after the newer save failed"
 
 
-def test_a_missing_ckpt_path_is_not_found_not_corrupt(tmp_path):
+def test_a_missing_ckpt_path_is_not_found_not_corrupt_and_still_a_file_not_found_error(tmp_path):
     from ckptguard.errors import CheckpointNotFoundError
     from ckptguard.integrations.lightning import VerifiedCheckpointIO
 
-    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at the path given to resume from") as caught:
-        VerifiedCheckpointIO().load_checkpoint(tmp_path / "epoch=0-step=9.ckpt")
-    assert caught.value.path == str(tmp_path / "epoch=0-step=9.ckpt") and "typo" in caught.value.remedy
+    missing = tmp_path / "epoch=0-step=9.ckpt"
+    expected = f"Checkpoint file not found: {re.escape(str(missing))}"
+    with pytest.raises(CheckpointNotFoundError, match=expected) as caught:
+        VerifiedCheckpointIO().load_checkpoint(missing)
+    assert caught.value.path == str(missing) and "typo" in caught.value.remedy
+    # a user's `except FileNotFoundError` around Lightning's own loader goes on catching it
+    assert isinstance(caught.value, FileNotFoundError) and caught.value.errno == errno.ENOENT
 
 
 def test_a_plain_file_is_refused_as_unverifiable_not_as_corrupt(tmp_path):

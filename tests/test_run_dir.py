@@ -11,7 +11,7 @@ import torch
 from ckptguard import CheckpointManager
 from ckptguard.catalog.discovery import discover
 from ckptguard.dist import Coordinator
-from ckptguard.format.manifest import read_manifest
+from ckptguard.files.events import EventLog
 from ckptguard.integrations import staged
 
 
@@ -50,11 +50,11 @@ def test_an_integrations_saves_in_an_opened_run_come_after_every_save_found_ther
 def test_a_save_into_a_directory_no_run_holds_comes_after_the_saves_found_there(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _saved(run, 5, 7)
-    target = run / "checkpoint-3"  # an earlier step, saved later (Lightning's trainer.save_checkpoint)
-    save = staged.begin_alone(target, 3)
-    (save.path / "weights.bin").write_bytes(b"x" * 16)
+    target = run / "step3.ckpt"  # an earlier step, saved later (Lightning's trainer.save_checkpoint outside fit)
+    save = staged.begin_file(target, 3, EventLog(run, enabled=False))
+    torch.save({"global_step": 3}, save.path)
     staged.finish(save, None)
-    assert read_manifest(target).sequence == 3
+    assert {c.name: c.sequence for c in discover(run)}[target.name] == 3
     assert staged.newest_verified(run) == target
 
 

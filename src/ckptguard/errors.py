@@ -36,6 +36,7 @@ class CheckpointError(Exception):
         self.remedy = remedy or self.default_remedy
         self.rank = rank
         super().__init__(self.__str__())
+        self.errno = errno  # again: an error that is also an OSError (MissingPathError) has it reset by OSError's init
 
     def __str__(self) -> str:
         facts = []
@@ -135,6 +136,15 @@ class CheckpointNotFoundError(CheckpointError):
     default_remedy = "Run `ckptguard ls RUN_DIR` to see which checkpoints exist and why others are invalid."
 
 
+class MissingPathError(CheckpointNotFoundError, FileNotFoundError):
+    """The path given to load a checkpoint from does not exist (a typo, not damage).
+
+    Also a FileNotFoundError, as the libraries' own loaders raise for it, so code that catches that goes
+    on working with ckptguard in place."""
+
+    default_remedy = "Check the path for a typo; `ckptguard ls RUN_DIR` lists the checkpoints there."
+
+
 class CoordinationError(CheckpointError):
     """Ranks could not agree on a save (a rank died, hung, or the network failed)."""
 
@@ -185,6 +195,7 @@ _TYPES: dict[str, type[CheckpointError]] = {
         VerificationError,
         CorruptCheckpointError,
         CheckpointNotFoundError,
+        MissingPathError,
         CoordinationError,
         RemoteError,
         EndpointUnreachableError,

@@ -33,8 +33,8 @@ from ckptguard.commit.sequence import StagedSave
 from ckptguard.dist import Coordinator
 from ckptguard.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
+    MissingPathError,
     WriteError,
     from_os_error,
     remedy_for_errno,
@@ -258,11 +258,8 @@ def require_verified(path: str | Path) -> Path:
     that does not exist is CheckpointNotFoundError: a typo in a resume path is not damage. A file the library
     saved without ckptguard has no manifest to check it against."""
     if not os.path.lexists(path):
-        raise CheckpointNotFoundError(
-            "no checkpoint at the path given to resume from",
-            path=path,
-            remedy="Check the path for a typo; `ckptguard ls RUN_DIR` lists the checkpoints there.",
-        )
+        # worded as the libraries word it ("Checkpoint file not found: PATH"), so a caller matching that still does
+        raise MissingPathError(f"Checkpoint file not found: {os.fspath(path)}", path=path, errno=errno.ENOENT)
     report = verify_checkpoint(Path(path), LEVEL)
     if report.problems and report.problems[0].reason == UNVERIFIABLE_FILE:
         raise CorruptCheckpointError(
