@@ -136,3 +136,31 @@ def test_project_config_total_limit_with_automatic_naming_rotates_after_each_com
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint*")) == ["checkpoint_2", "checkpoint_3"]
     assert (tmp_path / "run" / "LATEST").read_text().strip() == "checkpoint_3"
     assert not (tmp_path / "checkpoints").exists(), "Accelerate's own naming wrote beside ours"
+
+
+def test_only_the_names_accelerate_writes_are_checkpoints_and_resume_follows_save_order(tmp_path):
+    """checkpoint_007 / checkpoint_-1 / checkpoint_1e3 are nobody's; checkpoint-3 and checkpoint_3 side by side are
+    two checkpoints, and load_state takes the one saved last, not the higher number."""
+    import shutil
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from ckptguard.catalog.discovery import discover
+    from ckptguard.format.layout import iteration_from_name
+    from ckptguard.integrations.accelerate import save_state
+
+    assert [iteration_from_name(n) for n in ("checkpoint_0", "checkpoint_12")] == [0, 12]
+    assert {iteration_from_name(n) for n in ("checkpoint_007", "checkpoint_-1", "checkpoint_1e3", "checkpoint_٣")} == {
+        None
+    }
+    run = tmp_path / "run"
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path)))
+    acc.prepare(torch.nn.Linear(2, 2))
+    save_state(acc, run, 3)  # checkpoint-3
+    acc.project_configuration.automatic_checkpoint_naming, acc.project_configuration.iteration = True, 3
+    newest = save_state(acc, run, 1)  # checkpoint_3, saved last, of step 1
+    for odd in ("checkpoint_007", "checkpoint_-1", "checkpoint_1e3"):
+        shutil.copytree(newest, run / odd)
+    assert sorted((c.name, c.step) for c in discover(run)) == [("checkpoint-3", 3), ("checkpoint_3", 1)]
+    assert load_state(acc, run) == run / "checkpoint_3" and acc.save_iteration == 4
