@@ -8,22 +8,9 @@ entry goes).
 
 from __future__ import annotations
 
-_ACC = "tests/test_state_checkpointing.py::CheckpointTest_use_{}::{}"
-NAMED = (
-    "deliberate: checkpoints are named checkpoint-{step} (the name ckptguard ls, discovery and retention "
-    "read), not Accelerate's checkpoint_{iteration}, so a test that opens checkpoint_0 by name finds nothing"
-)
-
-ACCELERATE = {
-    _ACC.format(weights, test): NAMED
-    for weights in ("safetensors", "pytorch")
-    for test in (
-        "test_can_resume_training",
-        "test_can_resume_training_checkpoints_relative_path",
-        "test_checkpoint_deletion",
-        "test_with_scheduler",
-    )
-}
+# Accelerate: none. Its tests pass guarded as they pass plain (checkpoints keep Accelerate's names,
+# checkpoint_{iteration}, under project_dir/checkpoints).
+ACCELERATE: dict[str, str] = {}
 
 # Lightning: each reason below is one of README's list (the same words). The tests are those of Lightning
 # 2.6.5's tree that pass plain and not guarded (``LIGHTNING_TESTS=... python compat/run.py lightning``),

@@ -529,6 +529,7 @@ class CrashHarness:
 
 
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_ITERATION = re.compile(r"checkpoint_(\d+)")  # Accelerate's automatic naming: the step is in the manifest
 
 
 def kill_phase(run_dir: Path, floor: int) -> str:
@@ -548,13 +549,19 @@ def kill_phase(run_dir: Path, floor: int) -> str:
 
 
 def committed_steps(run_dir: Path) -> list[int]:
-    """Steps whose ``checkpoint-{step}`` directory passes full verification, judged independently."""
+    """Steps whose ``checkpoint-{step}`` directory passes full verification, judged independently; and of
+    Accelerate's ``checkpoint_{iteration}``, the step its verified manifest records."""
     from ckptguard import verify_checkpoint
 
     if not run_dir.is_dir():  # killed before its preflight created it
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))]
-    return sorted(step for step, path in found if verify_checkpoint(path, level="full").ok)
+    steps = []
+    for path in run_dir.iterdir():
+        named, iteration = _CHECKPOINT.fullmatch(path.name), _ITERATION.fullmatch(path.name)
+        report = verify_checkpoint(path, level="full") if named or iteration else None
+        if report is not None and report.ok:
+            steps.append(int(named.group(1)) if named else report.manifest.step)
+    return sorted(steps)
 
 
 CRASH_LITTER = (".staging-", ".trash-")  # what a kill mid-save or mid-prune leaves

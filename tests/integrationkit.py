@@ -209,8 +209,9 @@ def accelerate_run(
 ) -> Any:
     """Train the tiny model with Accelerate, resuming first and saving every step; reports on fd 1.
 
-    `guarded`: ckptguard's save_state/load_state into `run_dir`; otherwise Accelerate's own automatic
-    naming (`run_dir/checkpoints/checkpoint_<i>`, total_limit=keep_last). `torn`: SIGKILL this process
+    Both use Accelerate's automatic naming (``checkpoint_<i>``, total_limit=keep_last): `guarded`, through
+    ckptguard's save_state/load_state into `run_dir` (``run_dir/checkpoint_<step - 1>``, the step in its
+    manifest); otherwise Accelerate's own (``run_dir/checkpoints/checkpoint_<i>``). `torn`: SIGKILL this process
     in the save of TORN_STEP, after the checkpoint directory exists and before anything is written.
     `after_save(step)` runs on the main process after each save. Returns the Accelerator.
     """
@@ -221,9 +222,7 @@ def accelerate_run(
 
     from ckptguard.integrations import accelerate as guard
 
-    config = ProjectConfiguration(
-        project_dir=str(run_dir), automatic_checkpoint_naming=not guarded, total_limit=None if guarded else keep_last
-    )
+    config = ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=True, total_limit=keep_last)
     acc = Accelerator(cpu=True, project_config=config)
     torch.manual_seed(0)
     model = tiny_llama()
@@ -247,7 +246,7 @@ def accelerate_run(
         opt.step()
         opt.zero_grad()
         if guarded:
-            guard.save_state(acc, run_dir, step, keep_last=keep_last)
+            guard.save_state(acc, run_dir, step)  # total_limit: keep_last
         else:
             acc.save_state()
         os.write(1, f"saved {step}\n".encode())

@@ -140,7 +140,8 @@ def random_kill_trials(
         floor = trial.saved[-1] if trial.saved else newest
         killed += trial.killed
         in_saves += trial.start is not None
-    damaged = [p for p in run_dir.iterdir() if p.name.startswith("checkpoint-") and not verify_checkpoint(p).ok]
+    named = [p for p in run_dir.iterdir() if p.name.startswith(("checkpoint-", "checkpoint_"))]  # HF's, Accelerate's
+    damaged = [p for p in named if not verify_checkpoint(p).ok]
     assert not damaged, f"damaged checkpoints under a checkpoint name: {damaged}"
     return killed, in_saves
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from ckptguard.catalog.checkpoint import Checkpoint, newest_first
 from ckptguard.catalog.verify import verify_checkpoint
 from ckptguard.errors import CheckpointNotFoundError
-from ckptguard.format.layout import checkpoint_name, lightning_name, set_aside_kind, step_from_name
+from ckptguard.format.layout import checkpoint_name, library_named, set_aside_kind, step_from_name
+from ckptguard.format.manifest import ManifestError, read_manifest
 
 log = logging.getLogger("ckptguard")
 
@@ -30,9 +31,10 @@ class CheckpointInfo(Checkpoint):
 def discover(run_dir: Path) -> list[CheckpointInfo]:
     """Every ``checkpoint-{step}`` directory under `run_dir`, quick-verified, in step order.
 
-    Also every file Lightning named (``*.ckpt``, a checkpoint file when VerifiedCheckpointIO saved it), with
-    the step its manifest records (-1 when it has none: a plain Lightning file is listed, invalid), so ``ls``,
-    ``report`` and the save sequence see a ModelCheckpoint directory's checkpoints too; never a link to one."""
+    Also every checkpoint another library named, with the step its manifest records (-1 when it has none):
+    Lightning's ``*.ckpt`` (a checkpoint file when VerifiedCheckpointIO saved it; a plain Lightning file is
+    listed, invalid) and Accelerate's ``checkpoint_{iteration}`` directories, so ``ls``, ``report``,
+    retention and the save sequence see them too; never a link to one."""
     found = []
     try:
         entries = list(os.scandir(run_dir))
@@ -40,7 +42,7 @@ def discover(run_dir: Path) -> list[CheckpointInfo]:
         return []
     for entry in entries:
         step = step_from_name(entry.name)
-        if step is None and not (lightning_name(entry.name) and not entry.is_symlink()):
+        if step is None and not (library_named(entry.name) and not entry.is_symlink()):
             continue
         report = verify_checkpoint(entry.path, "quick")
         if step is None:
@@ -76,10 +78,22 @@ def set_aside(run_dir: Path) -> list[SetAside]:
         return []
     found = []
     for entry in entries:
-        kind = set_aside_kind(entry.name)
-        if kind is not None and entry.is_dir(follow_symlinks=False):
-            found.append(SetAside(entry.name, Path(entry.path), *kind))
+        aside = set_aside_kind(entry.name)
+        if aside is not None and entry.is_dir(follow_symlinks=False):
+            step = step_from_name(aside[0])
+            if step is None:  # checkpoint_{iteration}: the number is Accelerate's save counter, not the step
+                step = _manifest_step(Path(entry.path))
+            found.append(SetAside(entry.name, Path(entry.path), step, aside[1]))
     return found
+
+
+def _manifest_step(path: Path) -> int:
+    """The step `path`'s manifest records, or -1 without a readable one."""
+    try:
+        step = read_manifest(path).step
+    except ManifestError:
+        return -1
+    return -1 if step is None else step
 
 
 def restore_candidates(run_dir: Path, step: int | None, path: str | os.PathLike[str] | None) -> list[str]:

@@ -46,10 +46,13 @@ SIDE_DIR_MARK = ".ckptguard"
 ACCELERATE_ITERATION_FILE = "ckptguard_accelerate.json"  # {"iteration": N}: Accelerate's save counter at the save
 STATE_FORMAT_VERSION = 1  # trainer_state.json's "format_version"
 
-# Exactly what checkpoint_name writes: ASCII digits without leading zeros, nothing after (`$` allows a "\n", `\d`
-# Unicode digits), so a copy named checkpoint-007 is not a second step 7 to list, order or prune.
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)\Z")
-_SET_ASIDE_NAME = re.compile(r"^checkpoint-(0|[1-9][0-9]*)\.(superseded|corrupt|unfinished)-")
+# Exactly what checkpoint_name and accelerate_name write: ASCII digits without leading zeros, nothing after (`$`
+# allows a "\n", `\d` Unicode digits), so a copy named checkpoint-007 is not a second step 7 to list, order or
+# prune, and checkpoint_007, checkpoint_-1 and checkpoint_1e3 are nobody's checkpoint
+_NUMBER = "(0|[1-9][0-9]*)"
+_CHECKPOINT_NAME = re.compile(rf"^checkpoint-{_NUMBER}\Z")
+_ACCELERATE_NAME = re.compile(rf"checkpoint_{_NUMBER}")  # used with fullmatch
+_SET_ASIDE_NAME = re.compile(r"^(checkpoint[-_](?:0|[1-9][0-9]*))\.(superseded|corrupt|unfinished)-")
 
 
 def entry_path(name: str, *, rank: int | None = None) -> str:
@@ -68,6 +71,25 @@ def step_from_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def accelerate_name(iteration: int) -> str:
+    """The name Accelerate's automatic naming gives its `iteration`-th save: ``checkpoint_{iteration}``."""
+    return f"checkpoint_{iteration}"
+
+
+def iteration_from_name(name: str) -> int | None:
+    """The save counter in ``checkpoint_{iteration}`` (Accelerate's automatic naming), or None for any other name.
+
+    Only the name Accelerate itself writes counts: no leading zeros, signs or exponents."""
+    match = _ACCELERATE_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def library_named(name: str) -> bool:
+    """Whether `name` is a checkpoint name another library gives (Lightning's ``*.ckpt``, Accelerate's
+    ``checkpoint_{iteration}``), whose step is the one its manifest records, not a number in its name."""
+    return lightning_name(name) or iteration_from_name(name) is not None
+
+
 def lightning_name(name: str) -> bool:
     """Whether `name` is a checkpoint name Lightning gives (``*.ckpt``), never a leftover of ours."""
     return name.endswith(LIGHTNING_SUFFIX) and not name.startswith(".")
@@ -78,7 +100,8 @@ def side_dir_name(dirname: str) -> str:
     return f".{dirname}{SIDE_DIR_MARK}"
 
 
-def set_aside_kind(name: str) -> tuple[int, str] | None:
-    """(step, "superseded" | "corrupt" | "unfinished") for a directory a save moved aside, else None."""
+def set_aside_kind(name: str) -> tuple[str, str] | None:
+    """(the checkpoint's name, "superseded" | "corrupt" | "unfinished") for a directory a save moved aside
+    (``checkpoint-N.{kind}-...`` or ``checkpoint_N.{kind}-...``), else None."""
     match = _SET_ASIDE_NAME.match(name)
-    return (int(match.group(1)), match.group(2)) if match else None
+    return (match.group(1), match.group(2)) if match else None

@@ -11,9 +11,10 @@
 
 ``save_state`` lets ``Accelerator.save_state`` write everything it writes (models, optimizers,
 schedulers, samplers, scaler, every process's RNG, registered objects) on every process into one
-staging directory whose name rank 0 chose and broadcast; the main process then commits it. Unlike
-Accelerate's automatic naming, older checkpoints are deleted only after the new one is verified, and
-``load_state`` never picks an empty or torn directory. Accelerate's save counter
+staging directory whose name rank 0 chose and broadcast; the main process then commits it. With
+``automatic_checkpoint_naming`` the checkpoint gets Accelerate's own name, ``checkpoint_{iteration}``.
+Unlike Accelerate's automatic naming, older checkpoints are deleted only after the new one is
+verified, and ``load_state`` never picks an empty or torn directory. Accelerate's save counter
 (``save_iteration``) is stored with the checkpoint and restored on load, which Accelerate's own
 ``load_state`` does not do.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ckptguard.format.layout import ACCELERATE_ITERATION_FILE
+from ckptguard.format.layout import ACCELERATE_ITERATION_FILE, accelerate_name, checkpoint_name
 from ckptguard.format.manifest import ManifestError, parse_json
 from ckptguard.integrations import staged
 
@@ -44,25 +45,32 @@ def _coordinator(accelerator: Any) -> Coordinator:
 def save_state(
     accelerator: Any, run_dir: str | Path, step: int | None = None, *, keep_last: int | None = None, **kwargs: Any
 ) -> Path:
-    """``accelerator.save_state`` into ``run_dir/checkpoint-{step}``, committed and verified; call it on every process.
+    """``accelerator.save_state`` into `run_dir`, committed and verified; call it on every process.
 
-    `step` defaults to Accelerate's save counter. `keep_last` deletes the oldest verified checkpoints
-    beyond that many, after the commit; left out, it is the accelerator's ``project_config.total_limit``
-    where ``automatic_checkpoint_naming`` is on, as Accelerate applies it. `kwargs` go to
-    ``Accelerator.save_state``. Returns the checkpoint's path; a failure on any process raises the same
-    CheckpointError on every process.
+    The checkpoint is ``run_dir/checkpoint-{step}``, or, where the accelerator's ``project_config`` has
+    ``automatic_checkpoint_naming``, Accelerate's own ``run_dir/checkpoint_{iteration}`` (pass
+    ``Path(accelerator.project_dir, "checkpoints")`` as `run_dir` for Accelerate's place too). A directory of
+    that name already there (after loading an older checkpoint, or a save counter set back by hand) is moved
+    aside to ``NAME.superseded-<time>`` when the new one commits, never overwritten. `step` (recorded in the
+    manifest) defaults to Accelerate's save counter. `keep_last` deletes the oldest verified checkpoints, by save
+    order, beyond that many, after the commit; left out, it is ``project_config.total_limit`` where
+    ``automatic_checkpoint_naming`` is on, as Accelerate applies it. `kwargs` go to ``Accelerator.save_state``.
+    Returns the checkpoint's path; a failure on any process raises the same CheckpointError on every process,
+    and leaves the save counter where it was, so the next save takes the same name.
     """
     run_dir = Path(run_dir)
-    step = accelerator.save_iteration if step is None else step
-    coord = _coordinator(accelerator)
-    save = staged.begin(coord, run_dir, step)
     config = accelerator.project_configuration
-    if keep_last is None and config.automatic_checkpoint_naming:
+    iteration = accelerator.save_iteration
+    step = iteration if step is None else step
+    automatic = config.automatic_checkpoint_naming
+    name = accelerate_name(iteration) if automatic else checkpoint_name(step)
+    coord = _coordinator(accelerator)
+    save = staged.begin(coord, run_dir, step, name)
+    if keep_last is None and automatic:
         keep_last = config.total_limit
-    automatic, config.automatic_checkpoint_naming = config.automatic_checkpoint_naming, False  # ours names it
+    config.automatic_checkpoint_naming = False  # ours names it, and deletes only after the commit
     error: CheckpointError | None = None
     try:
-        iteration = accelerator.save_iteration
         accelerator.save_state(str(save.path), **kwargs)
         if coord.is_primary:
             (save.path / ACCELERATE_ITERATION_FILE).write_text(json.dumps({"iteration": iteration}))
@@ -70,7 +78,11 @@ def save_state(
         error = staged.write_error(exc, save.path, step)
     finally:
         config.automatic_checkpoint_naming = automatic
-    target = staged.finish(save, error)
+    try:
+        target = staged.finish(save, error)
+    except CheckpointError:
+        config.iteration = iteration  # Accelerate counted a save that did not happen
+        raise
     coord.on_primary(lambda: staged.rotate(run_dir, keep_last), step=step)
     return target
 
@@ -105,8 +117,9 @@ def load_state(
     chosen = coord.on_primary(choose)
     if chosen is None:
         return None
+    iteration = _saved_iteration(Path(chosen))  # before loading: a checkpoint refused here changes nothing
     accelerator.load_state(chosen, **kwargs)
-    accelerator.project_configuration.iteration = _saved_iteration(Path(chosen)) + 1
+    accelerator.project_configuration.iteration = iteration + 1
     return Path(chosen)
 
 

@@ -114,12 +114,13 @@ def ensure_open(coord: Coordinator, run_dir: Path) -> None:
         open_run(coord, run_dir)
 
 
-def begin(coord: Coordinator, run_dir: Path, step: int) -> StagedSave:
-    """Step 1 on every rank: a staged save of ``checkpoint-{step}`` in `run_dir`, rank 0 watching what the library
-    closes. A run directory not opened yet is opened first (:func:`ensure_open`)."""
+def begin(coord: Coordinator, run_dir: Path, step: int, name: str | None = None) -> StagedSave:
+    """Step 1 on every rank: a staged save of `name` (``checkpoint-{step}`` by default) in `run_dir`, rank 0
+    watching what the library closes. A run directory not opened yet is opened first (:func:`ensure_open`)."""
     ensure_open(coord, run_dir)
     events = EventLog(run_dir, rank=coord.rank, enabled=coord.is_primary)
-    return StagedSave.begin(coord, DirCommitter(run_dir, events), checkpoint_name(step), step=step, watch=True)
+    name = checkpoint_name(step) if name is None else name
+    return StagedSave.begin(coord, DirCommitter(run_dir, events), name, step=step, watch=True)
 
 
 def begin_file(target: Path, step: int, events: EventLog) -> StagedSave:
