@@ -70,8 +70,9 @@ def test_step_0_and_a_name_as_long_as_a_filesystem_allows_are_checkpoints() -> N
 
 
 @pytest.mark.parametrize("kind", ["superseded", "corrupt", "unfinished"])
-def test_a_set_aside_directory_names_its_step_and_kind(kind: str) -> None:
-    assert set_aside_kind(f"checkpoint-12.{kind}-20261207T233000-1a2b") == (12, kind)
+def test_a_set_aside_directory_names_its_checkpoint_and_kind(kind: str) -> None:
+    assert set_aside_kind(f"checkpoint-12.{kind}-20261207T233000-1a2b") == ("checkpoint-12", kind)
+    assert set_aside_kind(f"checkpoint_12.{kind}-20261207T233000-1a2b") == ("checkpoint_12", kind)  # Accelerate's
 
 
 @pytest.mark.parametrize(
@@ -82,6 +83,8 @@ def test_a_set_aside_directory_names_its_step_and_kind(kind: str) -> None:
         "checkpoint-12.deleted-x",
         "checkpoint-012.corrupt-x",
         "checkpoint-\u0663.corrupt-x",
+        "checkpoint_012.corrupt-x",
+        "checkpoint_-1.superseded-x",
         ".staging-checkpoint-12.corrupt-x",
     ],
 )
@@ -91,9 +94,9 @@ def test_other_names_are_not_set_aside(name: str) -> None:
 
 def test_set_aside_names_are_made_from_a_checkpoint_name_and_the_marks_layout_names() -> None:
     assert layout.SUPERSEDED_MARK == ".superseded-"
-    assert set_aside_kind(checkpoint_name(3) + layout.SUPERSEDED_MARK + "t-id") == (3, "superseded")
+    assert set_aside_kind(checkpoint_name(3) + layout.SUPERSEDED_MARK + "t-id") == ("checkpoint-3", "superseded")
     for kind in layout.QUARANTINE_KINDS:
-        assert set_aside_kind(f"{checkpoint_name(3)}.{kind}-t-id") == (3, kind)
+        assert set_aside_kind(f"{checkpoint_name(3)}.{kind}-t-id") == ("checkpoint-3", kind)
 
 
 @pytest.mark.parametrize(

@@ -339,10 +339,16 @@ class RunLock:
 
     The lock file itself is left alone by filelock; who holds it is written beside it so the second
     writer's error can say which process and host to stop.
+
+    A run's lock lives in the run directory, or, for a Lightning dirpath, in a directory of its own
+    beside it (`run_dir` is then that one); `other` is where the other kind of opener would lock the same
+    checkpoints. Each takes its own lock first, then finds whether the other is held, so of two writers
+    opening one directory the two ways, at least one sees the other.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, other: Path | None = None) -> None:
         self.run_dir = run_dir
+        self.other = other
         self._lock = FileLock(str(run_dir / LOCK_NAME), timeout=0, thread_local=False)
 
     def acquire(self) -> None:
@@ -362,6 +368,12 @@ class RunLock:
             ) from None
         except OSError as exc:
             raise from_os_error(NotWritableError, "cannot create the lock file", exc, path=self.run_dir) from exc
+        if self.other is not None and RunLock(self.other).held_elsewhere():
+            self._lock.release()
+            raise LockedError(
+                f"another process holds the run directory lock ({RunLock(self.other).holder()})",
+                path=self.other / LOCK_NAME,
+            )
         owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         with contextlib.suppress(OSError):  # identity is a courtesy; the lock is what matters
             (self.run_dir / OWNER_NAME).write_text(owner, encoding="utf-8")

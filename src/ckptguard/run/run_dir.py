@@ -24,6 +24,7 @@ from ckptguard.commit.publish import DirCommitter
 from ckptguard.dist import Coordinator
 from ckptguard.errors import CheckpointError
 from ckptguard.files.events import EventLog, record_failure
+from ckptguard.format.layout import side_dir_name
 from ckptguard.run import preflight, tiered
 from ckptguard.run.pruning import Pruner
 
@@ -39,7 +40,8 @@ class RunDir:
         self.policy = policy
         own = own_files or path  # where the lock, its owner and events.jsonl go (a directory of their own, or path)
         self.events = EventLog(own, rank=coord.rank, enabled=coord.is_primary)
-        self.lock = preflight.RunLock(own)
+        # a CheckpointManager and a Lightning fit on one directory lock in two places: each checks the other's
+        self.lock = preflight.RunLock(own, path if own_files else path.parent / side_dir_name(path.name))
         self.pruner: Pruner[CheckpointInfo] = Pruner(
             DirCommitter(path, self.events), policy, self.events, primary=coord.is_primary
         )
