@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from ckptguard.commit import publish
 from ckptguard.commit.base import DeepCheck, Published
 from ckptguard.errors import UnsupportedStateError, VerificationError, WriteError, from_os_error
 from ckptguard.files.durable import fsync_dir
-from ckptguard.files.events import EventLog
 from ckptguard.files.writer import FilePlan
 from ckptguard.format import ckpt_file
 from ckptguard.format.layout import PARTIAL_PREFIX
@@ -72,21 +70,11 @@ class FileStaging:
         )
 
 
-class FileCommitter:
-    """Checkpoints as files of `parent`: a partial file beside them, completed with its manifest, renamed into place.
-
-    `make_parent`: create `parent` (and its parents) first, as a library saving to a new path does.
-    """
-
-    def __init__(self, parent: Path, events: EventLog | None = None, *, make_parent: bool = False) -> None:
-        self.parent = parent
-        self.events = events
-        self.make_parent = make_parent
+class FileCommitter(publish.LocalCommitter):
+    """Checkpoints as files of `parent`: a partial file beside them, completed with its manifest, renamed into place."""
 
     def begin(self, name: str) -> FileStaging:
-        if self.make_parent:
-            self.parent.mkdir(parents=True, exist_ok=True)
-        return FileStaging(name, create_staging_file(self.parent, name))
+        return FileStaging(name, create_staging_file(self.ready(), name))
 
     def publish(
         self,
@@ -119,8 +107,7 @@ class FileCommitter:
                 seconds=report.seconds, problems=[str(p) for p in report.problems],
             )  # fmt: skip
         if not report.ok:
-            moved = target.with_name(f"{target.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
-            os.rename(staging.where, moved)
+            moved = publish.quarantine(target, "corrupt", source=staging.where)
             raise VerificationError(
                 f"failed {level} verification right after writing ({report.reason}); moved aside to {moved.name}",
                 path=target,
@@ -137,6 +124,3 @@ class FileCommitter:
     def discard(self, staging: FileStaging) -> None:
         with contextlib.suppress(OSError):
             os.unlink(staging.where)
-
-    def remove(self, name: str) -> None:
-        publish.remove(self.parent / name)

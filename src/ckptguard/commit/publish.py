@@ -73,11 +73,11 @@ class DirStaging:
         return writer.write_files(self.where, list(plans))
 
 
-class DirCommitter:
-    """Checkpoints as directories of `parent`: a staging directory beside them, renamed into place.
+class LocalCommitter:
+    """What the committers of a local directory share: where checkpoints go, the log, removal.
 
-    `make_parent`: create `parent` (and its parents) first, as a library saving to a new path does;
-    a run directory is made by the run's preflight instead.
+    `make_parent`: create `parent` (and its parents) at :meth:`ready`, as a library saving to a new path
+    does; a run directory is made by the run's preflight instead.
     """
 
     def __init__(self, parent: Path, events: EventLog | None = None, *, make_parent: bool = False) -> None:
@@ -85,10 +85,24 @@ class DirCommitter:
         self.events = events
         self.make_parent = make_parent
 
-    def begin(self, name: str) -> DirStaging:
+    def ready(self) -> Path:
+        """The parent directory, created first where asked; a staging place is made in it next."""
         if self.make_parent:
             self.parent.mkdir(parents=True, exist_ok=True)
-        return DirStaging(name, create_staging(self.parent, name))
+        return self.parent
+
+    def remove(self, name: str) -> None:
+        remove(self.parent / name)
+
+    def where(self, name: str) -> str:
+        return str(self.parent / name)
+
+
+class DirCommitter(LocalCommitter):
+    """Checkpoints as directories of `parent`: a staging directory beside them, renamed into place."""
+
+    def begin(self, name: str) -> DirStaging:
+        return DirStaging(name, create_staging(self.ready(), name))
 
     def publish(
         self,
@@ -114,12 +128,6 @@ class DirCommitter:
 
     def discard(self, staging: DirStaging) -> None:
         discard_staging(staging.where)
-
-    def remove(self, name: str) -> None:
-        remove(self.parent / name)
-
-    def where(self, name: str) -> str:
-        return str(self.parent / name)
 
 
 def publish(
@@ -161,7 +169,7 @@ def publish(
             seconds=report.seconds, problems=[str(p) for p in report.problems],
         )  # fmt: skip
     if not report.ok:
-        moved = _quarantine(target, "corrupt")
+        moved = quarantine(target, "corrupt")
         raise VerificationError(
             f"failed {level} verification right after writing ({report.reason}); moved aside to {moved.name}",
             path=target,
@@ -171,7 +179,7 @@ def publish(
         try:
             atomic_write_bytes(target.parent / LATEST_NAME, f"{target.name}\n".encode())
         except OSError as exc:
-            moved = _quarantine(target, "unfinished")
+            moved = quarantine(target, "unfinished")
             raise from_os_error(
                 WriteError,
                 f"could not update LATEST; the new checkpoint was moved aside to {moved.name}",
@@ -207,14 +215,14 @@ def _move_aside_existing(target: Path) -> Path | None:
     return superseded
 
 
-def _quarantine(path: Path, why: str) -> Path:
-    """Move a published directory whose save failed after the rename out of its name.
+def quarantine(path: Path, why: str, *, source: Path | None = None) -> Path:
+    """Move a save that failed out of checkpoint `path`'s name (`source`: what to move, when not `path` itself).
 
     `why` ("corrupt": failed verification; "unfinished": LATEST could not follow) becomes part of the
     name. Kept, not deleted, so it can be examined; discovery never picks it up again.
     """
     moved = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
-    os.rename(path, moved)
+    os.rename(source or path, moved)
     fsync_dir(path.parent)
     return moved
 

@@ -28,7 +28,7 @@ from ckptguard.catalog import checkpoint, discovery, retention
 from ckptguard.catalog.checkpoint import newest_first
 from ckptguard.catalog.verify import UNVERIFIABLE_FILE, verify_checkpoint
 from ckptguard.commit.file_publish import FileCommitter, record_files
-from ckptguard.commit.publish import DirCommitter
+from ckptguard.commit.publish import DirCommitter, LocalCommitter
 from ckptguard.commit.sequence import StagedSave
 from ckptguard.dist import Coordinator
 from ckptguard.errors import (
@@ -186,7 +186,7 @@ def finish(
     just before the commit.
     """
     committer = save.committer
-    assert isinstance(committer, (DirCommitter, FileCommitter))
+    assert isinstance(committer, LocalCommitter)
     run_dir, events, started = committer.parent, committer.events, time.monotonic()
     target = run_dir / save.name
     is_file = isinstance(committer, FileCommitter)  # a checkpoint file: its records, hashed; no LATEST
